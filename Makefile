@@ -1,0 +1,49 @@
+# Two commands: `make quickstart` and `make test`. Each creates/refreshes .venv and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+# torch goes in first: the CPU build by default (the 2.13.0 wheel); pick a CUDA build with e.g.
+#   make TORCH="torch --index-url https://download.pytorch.org/whl/cu124" quickstart
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+SHARED_DATA := $(abspath ../shared/data)
+# Local data mirror (read before any download): ../shared/data when it exists, unless already set.
+ifneq ($(wildcard $(SHARED_DATA)),)
+export BYOLLM_DATA_MIRROR ?= $(SHARED_DATA)
+endif
+export PYTHONHASHSEED ?= 0
+
+.PHONY: quickstart test lint setup setup-dev clean help
+help:
+	@echo "make quickstart  set up .venv and train + sample a small model on Tiny Shakespeare (CPU, minutes)"
+	@echo "make test        set up .venv with dev extras, run ruff and the test suite"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Stamps re-run the install when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(VENV)/.installed $@
+
+setup: $(VENV)/.installed
+setup-dev: $(VENV)/.installed-dev
+
+quickstart: setup
+	$(BIN)/byollm quickstart
+
+lint: setup-dev
+	$(BIN)/ruff check .
+
+test: setup-dev
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

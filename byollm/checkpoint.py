@@ -1,0 +1,227 @@
+"""Checkpoints on disk: save atomically, and resolve whatever path a user gives to a model.
+
+A checkpoint directory holds `model.safetensors` (weights), `config.json` (our `ModelConfig`),
+`meta.json` (who wrote it, when, with which versions) and `tokenizer/`. Every command that takes a
+CKPT accepts such a directory, a run directory (its latest checkpoint) or a Hugging Face model
+directory (converted on the fly), and says which it resolved to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_model
+
+from byollm.errors import CheckpointError, ConfigError
+from byollm.model import GPT, ModelConfig
+from byollm.tokenizer import Tokenizer, load_tokenizer
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+META = "meta.json"
+TOKENIZER_DIR = "tokenizer"
+LATEST = "latest"  # in a run's checkpoints/ folder: the name of the newest complete checkpoint
+
+CheckpointKind = Literal["checkpoint", "run", "hf"]
+
+
+@dataclass
+class Loaded:
+    model: GPT
+    tokenizer: Tokenizer | None
+    path: Path  # the checkpoint directory actually read
+    kind: CheckpointKind
+
+    def describe(self) -> str:
+        what = {"checkpoint": "checkpoint", "run": "latest checkpoint of run", "hf": "Hugging Face model"}[self.kind]
+        return f"{what} {self.path}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+def atomic_dir_write(target: str | Path, write: Any) -> Path:
+    """Call write(tmp_dir), then move tmp_dir to `target` in one rename.
+
+    A crash before the rename leaves only a `.tmp-*` folder beside the old checkpoint, which stays
+    intact. An existing `target` is moved aside first and deleted after the new one is in place.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        _fsync_dir(tmp)
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def library_versions() -> dict[str, str]:
+    import platform
+
+    import numpy
+    import safetensors
+    import tokenizers
+
+    import byollm
+
+    return {"byollm": byollm.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "safetensors": safetensors.__version__, "tokenizers": tokenizers.__version__}
+
+
+def save_checkpoint(model: GPT, path: str | Path, tokenizer: Tokenizer | None = None,
+                    meta: dict[str, Any] | None = None) -> Path:
+    """Write model weights, config, tokenizer and metadata to `path` atomically."""
+
+    def write(tmp: Path) -> None:
+        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        model.config.save(tmp / CONFIG)
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER_DIR)
+        info = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": library_versions(),
+                "num_params": model.num_params(), **(meta or {})}
+        (tmp / META).write_text(json.dumps(info, indent=2, default=str) + "\n")
+
+    return atomic_dir_write(path, write)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+
+
+def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor] | None = None,
+                device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> GPT:
+    """A model with the given weights, without paying for a random initialisation first.
+
+    Built on the meta device (no memory), materialised empty, then filled from `state_dict`
+    (or randomly initialised when there is none)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model = model.to_empty(device=device)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    if state_dict is None:
+        model.reset_parameters()
+    else:
+        state_dict = dict(state_dict)
+        if config.tie_embeddings:
+            state_dict.pop("lm_head.weight", None)  # the same tensor as tok_emb.weight
+        expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_embeddings else set())
+        missing, unexpected = expected - set(state_dict), set(state_dict) - expected
+        if missing or unexpected:
+            raise CheckpointError(
+                "weights do not fit the config: "
+                + (f"missing {sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''} " if missing else "")
+                + (f"unexpected {sorted(unexpected)[:5]}{' ...' if len(unexpected) > 5 else ''}" if unexpected else "")
+                + "; is config.json from the same model as the weights?")
+        for name, tensor in model.state_dict().items():
+            if name in state_dict and state_dict[name].shape != tensor.shape:
+                raise CheckpointError(f"weight {name} has shape {tuple(state_dict[name].shape)} but the config "
+                                      f"needs {tuple(tensor.shape)}; is config.json from the same model?")
+        model.load_state_dict(state_dict, strict=False)
+        model.init_buffers()
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    return model
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[CheckpointKind, Path]:
+    """Which kind of directory `path` is, and the checkpoint directory to read."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"no checkpoint at '{p}': the path does not exist (give a checkpoint directory, "
+                              "a run directory or a Hugging Face model directory)")
+    if p.is_file():
+        raise CheckpointError(f"'{p}' is a file; give the directory that contains {WEIGHTS} and {CONFIG}")
+    ckpts = p / "checkpoints"
+    if ckpts.is_dir():
+        return "run", latest_checkpoint(ckpts)
+    config = p / CONFIG
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{config} is not valid JSON ({e})") from e
+        if "model_type" in data:
+            return "hf", p
+        if not (p / WEIGHTS).is_file():
+            raise CheckpointError(f"'{p}' has {CONFIG} but no {WEIGHTS}: the checkpoint is incomplete")
+        return "checkpoint", p
+    raise CheckpointError(f"'{p}' is not a checkpoint: expected {CONFIG} + {WEIGHTS}, a run directory with "
+                          "checkpoints/, or a Hugging Face model directory")
+
+
+def latest_checkpoint(checkpoints_dir: str | Path) -> Path:
+    d = Path(checkpoints_dir)
+    pointer = d / LATEST
+    if pointer.is_file():
+        target = d / pointer.read_text().strip()
+        if (target / WEIGHTS).is_file():
+            return target
+    # No pointer (or it names a checkpoint that is gone): the highest complete step-N folder.
+    candidates = sorted((c for c in d.glob("step-*") if (c / WEIGHTS).is_file()),
+                        key=lambda c: int(c.name.split("-")[1]) if c.name.split("-")[1].isdigit() else -1)
+    if not candidates:
+        raise CheckpointError(f"run folder '{d.parent}' has no complete checkpoint yet")
+    return candidates[-1]
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Loaded:
+    """Load a model (and its tokenizer, when there is one) from any CKPT path a user may give."""
+    kind, ckpt = resolve_checkpoint(path)
+    if kind == "hf":
+        from byollm.interop.hf import load_hf_dir
+
+        model, tokenizer = load_hf_dir(ckpt, device=device, dtype=dtype)
+        return Loaded(model, tokenizer, ckpt, kind)
+    try:
+        config = ModelConfig.load(ckpt / CONFIG)
+    except (ConfigError, TypeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{ckpt / CONFIG} is not a byollm model config: {e}") from e
+    try:
+        state_dict = load_file(str(ckpt / WEIGHTS), device=str(device))
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise CheckpointError(f"cannot read {ckpt / WEIGHTS}: {e}") from e
+    model = build_model(config, state_dict, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(ckpt / TOKENIZER_DIR) if (ckpt / TOKENIZER_DIR).is_dir() else None
+    return Loaded(model.eval(), tokenizer, ckpt, kind)

@@ -1,0 +1,6 @@
+"""Section 1: the Transformer. `GPT` is the model, `ModelConfig` describes it, presets name common shapes."""
+
+from byollm.model.config import PRESETS, ModelConfig, list_presets, preset
+from byollm.model.model import GPT, KVCache, ModelOutput
+
+__all__ = ["GPT", "KVCache", "ModelConfig", "ModelOutput", "PRESETS", "list_presets", "preset"]

@@ -1,0 +1,174 @@
+"""Model configuration: one dataclass that describes every architecture the guide builds.
+
+GPT-2 and Llama are the same Transformer with different choices for five building blocks
+(positions, normalisation, MLP, attention heads, biases). Each choice is one field here, so a
+preset is just a set of values, and a Hugging Face config converts to ours field by field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from byollm.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50257
+    block_size: int = 1024  # longest sequence the model is built for (positions table / RoPE cache)
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # None: = n_head (multi-head); 1: multi-query; in between: grouped-query
+    n_embd: int = 768
+    head_dim: int | None = None  # None: n_embd // n_head
+    intermediate_size: int | None = None  # MLP hidden width; None: 4 * n_embd
+    pos_embedding: Literal["learned", "rope"] = "learned"
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # Llama-3 style {"rope_type": "llama3", "factor": ..., ...}
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    bias: bool = True  # biases in linear layers and LayerNorm
+    qkv_bias: bool | None = None  # None: follow `bias` (Qwen2 has q/k/v biases but no others)
+    tie_embeddings: bool = True  # lm_head shares the token-embedding matrix
+    dropout: float = 0.0
+    attention: Literal["sdpa", "naive"] = "sdpa"  # fused kernel, or the explicit teaching path
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise ConfigError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; set head_dim")
+            self.head_dim = self.n_embd // self.n_head
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.n_embd
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        if self.pos_embedding == "rope" and self.head_dim % 2:
+            raise ConfigError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        for name, allowed in (
+            ("pos_embedding", ("learned", "rope")),
+            ("norm", ("layernorm", "rmsnorm")),
+            ("mlp", ("gelu", "swiglu")),
+            ("attention", ("sdpa", "naive")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+
+    # ---- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in d if k not in known]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, known, n=1)
+                hints.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            raise ConfigError(f"unknown model config key {', '.join(hints)}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    # ---- the size dial -------------------------------------------------------------------------
+    @classmethod
+    def from_depth(
+        cls, depth: int, arch: Literal["gpt2", "llama"] = "llama", vocab_size: int = 50257, block_size: int = 1024,
+        **overrides: Any,
+    ) -> ModelConfig:
+        """One knob: depth sets everything else (width = 64 * depth, 64-dim heads), as in nanochat.
+
+        Llama-style models get grouped-query attention with 4 query heads per key/value head where that
+        divides, and a SwiGLU MLP whose hidden width keeps the parameter count of a 4x GELU MLP.
+        """
+        if depth < 1:
+            raise ConfigError(f"depth must be >= 1, got {depth}")
+        n_embd = 64 * depth
+        n_head = depth
+        base: dict[str, Any] = dict(vocab_size=vocab_size, block_size=block_size, n_layer=depth, n_head=n_head,
+                                    n_embd=n_embd)
+        if arch == "llama":
+            base.update(_LLAMA_BLOCKS, n_kv_head=n_head // 4 if n_head % 4 == 0 else n_head,
+                        intermediate_size=_swiglu_width(n_embd))
+        elif arch != "gpt2":
+            raise ConfigError(f"arch must be 'gpt2' or 'llama', got {arch!r}")
+        base.update(overrides)
+        return cls.from_dict(base)
+
+
+def _swiglu_width(n_embd: int, multiple_of: int = 64) -> int:
+    # SwiGLU has three matrices instead of two; 8/3 * n_embd keeps the parameter count of a 4x MLP.
+    width = int(8 * n_embd / 3)
+    return multiple_of * ((width + multiple_of - 1) // multiple_of)
+
+
+_GPT2_BLOCKS: dict[str, Any] = dict(pos_embedding="learned", norm="layernorm", mlp="gelu", bias=True,
+                                    tie_embeddings=True, norm_eps=1e-5)
+_LLAMA_BLOCKS: dict[str, Any] = dict(pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False,
+                                     tie_embeddings=True, norm_eps=1e-5)
+
+# Named presets. GPT-2 sizes are OpenAI's; SmolLM2 shapes are HuggingFaceTB's (so a real SmolLM2
+# checkpoint imports into exactly this config); the tiny ones are for tests and the CPU quickstart.
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2-124m": dict(_GPT2_BLOCKS, n_layer=12, n_head=12, n_embd=768, vocab_size=50257, block_size=1024),
+    "gpt2-350m": dict(_GPT2_BLOCKS, n_layer=24, n_head=16, n_embd=1024, vocab_size=50257, block_size=1024),
+    "gpt2-774m": dict(_GPT2_BLOCKS, n_layer=36, n_head=20, n_embd=1280, vocab_size=50257, block_size=1024),
+    "gpt2-1558m": dict(_GPT2_BLOCKS, n_layer=48, n_head=25, n_embd=1600, vocab_size=50257, block_size=1024),
+    "smollm2-135m": dict(_LLAMA_BLOCKS, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536,
+                         vocab_size=49152, block_size=8192, rope_theta=100000.0),
+    "smollm2-360m": dict(_LLAMA_BLOCKS, n_layer=32, n_head=15, n_kv_head=5, n_embd=960, intermediate_size=2560,
+                         vocab_size=49152, block_size=8192, rope_theta=100000.0),
+    "llama-60m": dict(_LLAMA_BLOCKS, n_layer=8, n_head=8, n_kv_head=2, n_embd=512, intermediate_size=1408,
+                      vocab_size=32000, block_size=1024),
+    "llama-20m": dict(_LLAMA_BLOCKS, n_layer=6, n_head=6, n_kv_head=2, n_embd=384, intermediate_size=1024,
+                      vocab_size=8192, block_size=512),
+    # nanoGPT's Shakespeare-on-a-CPU shape (4 layers, 4 heads, 128 wide, 64 context), char vocab.
+    "gpt-nano": dict(_GPT2_BLOCKS, n_layer=4, n_head=4, n_embd=128, vocab_size=65, block_size=64),
+    "llama-nano": dict(_LLAMA_BLOCKS, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, intermediate_size=384,
+                       vocab_size=65, block_size=64),
+    # For unit tests: big enough to exercise every code path, small enough to run in milliseconds.
+    "gpt-tiny": dict(_GPT2_BLOCKS, n_layer=2, n_head=4, n_embd=64, vocab_size=128, block_size=64),
+    "llama-tiny": dict(_LLAMA_BLOCKS, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=160,
+                       vocab_size=128, block_size=64, tie_embeddings=False),
+}
+PRESETS["gpt2"] = PRESETS["gpt2-124m"]
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A named preset, or `d<N>`/`llama-d<N>`/`gpt2-d<N>` for the depth dial; overrides win."""
+    if name in PRESETS:
+        return ModelConfig.from_dict({**PRESETS[name], **overrides})
+    for prefix, arch in (("gpt2-d", "gpt2"), ("llama-d", "llama"), ("d", "llama")):
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            return ModelConfig.from_depth(int(name[len(prefix):]), arch=arch, **overrides)  # type: ignore[arg-type]
+    close = difflib.get_close_matches(name, list(PRESETS), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise ConfigError(f"unknown model preset '{name}'{hint}; choose one of {', '.join(sorted(PRESETS))} "
+                      "or d<N>/gpt2-d<N> for the depth dial")
+
+
+def list_presets() -> list[str]:
+    return sorted(PRESETS)
+
+
+__all__ = ["ModelConfig", "PRESETS", "preset", "list_presets"]
