@@ -138,9 +138,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                          vocab_size=49152, block_size=8192, rope_theta=100000.0),
     "smollm2-360m": dict(_LLAMA_BLOCKS, n_layer=32, n_head=15, n_kv_head=5, n_embd=960, intermediate_size=2560,
                          vocab_size=49152, block_size=8192, rope_theta=100000.0),
-    "llama-60m": dict(_LLAMA_BLOCKS, n_layer=8, n_head=8, n_kv_head=2, n_embd=512, intermediate_size=1408,
+    "llama-40m": dict(_LLAMA_BLOCKS, n_layer=8, n_head=8, n_kv_head=2, n_embd=512, intermediate_size=1408,
                       vocab_size=32000, block_size=1024),
-    "llama-20m": dict(_LLAMA_BLOCKS, n_layer=6, n_head=6, n_kv_head=2, n_embd=384, intermediate_size=1024,
+    "llama-13m": dict(_LLAMA_BLOCKS, n_layer=6, n_head=6, n_kv_head=2, n_embd=384, intermediate_size=1024,
                       vocab_size=8192, block_size=512),
     # nanoGPT's Shakespeare-on-a-CPU shape (4 layers, 4 heads, 128 wide, 64 context), char vocab.
     "gpt-nano": dict(_GPT2_BLOCKS, n_layer=4, n_head=4, n_embd=128, vocab_size=65, block_size=64),

@@ -1,0 +1,325 @@
+"""The `byollm` command: a thin layer that parses arguments, calls one library function, prints.
+
+Each verb lives in a `cmd_*` function; the parser is built with jsonargparse so configs are
+dataclasses filled from YAML files (`--config run.yaml`) and dotted overrides (`--model.n_layer 4`).
+User errors (`ByollmError`, bad arguments) print one line and exit 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin  # noqa: UP035 - built at run time
+
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+from byollm.errors import ByollmError
+from byollm.model.config import ModelConfig, list_presets, preset
+
+# --------------------------------------------------------------------------------------------------
+# Model choice: a preset plus optional per-field overrides (`--model.preset gpt2-124m --model.n_layer 4`)
+# --------------------------------------------------------------------------------------------------
+
+
+def _optional(tp: Any) -> Any:
+    if get_origin(tp) is Union and type(None) in get_args(tp):
+        return tp
+    return Optional[tp]  # noqa: UP045 - a runtime type object for jsonargparse
+
+
+# The overrides dataclass is derived from ModelConfig so the two can never drift apart: every field
+# becomes optional and None means "keep the preset's value".
+ModelChoice = dataclasses.make_dataclass(
+    "ModelChoice",
+    [("preset", str, dataclasses.field(default="gpt-tiny"))]
+    + [(f.name, _optional(f.type if not isinstance(f.type, str) else eval(f.type, vars(sys.modules[ModelConfig.__module__]))),  # noqa: E501
+        dataclasses.field(default=None)) for f in dataclasses.fields(ModelConfig)],
+)
+ModelChoice.__doc__ = "A named preset (see `byollm model presets`) with any field of ModelConfig overridden."
+
+
+def model_config_from(choice: Namespace | Any) -> ModelConfig:
+    values = dict(vars(choice)) if not dataclasses.is_dataclass(choice) else dataclasses.asdict(choice)
+    name = values.pop("preset")
+    return preset(name, **{k: v for k, v in values.items() if v is not None})
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------------
+
+
+def _torch_dtype(name: str | None):
+    import torch
+
+    if name in (None, "auto"):
+        return None
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ByollmError(f"unknown dtype '{name}'; use one of {', '.join(table)}")
+    return table[name]
+
+
+def cmd_generate(a: Namespace) -> None:
+    from byollm.checkpoint import load_checkpoint
+    from byollm.generate import SamplingParams, stream_text
+
+    loaded = load_checkpoint(a.ckpt, device=a.device, dtype=_torch_dtype(a.dtype))
+    print(f"[byollm] loaded {loaded.describe()} ({loaded.model.num_params() / 1e6:.1f}M parameters)", file=sys.stderr)
+    if loaded.tokenizer is None:
+        raise ByollmError(f"{loaded.path} has no tokenizer; train one with `byollm tokenizer train` and pass "
+                          "--tokenizer DIR, or convert a checkpoint that carries one")
+    params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                            top_p=a.top_p, repetition_penalty=a.repetition_penalty, seed=a.seed,
+                            stop_strings=list(a.stop or []))
+    for i in range(a.num_samples):
+        if a.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        sys.stdout.write(a.prompt)
+        params.seed = a.seed + i
+        for piece in stream_text(loaded.model, loaded.tokenizer, a.prompt, params):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
+def cmd_export_hf(a: Namespace) -> None:
+    from byollm.interop.hf import export_checkpoint_to_hf
+
+    out = export_checkpoint_to_hf(a.ckpt, a.out_dir, dtype=_torch_dtype(a.dtype))
+    print(f"[byollm] wrote a Hugging Face model directory: {out}")
+    print(f"  load it with: AutoModelForCausalLM.from_pretrained('{out}')")
+
+
+def cmd_convert_from_hf(a: Namespace) -> None:
+    from byollm.interop.hf import convert_from_hf
+
+    out = convert_from_hf(a.src, a.ckpt)
+    print(f"[byollm] converted {a.src} to a byollm checkpoint: {out}")
+    print(f"  try: byollm generate {out} --prompt 'Hello'")
+
+
+def cmd_tokenizer_train(a: Namespace) -> None:
+    from byollm.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([Path(f) for f in a.files], vocab_size=a.vocab_size, kind=a.kind, impl=a.impl,
+                          out_dir=Path(a.out))
+    print(f"[byollm] trained a {a.kind} tokenizer ({a.impl}) with {tok.vocab_size} tokens -> {a.out}")
+
+
+def cmd_model_presets(a: Namespace) -> None:
+    import torch
+
+    from byollm.model import GPT
+
+    print(f"{'preset':<14} {'params':>10} {'layers':>6} {'width':>6} {'heads':>7} {'arch':<6}")
+    for name in list_presets():
+        cfg = preset(name)
+        with torch.device("meta"):
+            n = GPT(cfg).num_params()
+        arch = "llama" if cfg.pos_embedding == "rope" else "gpt2"
+        print(f"{name:<14} {n / 1e6:>9.1f}M {cfg.n_layer:>6} {cfg.n_embd:>6} {cfg.n_head:>3}/{cfg.n_kv_head:<3} {arch:<6}")
+    print("depth dial: d<N> (Llama-style) or gpt2-d<N>: width 64*N, N heads of 64")
+
+
+def cmd_model_info(a: Namespace) -> None:
+    import json
+
+    import torch
+
+    from byollm.model import GPT
+
+    if a.ckpt:
+        from byollm.checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(a.ckpt)
+        model, cfg = loaded.model, loaded.model.config
+        print(f"[byollm] {loaded.describe()}")
+    else:
+        cfg = model_config_from(a.model)
+        with torch.device("meta"):
+            model = GPT(cfg)
+    print(json.dumps(cfg.to_dict(), indent=2))
+    print(f"parameters: {model.num_params():,} ({model.num_params(non_embedding=True):,} non-embedding)")
+    print(f"training FLOPs per token at T={cfg.block_size}: {model.flops_per_token() / 1e6:,.1f} MFLOP")
+
+
+def cmd_init(a: Namespace) -> None:
+    import torch
+
+    from byollm.checkpoint import save_checkpoint
+    from byollm.model import GPT
+
+    tokenizer = None
+    overrides = {}
+    if a.tokenizer:
+        from byollm.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(Path(a.tokenizer))
+        overrides["vocab_size"] = tokenizer.vocab_size
+    cfg = model_config_from(a.model)
+    if overrides and cfg.vocab_size != overrides["vocab_size"]:
+        cfg = dataclasses.replace(cfg, **overrides)
+    torch.manual_seed(a.seed)
+    model = GPT(cfg)
+    out = save_checkpoint(model, a.out, tokenizer, meta={"seed": a.seed, "created_by": "byollm init"})
+    print(f"[byollm] wrote a randomly initialised {model.num_params() / 1e6:.2f}M-parameter model to {out}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Parser
+# --------------------------------------------------------------------------------------------------
+
+
+def _sub(description: str) -> ArgumentParser:
+    return ArgumentParser(description=description, exit_on_error=False)
+
+
+def _group(verbs: Any, name: str, description: str, help: str, dest: str) -> Any:
+    """A verb with verbs of its own (`byollm export hf`): jsonargparse wants the parent added first."""
+    parser = _sub(description)
+    verbs.add_subcommand(name, parser, help=help)
+    return parser.add_subcommands(dest=dest, required=True)
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="byollm", description="Build your own LLM: train, fine-tune, serve and ship "
+                            "a Transformer written from scratch.", exit_on_error=False)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    verbs = parser.add_subcommands(dest="command", required=True)
+
+    p = _sub("Generate text from a checkpoint (byollm, run directory or Hugging Face directory).")
+    p.add_argument("ckpt", type=str, help="checkpoint dir, run dir or HF model dir")
+    p.add_argument("--prompt", type=str, default="\n", help="text to continue")
+    p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", "--top_k", type=Optional[int], default=None)  # noqa: UP045
+    p.add_argument("--top-p", "--top_p", type=Optional[float], default=None)  # noqa: UP045
+    p.add_argument("--repetition-penalty", "--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--stop", type=Optional[list[str]], default=None, help="stop strings")  # noqa: UP045
+    p.add_argument("--num-samples", "--num_samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", type=str, default="cpu")
+    p.add_argument("--dtype", type=str, default="auto", help="float32, bfloat16, float16 or auto (as saved)")
+    verbs.add_subcommand("generate", p, help="generate text from a checkpoint")
+
+    export_verbs = _group(verbs, "export", "Export a checkpoint for other tools.",
+                          "export to Hugging Face (and later GGUF)", "format")
+    p = _sub("Write a Hugging Face model directory (config.json, model.safetensors, tokenizer).")
+    p.add_argument("ckpt", type=str)
+    p.add_argument("out_dir", type=str)
+    p.add_argument("--dtype", type=str, default="auto")
+    export_verbs.add_subcommand("hf", p, help="Hugging Face transformers directory")
+
+    convert_verbs = _group(verbs, "convert", "Convert checkpoints from other tools into byollm checkpoints.",
+                           "import checkpoints from Hugging Face", "format")
+    p = _sub("Convert a Hugging Face GPT-2 / Llama / Mistral / Qwen2 / SmolLM directory to a byollm checkpoint.")
+    p.add_argument("src", type=str, help="Hugging Face model directory (config.json + safetensors)")
+    p.add_argument("ckpt", type=str, help="output checkpoint directory")
+    convert_verbs.add_subcommand("from-hf", p, help="from a Hugging Face model directory")
+
+    tok_verbs = _group(verbs, "tokenizer", "Tokenizers: train a byte-level BPE (from scratch or with `tokenizers`) "
+                       "or a char tokenizer.", "train tokenizers", "action")
+    p = _sub("Train a tokenizer on text files and save it (readable vocab/merges plus tokenizer.json).")
+    p.add_argument("files", type=str, nargs="+", help="UTF-8 text files")
+    p.add_argument("--vocab-size", "--vocab_size", type=int, default=1024)
+    p.add_argument("--out", type=str, required=True, help="output directory")
+    p.add_argument("--kind", type=Literal["bpe", "char"], default="bpe")
+    p.add_argument("--impl", type=Literal["scratch", "fast"], default="fast",
+                   help="scratch: our pure-Python trainer; fast: the tokenizers library (same merges)")
+    tok_verbs.add_subcommand("train", p, help="train a tokenizer")
+
+    model_verbs = _group(verbs, "model", "Inspect model shapes: presets, parameter counts, FLOPs.",
+                         "inspect model presets", "action")
+    model_verbs.add_subcommand("presets", _sub("List the named model presets."), help="list presets")
+    p = _sub("Print the resolved config, parameter count and FLOPs per token of a preset or checkpoint.")
+    p.add_argument("--config", action=ActionConfigFile)
+    p.add_argument("--ckpt", type=Optional[str], default=None)  # noqa: UP045
+    p.add_class_arguments(ModelChoice, "model")
+    model_verbs.add_subcommand("info", p, help="config, parameters and FLOPs")
+
+    p = _sub("Write a randomly initialised checkpoint (a preset with overrides) to train or export later.")
+    p.add_argument("--config", action=ActionConfigFile)
+    p.add_class_arguments(ModelChoice, "model")
+    p.add_argument("--tokenizer", type=Optional[str], default=None,  # noqa: UP045
+                   help="tokenizer dir to bundle (sets vocab_size)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--out", type=str, required=True)
+    verbs.add_subcommand("init", p, help="create a randomly initialised checkpoint")
+    return parser
+
+
+COMMANDS = {
+    ("generate",): cmd_generate,
+    ("export", "hf"): cmd_export_hf,
+    ("convert", "from-hf"): cmd_convert_from_hf,
+    ("tokenizer", "train"): cmd_tokenizer_train,
+    ("model", "presets"): cmd_model_presets,
+    ("model", "info"): cmd_model_info,
+    ("init",): cmd_init,
+}
+
+
+def _dispatch(ns: Namespace) -> None:
+    path: list[str] = [ns.command]
+    args = ns[ns.command]
+    while True:
+        key = "format" if "format" in args else "action" if "action" in args else None
+        if key is None or not isinstance(args.get(key), str) or args[key] not in args:
+            break
+        path.append(args[key])
+        args = args[args[key]]
+    COMMANDS[tuple(path)](args)
+
+
+def _friendly(message: str, parser: ArgumentParser) -> str:
+    """One line, with a 'did you mean' when an option name was mistyped."""
+    first = message.strip().splitlines()[0] if message.strip() else "invalid arguments"
+    if "nrecognized arguments" in first or "does not accept nested key" in first:
+        known = [o for a in _all_actions(parser) for o in a.option_strings]
+        for word in first.replace(":", " ").replace("'", " ").replace('"', " ").split():
+            if word.startswith("--"):
+                close = difflib.get_close_matches(word.split("=")[0], known, n=1)
+                if close:
+                    return f"{first} (did you mean {close[0]}?)"
+    return " ".join(line.strip() for line in message.strip().splitlines())
+
+
+def _all_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    actions = list(parser._actions)
+    for a in parser._actions:
+        for sub in getattr(a, "choices", None) or {}:
+            if isinstance(a.choices, dict) and isinstance(a.choices[sub], argparse.ArgumentParser):
+                actions += _all_actions(a.choices[sub])
+    return actions
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(argv)
+        _dispatch(ns)
+    except argparse.ArgumentError as e:
+        if debug:
+            raise
+        print(f"byollm: error: {_friendly(str(e), parser)} (see --help)", file=sys.stderr)
+        return 2
+    except ByollmError as e:
+        if debug:
+            raise
+        print(f"byollm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("byollm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
