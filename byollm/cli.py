@@ -289,6 +289,32 @@ def _friendly(message: str, parser: ArgumentParser) -> str:
     return " ".join(line.strip() for line in message.strip().splitlines())
 
 
+def _unknown_config_keys(argv: list[str], parser: ArgumentParser) -> str | None:
+    """jsonargparse reports an unknown key inside a --config YAML poorly; find it ourselves."""
+    import yaml
+
+    known = {a.dest for a in _all_actions(parser)}
+    for flag, value in zip(argv, argv[1:]):
+        if flag != "--config" or not Path(value).is_file():
+            continue
+        try:
+            data = yaml.safe_load(Path(value).read_text()) or {}
+        except yaml.YAMLError as e:
+            return f"{value} is not valid YAML: {' '.join(str(e).split())}"
+        stack = [("", data)]
+        while stack:
+            prefix, node = stack.pop()
+            for key, sub in node.items() if isinstance(node, dict) else ():
+                dotted = f"{prefix}{key}"
+                if isinstance(sub, dict) and any(k.startswith(dotted + ".") for k in known):
+                    stack.append((dotted + ".", sub))
+                elif dotted not in known:
+                    close = difflib.get_close_matches(dotted, known, n=1)
+                    hint = f" (did you mean '{close[0]}'?)" if close else ""
+                    return f"unknown key '{dotted}' in {value}{hint}"
+    return None
+
+
 def _all_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     actions = list(parser._actions)
     for a in parser._actions:
@@ -308,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     except argparse.ArgumentError as e:
         if debug:
             raise
-        print(f"byollm: error: {_friendly(str(e), parser)} (see --help)", file=sys.stderr)
+        message = _unknown_config_keys(argv, parser) or _friendly(str(e), parser)
+        print(f"byollm: error: {message} (see --help)", file=sys.stderr)
         return 2
     except ByollmError as e:
         if debug:

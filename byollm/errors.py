@@ -29,3 +29,7 @@ def require(module: str, extra: str):
         raise ByollmError(
             f"this needs the optional package '{module}' ({e}); install it with: pip install 'byollm[{extra}]'"
         ) from e
+
+
+class DataError(ByollmError):
+    """A dataset that is unknown, missing, corrupt or fails its checksum; or prepared data that does not fit."""

@@ -171,8 +171,8 @@ class Tokenizer(ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.to_hf().save(str(directory / "tokenizer.json"))
-        roles = {f"{r}_token": t for r, t in (("bos", self.bos_token), ("eos", self.eos_token), ("pad", self.pad_token))}
-        roles = {k: v for k, v in roles.items() if v is not None}
+        named = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
+        roles = {k: v for k, v in named.items() if v is not None}
         others = [t for t in self.special_tokens if t not in roles.values()]
         # Without clean_up_tokenization_spaces=False, transformers' decode would remove spaces before punctuation.
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **roles}

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from byollm.errors import TokenizerError
-from byollm.tokenizer.base import META_FILE, Tokenizer, check_new_special_tokens, read_json, split_on_special, write_json
+from byollm.tokenizer.base import (
+    META_FILE,
+    Tokenizer,
+    check_new_special_tokens,
+    read_json,
+    split_on_special,
+    write_json,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import tokenizers

@@ -30,8 +30,9 @@ class FastTokenizer(Tokenizer):
         # Some configs name a bos/eos token that is an ordinary vocabulary entry ("</s>" in older
         # SentencePiece models): it still plays the role, so list it with the special tokens.
         for token in (roles or {}).values():
-            if token is not None and token not in self.special_tokens and (i := tokenizer.token_to_id(token)) is not None:
-                self.special_tokens[token] = i
+            if token is not None and token not in self.special_tokens:
+                if (i := tokenizer.token_to_id(token)) is not None:
+                    self.special_tokens[token] = i
         # Byte-level tokenizers (GPT-2, SmolLM, Llama 3, ours) map every token to fixed bytes.
         self._byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
         self._id_to_added = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}

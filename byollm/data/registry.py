@@ -1,0 +1,252 @@
+"""The named datasets byollm knows: where each comes from, its file name on disk and its checksum.
+
+A dataset is found, in this order: an explicit path you give, the local mirror directory
+($BYOLLM_DATA_MIRROR), the cache (~/.cache/byollm/data), and only then the network (see sources.py).
+Each entry pins the sha256 of its file where the source publishes a fixed file. Some entries also accept
+a *subset*: a smaller file with its own checksum (e.g. the 4,500 Alpaca records of the data mirror), which
+is used as the dataset's local copy with a notice saying that it is a subset.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Literal
+
+from byollm.errors import DataError
+
+# How a dataset's file is read (readers.py):
+#   text        one UTF-8 text file
+#   text_splits a directory with train.txt, validation.txt and test.txt (official splits)
+#   json        a JSON list of records            jsonl  one JSON record a line
+#   csv         a CSV file with a header row       squad  the official SQuAD JSON (articles > paragraphs > qas)
+Format = Literal["text", "text_splits", "json", "jsonl", "csv", "squad"]
+
+
+@dataclass(frozen=True)
+class HFSource:
+    """A Hugging Face Hub dataset, read with `datasets.load_dataset(path, config, data_dir=..., split=...)`."""
+
+    path: str
+    config: str | None = None
+    data_dir: str | None = None
+    splits: tuple[str, ...] = ("train",)
+    columns: tuple[str, ...] = ()  # the columns to keep, in order (records); empty: the "text" column
+
+
+@dataclass(frozen=True)
+class Subset:
+    """A smaller file accepted as a local copy of a dataset, with its own checksum."""
+
+    filename: str
+    sha256: str
+    n_records: int  # records (or articles, see DatasetSpec.unit) in the subset
+    description: str
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    description: str
+    format: Format
+    filename: str  # the file (or directory, for text_splits) in the mirror and in the cache
+    sha256: str | None  # of the full file; None where the source publishes no fixed file
+    urls: tuple[str, ...] = ()  # direct downloads, tried in order (".gz" is decompressed)
+    hf: HFSource | None = None  # tried after the urls, needs the optional `datasets` package
+    fields: tuple[str, ...] = ()  # fields every record must have (string values)
+    n_records: int | None = None  # size of the full dataset, for the subset notice
+    unit: str = "records"
+    subsets: tuple[Subset, ...] = ()
+    license: str = ""
+    homepage: str = ""
+    aliases: tuple[str, ...] = field(default=())
+
+    @property
+    def is_text(self) -> bool:
+        return self.format in ("text", "text_splits")
+
+    def where(self) -> str:
+        """The download sources in words, for error messages."""
+        places = list(self.urls)
+        if self.hf is not None:
+            cfg = f", config {self.hf.config}" if self.hf.config else ""
+            sub = f", data_dir {self.hf.data_dir}" if self.hf.data_dir else ""
+            places.append(f"Hugging Face dataset {self.hf.path}{cfg}{sub}")
+        return " or ".join(places) if places else "(no download source)"
+
+
+_SHAKESPEARE = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+_ALPACA = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
+_HH = "https://raw.githubusercontent.com/anthropics/hh-rlhf/master/harmless-base/{split}.jsonl.gz"
+_CROWS = "https://raw.githubusercontent.com/nyu-mll/crows-pairs/master/data/crows_pairs_anonymized.csv"
+_SQUAD = "https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json"
+_HH_FIELDS = ("chosen", "rejected")
+
+REGISTRY: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in [
+        DatasetSpec(
+            name="tinyshakespeare",
+            description="Tiny Shakespeare: 1,115,394 characters of Shakespeare's plays (char-rnn, nanoGPT)",
+            format="text",
+            filename="tinyshakespeare.txt",
+            sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+            urls=(_SHAKESPEARE,),
+            license="public domain",
+            homepage="https://github.com/karpathy/char-rnn",
+            aliases=("shakespeare", "tiny-shakespeare", "shakespeare-char"),
+        ),
+        DatasetSpec(
+            name="wikitext-2",
+            description="WikiText-2 (raw): 2M words of Wikipedia Good/Featured articles, official train/valid/test",
+            format="text_splits",
+            filename="wikitext-2-raw-v1",
+            sha256=None,
+            hf=HFSource("Salesforce/wikitext", "wikitext-2-raw-v1", splits=("train", "validation", "test")),
+            license="CC BY-SA 3.0",
+            homepage="https://huggingface.co/datasets/Salesforce/wikitext",
+            aliases=("wikitext2",),
+        ),
+        DatasetSpec(
+            name="wikitext-103",
+            description="WikiText-103 (raw): 103M words of Wikipedia, official train/valid/test",
+            format="text_splits",
+            filename="wikitext-103-raw-v1",
+            sha256=None,
+            hf=HFSource("Salesforce/wikitext", "wikitext-103-raw-v1", splits=("train", "validation", "test")),
+            license="CC BY-SA 3.0",
+            homepage="https://huggingface.co/datasets/Salesforce/wikitext",
+            aliases=("wikitext103",),
+        ),
+        DatasetSpec(
+            name="alpaca",
+            description="Stanford Alpaca: 52,002 instruction-following records (instruction, input, output)",
+            format="json",
+            filename="alpaca_data.json",
+            sha256=None,  # the repository's file has no published checksum: the first download's is kept
+            urls=(_ALPACA,),
+            hf=HFSource("tatsu-lab/alpaca", columns=("instruction", "input", "output")),
+            fields=("instruction", "input", "output"),
+            n_records=52_002,
+            subsets=(
+                Subset(
+                    "alpaca_4500.json",
+                    "e5f1a6cd206ff1915da189ad643418df324d026e9e6e37d2ade78dd39a137213",
+                    4_500,
+                    "the data mirror's 4,500-record subset",
+                ),
+            ),
+            license="CC BY-NC 4.0",
+            homepage="https://github.com/tatsu-lab/stanford_alpaca",
+        ),
+        DatasetSpec(
+            name="hh-rlhf",
+            description="Anthropic HH-RLHF, harmless-base test split: 2,312 preference pairs (chosen, rejected)",
+            format="jsonl",
+            filename="hh_rlhf_harmless_base_test.jsonl",
+            sha256=None,
+            urls=(_HH.format(split="test"),),
+            hf=HFSource("Anthropic/hh-rlhf", data_dir="harmless-base", splits=("test",), columns=_HH_FIELDS),
+            fields=_HH_FIELDS,
+            n_records=2_312,
+            subsets=(
+                Subset(
+                    "hh_rlhf_harmless_2000.jsonl",
+                    "cbf0fb8f65b9f41cac849556331e3783eb24bb93c0590bf89ef31f0415c71730",
+                    2_000,
+                    "the data mirror's first 2,000 pairs",
+                ),
+            ),
+            license="MIT",
+            homepage="https://github.com/anthropics/hh-rlhf",
+            aliases=("hh", "anthropic-hh"),
+        ),
+        DatasetSpec(
+            name="hh-rlhf-train",
+            description="Anthropic HH-RLHF, harmless-base train split: 42,537 preference pairs (chosen, rejected)",
+            format="jsonl",
+            filename="hh_rlhf_harmless_base_train.jsonl",
+            sha256=None,
+            urls=(_HH.format(split="train"),),
+            hf=HFSource("Anthropic/hh-rlhf", data_dir="harmless-base", splits=("train",), columns=_HH_FIELDS),
+            fields=_HH_FIELDS,
+            n_records=42_537,
+            license="MIT",
+            homepage="https://github.com/anthropics/hh-rlhf",
+        ),
+        DatasetSpec(
+            name="crows-pairs",
+            description="CrowS-Pairs: 1,508 sentence pairs measuring social bias in masked/causal LMs",
+            format="csv",
+            filename="crows_pairs_anonymized.csv",
+            sha256=None,
+            urls=(_CROWS,),
+            fields=("sent_more", "sent_less", "stereo_antistereo", "bias_type"),
+            n_records=1_508,
+            subsets=(
+                Subset(
+                    "crows_pairs_sample_200.csv",
+                    "58328bd1ff70693cff984fe9ae09a1865517bb07f0571b415d195172c3268597",
+                    200,
+                    "the data mirror's random sample of 200 pairs",
+                ),
+            ),
+            license="CC BY-SA 4.0",
+            homepage="https://github.com/nyu-mll/crows-pairs",
+            aliases=("crows", "crowspairs"),
+        ),
+        DatasetSpec(
+            name="squad",
+            description="SQuAD v1.1 dev set: 48 Wikipedia articles, 10,570 questions with answer spans",
+            format="squad",
+            filename="dev-v1.1.json",
+            sha256=None,
+            urls=(_SQUAD,),
+            n_records=48,
+            unit="articles",
+            subsets=(
+                Subset(
+                    "squad_v1.1_dev_super_bowl_50.json",
+                    "eae461fb0c355ee27fe79fb0d9c178bef644fa6c109b512642190994cc1b99c6",
+                    1,
+                    "the data mirror's article 'Super_Bowl_50' (54 paragraphs, 810 questions)",
+                ),
+            ),
+            license="CC BY-SA 4.0",
+            homepage="https://rajpurkar.github.io/SQuAD-explorer/",
+            aliases=("squad-v1.1", "squad-dev"),
+        ),
+    ]
+}
+
+
+def _normalise(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+def list_datasets() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def find_spec(name: str) -> DatasetSpec | None:
+    """The registry entry called `name` (case, '_' vs '-' and aliases ignored), or None."""
+    key = _normalise(name)
+    for spec in REGISTRY.values():
+        if key == spec.name or key in spec.aliases:
+            return spec
+    return None
+
+
+def get_spec(name: str) -> DatasetSpec:
+    """The registry entry called `name`; a DataError with the closest names and the full list otherwise."""
+    spec = find_spec(name)
+    if spec is not None:
+        return spec
+    known = {n: s.name for s in REGISTRY.values() for n in (s.name, *s.aliases)}
+    close = difflib.get_close_matches(_normalise(name), list(known), n=3, cutoff=0.5)
+    names = dict.fromkeys(known[c] for c in close)  # several aliases of one dataset: name it once
+    hint = f"did you mean {' or '.join(repr(n) for n in names)}? " if names else ""
+    raise DataError(
+        f"unknown dataset {name!r}; {hint}known datasets: {', '.join(list_datasets())} "
+        "(or give the path of a local text/JSON/JSONL/CSV file or directory)"
+    )

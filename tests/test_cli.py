@@ -1,0 +1,113 @@
+"""The `byollm` command end to end: help everywhere, the README's first-look commands, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from byollm.cli import COMMANDS, main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "byollm.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("path", [(), *COMMANDS])
+def test_help_on_every_subcommand(path: tuple[str, ...], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        main([*path, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: byollm" in out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("corpus") / "text.txt"
+    p.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50
+                 + "All:\nSpeak, speak. Ünïcödé ✓ 123\n" * 20)
+    return p
+
+
+@pytest.fixture(scope="module")
+def init_ckpt(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
+    d = tmp_path_factory.mktemp("cli")
+    assert main(["tokenizer", "train", "--vocab-size", "300", str(corpus), "--out", str(d / "tok")]) == 0
+    assert main(["init", "--model.preset", "llama-tiny", "--model.n_layer", "1", "--tokenizer", str(d / "tok"),
+                 "--out", str(d / "ckpt")]) == 0
+    return d / "ckpt"
+
+
+def test_init_applies_overrides_and_tokenizer_vocab(init_ckpt: Path) -> None:
+    cfg = json.loads((init_ckpt / "config.json").read_text())
+    assert cfg["n_layer"] == 1 and cfg["vocab_size"] == 300 and cfg["pos_embedding"] == "rope"
+
+
+def test_generate_prints_prompt_and_continuation(init_ckpt: Path) -> None:
+    r = run_cli("generate", str(init_ckpt), "--prompt", "First", "--max-new-tokens", "5", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("First") and len(r.stdout) > len("First\n")
+    assert "loaded checkpoint" in r.stderr
+
+
+def test_export_then_convert_back_round_trips_weights(init_ckpt: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    assert main(["export", "hf", str(init_ckpt), str(tmp_path / "hf")]) == 0
+    hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_cfg["model_type"] == "llama"
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    assert main(["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    a, b = load_file(init_ckpt / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_model_info_with_yaml_config(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("model:\n  preset: gpt2-124m\n  n_layer: 2\n")
+    assert main(["model", "info", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    # 2 GPT-2 blocks: 2 * 7,087,872 + embeddings 50257*768 + 1024*768 + final norm 2*768
+    assert f"parameters: {2 * 7_087_872 + 50257 * 768 + 1024 * 768 + 2 * 768:,}" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "does/not/exist"], "no checkpoint at 'does/not/exist'"),
+        (["model", "info", "--model.preset", "gpt2-124", "--model.n_layer", "1"], "did you mean gpt2-124m"),
+        (["model", "info", "--model.n_lyer", "3"], "did you mean --model.n_layer"),
+        (["tokenizer", "train", "missing.txt", "--out", "x"], "missing.txt"),
+    ],
+)
+def test_user_errors_are_one_clear_line(args: list[str], message: str, tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "byollm.cli", *args], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("byollm: error:"), r.stderr
+    assert message in lines[0]
+
+
+def test_bad_yaml_key_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model:\n  preset: gpt-tiny\n  n_heads: 2\n")
+    assert main(["model", "info", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "n_heads" in err and len(err.splitlines()) == 1
+
+
+def test_weights_from_another_architecture_are_refused(init_ckpt: Path, tmp_path: Path) -> None:
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(init_ckpt, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg.update(pos_embedding="learned", norm="layernorm", mlp="gelu", bias=True)  # a GPT-2 block
+    (bad / "config.json").write_text(json.dumps(cfg))
+    r = run_cli("generate", str(bad), "--max-new-tokens", "1")
+    assert r.returncode == 2 and "do not fit the config" in r.stderr and len(r.stderr.strip().splitlines()) == 1
