@@ -145,7 +145,11 @@ def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor] | None 
     else:
         state_dict = dict(state_dict)
         if config.tie_embeddings:
-            state_dict.pop("lm_head.weight", None)  # the same tensor as tok_emb.weight
+            # The same tensor as tok_emb.weight. safetensors' save_model stores a shared tensor under one
+            # name only, the alphabetically first: lm_head.weight. So it may be the one that is there.
+            lm_head = state_dict.pop("lm_head.weight", None)
+            if lm_head is not None and "tok_emb.weight" not in state_dict:
+                state_dict["tok_emb.weight"] = lm_head
         expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_embeddings else set())
         missing, unexpected = expected - set(state_dict), set(state_dict) - expected
         if missing or unexpected:

@@ -76,12 +76,20 @@ def cmd_generate(a: Namespace) -> None:
     params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                             top_p=a.top_p, repetition_penalty=a.repetition_penalty, seed=a.seed,
                             stop_strings=list(a.stop or []))
+    model = loaded.model
+    n_prompt = len(loaded.tokenizer.encode(a.prompt))
+    # A learned-position model cannot see past block_size; keep the last block_size tokens as context
+    # (nanoGPT's behaviour) rather than refuse, and say so.
+    sliding = model.config.pos_embedding == "learned" and n_prompt + a.max_new_tokens > model.config.block_size
+    if sliding:
+        print(f"[byollm] prompt + {a.max_new_tokens} new tokens exceed block_size={model.config.block_size}: "
+              "using a sliding context window (no KV cache)", file=sys.stderr)
     for i in range(a.num_samples):
         if a.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         sys.stdout.write(a.prompt)
         params.seed = a.seed + i
-        for piece in stream_text(loaded.model, loaded.tokenizer, a.prompt, params):
+        for piece in stream_text(model, loaded.tokenizer, a.prompt, params, sliding_window=sliding):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -122,7 +130,8 @@ def cmd_model_presets(a: Namespace) -> None:
         with torch.device("meta"):
             n = GPT(cfg).num_params()
         arch = "llama" if cfg.pos_embedding == "rope" else "gpt2"
-        print(f"{name:<14} {n / 1e6:>9.1f}M {cfg.n_layer:>6} {cfg.n_embd:>6} {cfg.n_head:>3}/{cfg.n_kv_head:<3} {arch:<6}")
+        heads = f"{cfg.n_head}/{cfg.n_kv_head}"
+        print(f"{name:<14} {n / 1e6:>9.1f}M {cfg.n_layer:>6} {cfg.n_embd:>6} {heads:>7} {arch:<6}")
     print("depth dial: d<N> (Llama-style) or gpt2-d<N>: width 64*N, N heads of 64")
 
 
@@ -294,7 +303,7 @@ def _unknown_config_keys(argv: list[str], parser: ArgumentParser) -> str | None:
     import yaml
 
     known = {a.dest for a in _all_actions(parser)}
-    for flag, value in zip(argv, argv[1:]):
+    for flag, value in zip(argv, argv[1:], strict=False):
         if flag != "--config" or not Path(value).is_file():
             continue
         try:
@@ -345,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("byollm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `byollm ... | head`: the reader left; not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 

@@ -6,6 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tiny test models are dominated by per-op overhead; on a 2-core machine one thread per process is
+# several times faster than two, and pytest-xdist can use the other core.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 

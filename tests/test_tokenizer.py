@@ -187,6 +187,12 @@ def test_decode_of_any_ids_matches_reference(scratch, fast, ids):
     assert scratch.decode(ids, skip_special=True) == fast.hf.decode(ids, skip_special_tokens=True)
 
 
+def test_long_words_match_reference(scratch, fast):
+    # One pre-tokenized word of thousands of bytes: merging stays fast and still matches tokenizers.
+    for text in ("-" * 5000, "e" * 5000, "the" * 2000, "1" * 5000, "😀" * 1000):
+        assert scratch.encode(text) == fast.encode(text)
+
+
 def test_special_tokens_allowed_or_plain(scratch, fast):
     text = f"a{EOT}b"
     assert scratch.encode(text) == fast.encode(text)
@@ -207,15 +213,18 @@ def test_roles_default_to_endoftext(scratch, fast):
         assert tok.id_to_token(tok.token_to_id("Ġthe")) == "Ġthe"
 
 
-def test_errors_are_clear(scratch):
+def test_errors_are_clear(scratch, fast):
     with pytest.raises(TokenizerError, match="out of range"):
         scratch.decode([VOCAB])
     with pytest.raises(TokenizerError, match="surrogate"):
         scratch.encode("bad \ud800 text")
+    with pytest.raises(TokenizerError, match="surrogate"):
+        fast.encode("bad \ud800 text")
     with pytest.raises(TokenizerError, match="at least 257"):
         BPETokenizer.train("some text", 256)
     with pytest.raises(TokenizerError, match="not one of"):
         scratch.set_roles(pad="<pad>")
+    assert (scratch.bos_token, scratch.eos_token, scratch.pad_token) == (EOT, EOT, None)  # unchanged
     assert issubclass(TokenizerError, ByollmError)
 
 
@@ -313,13 +322,21 @@ def test_fast_tokenizer_loads_hf_directory_with_config_roles(tmp_path):
     # A Hugging Face model directory: tokenizer.json plus a config naming bos/eos, as dicts or strings.
     base = train_bpe_fast(TRICKY * 5, 300, special_tokens=["<s>", "</s>", "<|im_start|>", "<|im_end|>"])
     base.hf.save(str(tmp_path / "tokenizer.json"))
-    config = {"bos_token": {"content": "<|im_start|>", "special": True}, "eos_token": "<|im_end|>"}
+    config = {
+        "bos_token": {"content": "<|im_start|>", "special": True},
+        "eos_token": "<|im_end|>",
+        "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     tok = load_tokenizer(tmp_path)
     assert type(tok) is FastTokenizer
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", None)
     assert (tok.bos_id, tok.eos_id) == (2, 3)
     assert tok.encode("<|im_start|>hi") == [2, *tok.encode("hi")]
+    # Saving it again keeps the imported config's other entries, such as the chat template.
+    tok.save(tmp_path / "again")
+    hf = _auto(tmp_path / "again")
+    assert hf.chat_template == config["chat_template"] and (hf.bos_token_id, hf.eos_token_id) == (2, 3)
     # Without a config, roles come from the conventional names.
     (tmp_path / "tokenizer_config.json").unlink()
     assert (load_tokenizer(tmp_path).bos_token, load_tokenizer(tmp_path).eos_token) == ("<s>", "</s>")
@@ -345,7 +362,8 @@ def test_add_special_tokens_survives_save_load_and_export(shakespeare_text, tmp_
         size = tok.vocab_size
         assert tok.add_special_tokens(chat) == [size, size + 1]
         assert tok.add_special_tokens(["<|im_end|>"]) == [size + 1]  # known: keeps its id
-        tok.set_roles(bos="<|im_start|>", eos="<|im_end|>", pad=EOT)
+        tok.set_roles(bos="<|im_start|>", pad=EOT)
+        tok.set_roles(eos="<|im_end|>")  # roles not named are kept
         ids = tok.encode(text)
         assert ids[0] == size and size + 1 in ids and tok.vocab_size == size + 2
         assert tok.decode(ids) == text
@@ -406,6 +424,8 @@ def test_train_tokenizer_entry_point(tmp_path, shakespeare_text):
     assert load_tokenizer(tmp_path / "s").encode(TRICKY) == load_tokenizer(tmp_path / "f").encode(TRICKY)
     char = train_tokenizer([corpus], None, kind="char", special_tokens=[], out_dir=tmp_path / "c")
     assert set(char.chars) == set(shakespeare_text[:100_000])
+    (tmp_path / "crlf.txt").write_bytes(b"line one\r\nline two\r\n")  # Windows line ends are kept as they are
+    assert "\r" in train_tokenizer([tmp_path / "crlf.txt"], None, kind="char").chars
 
 
 @pytest.mark.parametrize(

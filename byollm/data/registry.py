@@ -20,7 +20,8 @@ from byollm.errors import DataError
 #   text_splits a directory with train.txt, validation.txt and test.txt (official splits)
 #   json        a JSON list of records            jsonl  one JSON record a line
 #   csv         a CSV file with a header row       squad  the official SQuAD JSON (articles > paragraphs > qas)
-Format = Literal["text", "text_splits", "json", "jsonl", "csv", "squad"]
+# and, for a directory given by path: text_dir (its text files, concatenated) or records_dir (its JSON/JSONL files).
+Format = Literal["text", "text_splits", "json", "jsonl", "csv", "squad", "text_dir", "records_dir"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class DatasetSpec:
 
     @property
     def is_text(self) -> bool:
-        return self.format in ("text", "text_splits")
+        return self.format in ("text", "text_splits", "text_dir")
 
     def where(self) -> str:
         """The download sources in words, for error messages."""

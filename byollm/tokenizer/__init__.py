@@ -1,10 +1,13 @@
 """Tokenizers: character-level, byte-level BPE from scratch, and the Hugging Face `tokenizers` fast path.
 
->>> from byollm.tokenizer import BPETokenizer, load_tokenizer
->>> tok = BPETokenizer.train(open("input.txt").read(), vocab_size=1024)
->>> tok.decode(tok.encode("To be, or not to be")) == "To be, or not to be"
-True
->>> tok.save("out/tok"); tok = load_tokenizer("out/tok")
+Example:
+
+    from byollm.tokenizer import BPETokenizer, load_tokenizer
+    tok = BPETokenizer.train(open("input.txt", encoding="utf-8").read(), vocab_size=1024)
+    ids = tok.encode("To be, or not to be")
+    assert tok.decode(ids) == "To be, or not to be"
+    tok.save("out/tok")
+    tok = load_tokenizer("out/tok")
 """
 
 from byollm.tokenizer.base import META_FILE, StreamDecoder, Tokenizer, guess_roles, split_on_special, stream_decode

@@ -34,6 +34,9 @@ _ROLE_CANDIDATES: dict[str, tuple[str, ...]] = {
 }
 
 
+_KEEP: Any = object()  # set_roles: "leave this role as it is"
+
+
 def guess_roles(special_tokens: Iterable[str]) -> dict[str, str | None]:
     """Pick bos/eos/pad among `special_tokens` by their conventional names (None when there is none)."""
     present = set(special_tokens)
@@ -65,21 +68,26 @@ class Tokenizer(ABC):
     bos_token: str | None
     eos_token: str | None
     pad_token: str | None
+    # Extra tokenizer_config.json entries to write back in save_hf (FastTokenizer keeps an imported one's).
+    hf_config: dict[str, Any] = {}  # noqa: RUF012 - read only; instances assign their own dict
 
     def _init_roles(self, roles: dict[str, str | None] | None) -> None:
         """Use the given roles, or guess them from the special tokens' names."""
         roles = guess_roles(self.special_tokens) if roles is None else roles
+        self.bos_token = self.eos_token = self.pad_token = None
         self.set_roles(bos=roles.get("bos"), eos=roles.get("eos"), pad=roles.get("pad"))
 
-    def set_roles(self, *, bos: str | None = None, eos: str | None = None, pad: str | None = None) -> None:
-        """Say which special tokens are bos, eos and pad (None: this tokenizer has no such token)."""
-        for role, token in (("bos", bos), ("eos", eos), ("pad", pad)):
+    def set_roles(self, *, bos: str | None = _KEEP, eos: str | None = _KEEP, pad: str | None = _KEEP) -> None:
+        """Say which special tokens are bos, eos and pad (None: no such token; a role not given is kept)."""
+        new = {"bos": self.bos_token if bos is _KEEP else bos, "eos": self.eos_token if eos is _KEEP else eos}
+        new["pad"] = self.pad_token if pad is _KEEP else pad
+        for role, token in new.items():
             if token is not None and token not in self.special_tokens:
                 raise TokenizerError(
                     f"cannot use {token!r} as the {role} token: it is not one of this tokenizer's special tokens "
                     f"{sorted(self.special_tokens)}; add it first with add_special_tokens([{token!r}])"
                 )
-        self.bos_token, self.eos_token, self.pad_token = bos, eos, pad
+        self.bos_token, self.eos_token, self.pad_token = new["bos"], new["eos"], new["pad"]
 
     @property
     def bos_id(self) -> int | None:
@@ -174,8 +182,12 @@ class Tokenizer(ABC):
         named = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
         roles = {k: v for k, v in named.items() if v is not None}
         others = [t for t in self.special_tokens if t not in roles.values()]
-        # Without clean_up_tokenization_spaces=False, transformers' decode would remove spaces before punctuation.
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **roles}
+        # Keep what an imported model's config says (e.g. its chat_template), except what we write ourselves.
+        ours = {"tokenizer_class", "auto_map", "added_tokens_decoder", "bos_token", "eos_token", "pad_token"}
+        config = {k: v for k, v in self.hf_config.items() if k not in ours}
+        # PreTrainedTokenizerFast loads tokenizer.json as it is. Without clean_up_tokenization_spaces=False,
+        # transformers' decode would remove spaces before punctuation and differ from ours.
+        config.update({"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **roles})
         write_json(directory / "tokenizer_config.json", config)
         write_json(directory / "special_tokens_map.json", {**roles, "additional_special_tokens": others})
 
@@ -188,9 +200,12 @@ class StreamDecoder:
     incremental UTF-8 decoder, which holds back an unfinished character. For the others we decode a short
     window of recent ids and only emit text once it no longer ends in U+FFFD (the replacement character).
 
-    >>> stream = StreamDecoder(tok)
-    >>> for i in ids: print(stream.put(i), end="")
-    >>> print(stream.flush())
+    Example:
+
+        stream = StreamDecoder(tok)
+        for token_id in generated_ids:
+            print(stream.put(token_id), end="", flush=True)
+        print(stream.flush())
     """
 
     def __init__(self, tokenizer: Tokenizer, *, skip_special: bool = False) -> None:

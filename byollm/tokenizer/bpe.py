@@ -102,7 +102,7 @@ def _merge_word(word: list[int], a: int, b: int, new: int) -> list[tuple[tuple[i
     """Replace each (a, b) in `word` by `new`, left to right; return how neighbouring pair counts change.
 
     E.g. merging (l, l) in h e l l o removes the pairs (e, l) and (l, o) and creates (e, ll) and (ll, o).
-    As tokenizers does, the merged pair (a, b) itself is not in the list.
+    As in tokenizers, the merged pair (a, b) itself is not in the list: the trainer is done with it.
     """
     changes = []
     i = 0
@@ -193,10 +193,10 @@ class BPETokenizer(Tokenizer):
                 pair_counts[pair] += n
                 where[pair].add(w)
 
-        # 4. A max-heap of candidate merges. heapq is a min-heap, so we store -count; ties go to the pair
-        # with the smaller ids (as tokenizers does). Entries go stale when a merge changes a pair's count:
-        # rather than searching the heap, we check the count when an entry comes out and push it back if
-        # it changed. `seq` only keeps the heap from comparing the position sets.
+        # 4. A max-heap of candidate merges (count, pair, words that may contain it). heapq is a min-heap,
+        # so we store -count; equal counts go to the pair with the smaller ids, as tokenizers does. Entries
+        # go stale when a merge changes a pair's count: rather than searching the heap, we check the count
+        # when an entry comes out and push it back if it changed. `seq` keeps heapq from comparing sets.
         seq = itertools.count()
         heap = [(-pair_counts[p], p, next(seq), pos) for p, pos in where.items()]
         heapq.heapify(heap)
@@ -245,22 +245,43 @@ class BPETokenizer(Tokenizer):
         """One pre-tokenized word -> ids. Words repeat a lot in text, so results are cached."""
         if (ids := self._cache.get(word)) is not None:
             return ids
-        ids = [self._byte_ids[x] for x in _utf8(word)]
-        while len(ids) > 1:
-            # Merge the adjacent pair that was learned earliest (lowest rank); leftmost one on a tie.
-            best = None
-            for i in range(len(ids) - 1):
-                m = self._merge_table.get((ids[i], ids[i + 1]))
-                if m is not None and (best is None or m[0] < best[0]):
-                    best = (m[0], i, m[1])
-            if best is None:
-                break
-            _, i, new_id = best
-            ids[i : i + 2] = [new_id]
+        ids = self._apply_merges([self._byte_ids[x] for x in _utf8(word)])
         if len(self._cache) > 100_000:  # keep memory bounded on huge or unusual inputs
             self._cache.clear()
         self._cache[word] = ids
         return ids
+
+    def _apply_merges(self, ids: list[int]) -> list[int]:
+        """Repeatedly merge the adjacent pair learned earliest (lowest rank), the leftmost one on a tie.
+
+        That rule is all there is (and exactly what tokenizers does). Rescanning the word after every merge
+        would cost O(n^2), which hurts on long words like a run of 10,000 dashes; so we keep the candidate
+        merges in a heap ordered by (rank, position) and the symbols in a doubly linked list.
+        """
+        n = len(ids)
+        nxt = list(range(1, n + 1))  # nxt[i] == n: no symbol after i
+        prv = list(range(-1, n - 1))  # prv[i] == -1: no symbol before i
+        alive = [True] * n
+        heap = []
+        for i in range(n - 1):
+            if (m := self._merge_table.get((ids[i], ids[i + 1]))) is not None:
+                heap.append((m[0], i, m[1]))
+        heapq.heapify(heap)
+        while heap:
+            rank, i, new_id = heapq.heappop(heap)
+            j = nxt[i]
+            # Skip entries that went stale: i was merged into its left neighbour, or its right one changed.
+            if not alive[i] or j == n or self._merge_table.get((ids[i], ids[j])) != (rank, new_id):
+                continue
+            ids[i], alive[j] = new_id, False  # symbol i absorbs symbol j
+            nxt[i] = nxt[j]
+            if nxt[i] < n:
+                prv[nxt[i]] = i
+            # The merged symbol forms new pairs with its neighbours; queue those that are merges.
+            for a, b in ((prv[i], i), (i, nxt[i])):
+                if a >= 0 and b < n and (m := self._merge_table.get((ids[a], ids[b]))) is not None:
+                    heapq.heappush(heap, (m[0], a, m[1]))
+        return [t for t, keep in zip(ids, alive, strict=True) if keep]
 
     def encode(self, text: str, *, allowed_special: bool = True) -> list[int]:
         ids: list[int] = []
@@ -355,6 +376,8 @@ class BPETokenizer(Tokenizer):
         else:
             special = {t: i for t, i in token_ids.items() if t in default_special_tokens or from_byte_level(t) is None}
         vocab = {i: from_byte_level(t) for t, i in token_ids.items() if t not in special}
+        if bad := [t for t, i in token_ids.items() if t not in special and vocab[i] is None]:
+            raise TokenizerError(f"{directory / 'vocab.json'} has entries that are not byte-level tokens: {bad[:5]}")
         try:
             text = (directory / "merges.txt").read_text(encoding="utf-8")
         except FileNotFoundError as e:

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from byollm.errors import TokenizerError
 from byollm.tokenizer.base import META_FILE, Tokenizer, check_new_special_tokens, read_json, split_on_special
-from byollm.tokenizer.bpe import UNICODE_TO_BYTE
+from byollm.tokenizer.bpe import from_byte_level
 
 
 class FastTokenizer(Tokenizer):
@@ -48,7 +48,7 @@ class FastTokenizer(Tokenizer):
         try:
             return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
         except TypeError as e:
-            raise TokenizerError(f"cannot encode: expected strings ({e})") from e
+            raise TokenizerError(f"cannot encode: the input must be str without lone surrogates ({e})") from e
         finally:
             self.hf.encode_special_tokens = False
 
@@ -70,7 +70,9 @@ class FastTokenizer(Tokenizer):
                 if not (skip_special and self._id_to_added[i] in self.special_tokens):
                     parts.append(self._id_to_added[i].encode("utf-8"))
             else:
-                parts.append(bytes(UNICODE_TO_BYTE[c] for c in self.hf.id_to_token(i)))
+                token = self.hf.id_to_token(i)
+                b = from_byte_level(token)
+                parts.append(token.encode("utf-8") if b is None else b)
         return b"".join(parts)
 
     @property
@@ -120,7 +122,10 @@ class FastTokenizer(Tokenizer):
             tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for malformed files
             raise TokenizerError(f"cannot read {path}: {e}; is it a Hugging Face tokenizer.json?") from e
-        return cls(tok, roles=_read_roles(directory, tok))
+        fast = cls(tok, roles=_read_roles(directory, tok))
+        if (directory / "tokenizer_config.json").exists():
+            fast.hf_config = read_json(directory / "tokenizer_config.json")
+        return fast
 
 
 def _read_roles(directory: Path, tok: HFTokenizer) -> dict[str, str | None] | None:

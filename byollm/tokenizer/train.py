@@ -17,15 +17,19 @@ _BLOCK_CHARS = 1 << 20  # feed the trainers ~1M characters at a time, cut at lin
 def read_text_blocks(files: Sequence[str | Path]) -> Iterator[str]:
     """Yield the files' text in blocks of whole lines, so huge corpora never sit in memory at once."""
     for f in files:
-        with open(f, encoding="utf-8") as fh:
+        # newline="": keep "\r\n" as it is in the file; the tokenizer should see the real text.
+        with open(f, encoding="utf-8", newline="") as fh:
             block: list[str] = []
             size = 0
-            for line in fh:
-                block.append(line)
-                size += len(line)
-                if size >= _BLOCK_CHARS:
-                    yield "".join(block)
-                    block, size = [], 0
+            try:
+                for line in fh:
+                    block.append(line)
+                    size += len(line)
+                    if size >= _BLOCK_CHARS:
+                        yield "".join(block)
+                        block, size = [], 0
+            except UnicodeDecodeError as e:
+                raise TokenizerError(f"training file {f} is not UTF-8 text ({e}); convert it to UTF-8") from e
             if block:
                 yield "".join(block)
 
@@ -39,12 +43,6 @@ def _check_files(files: Sequence[str | Path]) -> list[Path]:
             raise TokenizerError(f"training file {p} does not exist (or is not a file)")
         if p.stat().st_size == 0:
             raise TokenizerError(f"training file {p} is empty; give a file with text in it")
-        try:
-            with open(p, encoding="utf-8") as fh:
-                while fh.read(1 << 24):  # decode it all once, so a bad byte is reported before training
-                    pass
-        except UnicodeDecodeError as e:
-            raise TokenizerError(f"training file {p} is not UTF-8 text ({e}); convert it to UTF-8") from e
     return paths
 
 
