@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -109,8 +110,10 @@ def library_versions() -> dict[str, str]:
 
 
 def save_checkpoint(model: GPT, path: str | Path, tokenizer: Tokenizer | None = None,
-                    meta: dict[str, Any] | None = None) -> Path:
-    """Write model weights, config, tokenizer and metadata to `path` atomically."""
+                    meta: dict[str, Any] | None = None, extra: Callable[[Path], None] | None = None) -> Path:
+    """Write model weights, config, tokenizer and metadata to `path` atomically.
+
+    `extra(tmp_dir)` may add files (a trainer's train_state.pt) inside the same atomic write."""
 
     def write(tmp: Path) -> None:
         save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
@@ -120,6 +123,8 @@ def save_checkpoint(model: GPT, path: str | Path, tokenizer: Tokenizer | None = 
         info = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": library_versions(),
                 "num_params": model.num_params(), **(meta or {})}
         (tmp / META).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        if extra is not None:
+            extra(tmp)
 
     return atomic_dir_write(path, write)
 

@@ -12,40 +12,12 @@ import dataclasses
 import difflib
 import sys
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin  # noqa: UP035 - built at run time
+from typing import Any, Literal, Optional  # noqa: UP035 - built at run time
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from byollm.errors import ByollmError
-from byollm.model.config import ModelConfig, list_presets, preset
-
-# --------------------------------------------------------------------------------------------------
-# Model choice: a preset plus optional per-field overrides (`--model.preset gpt2-124m --model.n_layer 4`)
-# --------------------------------------------------------------------------------------------------
-
-
-def _optional(tp: Any) -> Any:
-    if get_origin(tp) is Union and type(None) in get_args(tp):
-        return tp
-    return Optional[tp]  # noqa: UP045 - a runtime type object for jsonargparse
-
-
-# The overrides dataclass is derived from ModelConfig so the two can never drift apart: every field
-# becomes optional and None means "keep the preset's value".
-ModelChoice = dataclasses.make_dataclass(
-    "ModelChoice",
-    [("preset", str, dataclasses.field(default="gpt-tiny"))]
-    + [(f.name, _optional(f.type if not isinstance(f.type, str) else eval(f.type, vars(sys.modules[ModelConfig.__module__]))),  # noqa: E501
-        dataclasses.field(default=None)) for f in dataclasses.fields(ModelConfig)],
-)
-ModelChoice.__doc__ = "A named preset (see `byollm model presets`) with any field of ModelConfig overridden."
-
-
-def model_config_from(choice: Namespace | Any) -> ModelConfig:
-    values = dict(vars(choice)) if not dataclasses.is_dataclass(choice) else dataclasses.asdict(choice)
-    name = values.pop("preset")
-    return preset(name, **{k: v for k, v in values.items() if v is not None})
-
+from byollm.model.config import ModelChoice, list_presets, model_config_from, preset  # noqa: F401
 
 # --------------------------------------------------------------------------------------------------
 # Commands
@@ -179,6 +151,63 @@ def cmd_init(a: Namespace) -> None:
     print(f"[byollm] wrote a randomly initialised {model.num_params() / 1e6:.2f}M-parameter model to {out}")
 
 
+def _train_config(a: Namespace):
+    from byollm.train import TrainConfig
+
+    values = a.as_dict()
+    for key in ("config", "__path__"):
+        values.pop(key, None)
+    return TrainConfig.from_dict(values)
+
+
+def cmd_pretrain(a: Namespace) -> None:
+    from byollm.train import pretrain
+
+    pretrain(_train_config(a))
+
+
+def cmd_quickstart(a: Namespace) -> None:
+    import time
+
+    from byollm.train import pretrain, quickstart_config
+
+    overrides = {"max_steps": a.max_steps, "model.preset": a.preset, "batch_size": a.batch_size,
+                 "block_size": a.block_size, "device": a.device, "dtype": a.dtype, "compile": a.compile,
+                 "out_dir": a.out_dir, "name": a.name or f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}"}
+    result = pretrain(quickstart_config({k: v for k, v in overrides.items() if v is not None}))
+    run = result.run_dir
+    if result.sample:
+        print(f"--- a sample from the model at step {result.steps} ---\n{result.sample.strip()}\n---")
+    if result.val:
+        print(f"val loss {result.val['loss']:.4f} (perplexity {result.val['ppl']:.2f}, "
+              f"{result.val['bpb']:.3f} bits per byte) after {result.steps} steps")
+    print(f"run directory  {run}")
+    print(f"checkpoint     {result.checkpoint}")
+    print(f"loss curve     {run / 'plots' / 'loss.png'}")
+    print(f"samples        {run / 'samples.txt'}")
+    print("next:")
+    print(f"  byollm generate {run} --prompt 'ROMEO:' --max-new-tokens 300")
+    print(f"  byollm eval {run} --data tinyshakespeare")
+    print(f"  byollm export hf {run} out/hf")
+    print(f"  byollm pretrain --config configs/quickstart.yaml --name {run.name} --resume true --max_steps 2000"
+          "   # train it longer")
+    print("  byollm pretrain --config configs/quickstart.yaml --model.preset llama-13m --block_size 256"
+          "   # a bigger model")
+    print("  byollm pretrain --config configs/quickstart.yaml --device cuda --dtype bf16 --compile true"
+          "   # on a GPU")
+
+
+def cmd_eval(a: Namespace) -> None:
+    from byollm.train import evaluate_checkpoint
+
+    r = evaluate_checkpoint(a.ckpt, a.data, split=a.split, batch_size=a.batch_size, block_size=a.block_size,
+                            max_batches=a.max_batches, device=a.device, dtype=a.dtype)
+    how = "every token once" if r["exact"] else f"first {a.max_batches} batches"
+    print(f"[byollm] {r['checkpoint']} on {r['data']} ({r['split']}, {r['tokens']:,.0f} tokens, {how}, "
+          f"{r['seconds']:.1f}s)", file=sys.stderr)
+    print(f"{r['split']} loss {r['loss']:.4f}  perplexity {r['ppl']:.3f}  bits/byte {r['bpb']:.4f}")
+
+
 # --------------------------------------------------------------------------------------------------
 # Parser
 # --------------------------------------------------------------------------------------------------
@@ -259,6 +288,42 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--out", type=str, required=True)
     verbs.add_subcommand("init", p, help="create a randomly initialised checkpoint")
+
+    from byollm.train.config import TrainConfig
+
+    p = _sub("Pretrain a model: a YAML recipe (configs/*.yaml) plus dotted overrides; writes runs/<name>/. "
+             "Under torchrun, one process per device (DDP).")
+    p.add_argument("--config", action=ActionConfigFile)
+    p.add_class_arguments(TrainConfig, None)
+    verbs.add_subcommand("pretrain", p, help="pretrain a model from a config (YAML + overrides)")
+
+    p = _sub("Train a small Llama-style character model on Tiny Shakespeare on the CPU (a few minutes), then "
+             "print where everything went and what to run next. Same as configs/quickstart.yaml.")
+    p.add_argument("--max-steps", "--max_steps", type=Optional[int], default=None,  # noqa: UP045
+                   help="optimizer steps (default 1000)")
+    p.add_argument("--preset", type=Optional[str], default=None, help="model preset (default llama-nano)")  # noqa: UP045
+    p.add_argument("--batch-size", "--batch_size", type=Optional[int], default=None)  # noqa: UP045
+    p.add_argument("--block-size", "--block_size", type=Optional[int], default=None)  # noqa: UP045
+    p.add_argument("--device", type=Optional[str], default=None, help="default cpu")  # noqa: UP045
+    p.add_argument("--dtype", type=Optional[Literal["auto", "fp32", "bf16"]], default=None)  # noqa: UP045
+    p.add_argument("--compile", type=Optional[bool], default=None)  # noqa: UP045
+    p.add_argument("--out-dir", "--out_dir", type=str, default="runs")
+    p.add_argument("--name", type=Optional[str], default=None, help="default quickstart-<date>-<time>")  # noqa: UP045
+    verbs.add_subcommand("quickstart", p, help="train a small model on Tiny Shakespeare in minutes on a CPU")
+
+    p = _sub("Evaluate a checkpoint on a dataset split: mean loss over every token, perplexity, bits per byte.")
+    p.add_argument("ckpt", type=str, help="checkpoint dir or run dir")
+    p.add_argument("--data", type=str, required=True,
+                   help="dataset name or text file (tokenised with the checkpoint's tokenizer), or a prepared dir")
+    p.add_argument("--split", type=Literal["val", "train"], default="val")
+    p.add_argument("--batch-size", "--batch_size", type=int, default=16)
+    p.add_argument("--block-size", "--block_size", type=Optional[int], default=None,  # noqa: UP045
+                   help="default: the model's block_size")
+    p.add_argument("--max-batches", "--max_batches", type=Optional[int], default=None,  # noqa: UP045
+                   help="stop early (an estimate)")
+    p.add_argument("--device", type=str, default="auto")
+    p.add_argument("--dtype", type=Literal["auto", "fp32", "bf16"], default="fp32")
+    verbs.add_subcommand("eval", p, help="val loss, perplexity and bits per byte of a checkpoint")
     return parser
 
 
@@ -270,6 +335,9 @@ COMMANDS = {
     ("model", "presets"): cmd_model_presets,
     ("model", "info"): cmd_model_info,
     ("init",): cmd_init,
+    ("pretrain",): cmd_pretrain,
+    ("quickstart",): cmd_quickstart,
+    ("eval",): cmd_eval,
 }
 
 

@@ -7,6 +7,7 @@ so a mapping mistake cannot hide behind ones and zeros). Nothing is downloaded.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -52,6 +53,15 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             else:
                 p.copy_(1 + 0.2 * noise)
     return model.eval()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; two threads spin and stall when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -174,6 +184,30 @@ def test_config_from_hf_reads_old_and_new_rope_layouts():
     assert config_from_hf(base).n_kv_head == 4  # num_key_value_heads missing: multi-head attention
 
 
+# The published config.json files of two real checkpoints (openai-community/gpt2, HuggingFaceTB/SmolLM2-135M).
+GPT2_CONFIG_JSON = {
+    "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1, "bos_token_id": 50256,
+    "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02, "layer_norm_epsilon": 1e-05,
+    "model_type": "gpt2", "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12, "n_positions": 1024,
+    "resid_pdrop": 0.1, "summary_activation": None, "summary_first_dropout": 0.1, "summary_proj_to_labels": True,
+    "summary_type": "cls_index", "summary_use_proj": True, "vocab_size": 50257,
+}
+SMOLLM2_CONFIG_JSON = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 0,
+    "eos_token_id": 0, "hidden_act": "silu", "hidden_size": 576, "initializer_range": 0.041666666666666664,
+    "intermediate_size": 1536, "is_llama_config": True, "max_position_embeddings": 8192, "model_type": "llama",
+    "num_attention_heads": 9, "num_hidden_layers": 30, "num_key_value_heads": 3, "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05, "rope_interleaved": False, "rope_scaling": None, "rope_theta": 100000,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.40.1", "use_cache": True,
+    "vocab_size": 49152,
+}
+
+
+def test_real_configs_import_as_our_presets():
+    assert config_from_hf(GPT2_CONFIG_JSON) == preset("gpt2-124m")
+    assert config_from_hf(SMOLLM2_CONFIG_JSON) == preset("smollm2-135m", init_std=0.041666666666666664)
+
+
 @pytest.mark.parametrize("name", list_presets())
 def test_config_round_trip_for_every_preset(name):
     cfg = preset(name)
@@ -199,7 +233,8 @@ def test_export_loads_in_transformers_with_same_logits(case, tmp_path):
     torch.manual_seed(0)
     ours = randomize(GPT(EXPORT_CASES[case]()))
     export_hf(ours, tmp_path / "hf")
-    assert {"config.json", "model.safetensors", "generation_config.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+    written = {p.name for p in (tmp_path / "hf").iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json"} <= written
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     hf.eval()
@@ -208,10 +243,9 @@ def test_export_loads_in_transformers_with_same_logits(case, tmp_path):
     assert max_diff(hf(x).logits, full) <= TOL
     # HF's incremental decoding with its own cache (past_key_values) agrees too.
     out = hf(x[:, :10], use_cache=True)
-    past = out.past_key_values
+    key = "cache" if "cache" in out else "past_key_values"  # transformers >= 5.24 renamed past_key_values
     for t in range(10, 16):
-        out = hf(x[:, t : t + 1], past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = hf(x[:, t : t + 1], **{key: out[key]}, use_cache=True)
         assert max_diff(out.logits[:, -1], full[:, t]) <= TOL
 
 
@@ -312,6 +346,7 @@ def test_legacy_gpt2_layout_sharded_and_bin_files(tmp_path):
         assert max_diff(model(x).logits, reference) <= TOL, layout
 
 
+@pytest.mark.slow  # a fresh interpreter: a few seconds to import torch
 def test_loading_directories_needs_no_transformers(tmp_path):
     export_hf(randomize(GPT(preset("llama-tiny"))), tmp_path / "hf")
     code = textwrap.dedent(f"""
@@ -323,7 +358,8 @@ def test_loading_directories_needs_no_transformers(tmp_path):
         export_hf(model, {str(tmp_path / "again")!r})
         assert "transformers" not in sys.modules, "transformers was imported"
     """)
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1], env=env)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -343,6 +379,13 @@ def test_unsupported_model_type(tmp_path):
         load_hf_dir(d)
 
 
+def test_missing_directory_and_non_hf_config(tmp_path):
+    with pytest.raises(CheckpointError, match="directory does not exist"):
+        load_hf_dir(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="has no model_type"):
+        config_from_hf(preset("gpt-tiny").to_dict())
+
+
 def test_missing_weights_file(tmp_path):
     d = write_config(tmp_path / "hf", config_to_hf(preset("llama-tiny")))
     with pytest.raises(CheckpointError, match="no weights.*model.safetensors"):
@@ -360,11 +403,21 @@ def test_weights_that_do_not_fit_the_config(tmp_path):
     with pytest.raises(CheckpointError, match=r"mlp\.\w+_proj\.weight has shape .* needs"):
         load_hf_dir(tmp_path / "hf")
     config_file.write_text(json.dumps({**config, "num_hidden_layers": 1}))
-    with pytest.raises(CheckpointError, match=r"unexpected weight 'model\.layers\.1\."):
+    with pytest.raises(CheckpointError, match=r"unexpected .*blocks\.1\."):
         load_hf_dir(tmp_path / "hf")
     config_file.write_text(json.dumps({**config, "num_hidden_layers": 3}))
     with pytest.raises(CheckpointError, match=r"missing .*blocks\.2\."):
         load_hf_dir(tmp_path / "hf")
+
+
+def test_hf_weight_without_a_place_in_our_model():
+    cfg = preset("llama-tiny")
+    hf_sd = state_dict_to_hf(GPT(cfg).state_dict(), cfg)
+    hf_sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # old checkpoints: ignored
+    assert state_dict_from_hf(hf_sd, cfg).keys() == GPT(cfg).state_dict().keys()
+    hf_sd["model.layers.0.self_attn.q_norm.weight"] = torch.ones(16)  # e.g. a Qwen3 checkpoint
+    with pytest.raises(CheckpointError, match=r"unexpected weight 'model\.layers\.0\.self_attn\.q_norm\.weight'"):
+        state_dict_from_hf(hf_sd, cfg)
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -372,6 +425,7 @@ def test_weights_that_do_not_fit_the_config(tmp_path):
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "'yarn' is not supported"),
     ({"attention_bias": True, "mlp_bias": False}, "attention_bias=True but mlp_bias=False"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"rope_interleaved": True}, "rope_interleaved"),
 ])
 def test_unsupported_hf_features_are_errors(change, message):
     with pytest.raises(CheckpointError, match=message):
@@ -444,7 +498,16 @@ def test_export_refuses_a_tokenizer_larger_than_the_vocabulary(bpe, tmp_path):
         export_hf(GPT(preset("gpt-tiny")), tmp_path / "hf", bpe)
 
 
-def test_model_config_is_unchanged_by_import():
-    # config_from_hf returns a fresh, valid ModelConfig (not a view of the HF config).
+def test_mistral_without_sliding_window_imports():
     cfg = config_from_hf(hf_config("mistral"))
     assert isinstance(cfg, ModelConfig) and cfg.n_kv_head == 2 and not cfg.bias and not cfg.qkv_bias
+
+
+def test_gpt2_style_vocab_and_merges_tokenizer_is_picked_up(bpe, tmp_path):
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config("gpt2"))
+    hf.save_pretrained(tmp_path / "hf")
+    bpe.save(tmp_path / "tok")
+    for name in ("vocab.json", "merges.txt"):  # the original GPT-2 release has only these two files
+        (tmp_path / "hf" / name).write_bytes((tmp_path / "tok" / name).read_bytes())
+    _, tokenizer = load_hf_dir(tmp_path / "hf")
+    assert tokenizer is not None and tokenizer.encode(TEXT) == bpe.encode(TEXT)

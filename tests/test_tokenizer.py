@@ -30,8 +30,6 @@ from byollm.tokenizer import (
 )
 from byollm.tokenizer.bpe import BYTE_TO_UNICODE
 
-transformers = pytest.importorskip("transformers")
-
 EOT = "<|endoftext|>"
 VOCAB = 1000
 # Text that exercises the pre-tokenizer: contractions, digits, punctuation runs, whitespace runs, accents,
@@ -149,8 +147,7 @@ def test_trainers_agree_on_random_small_corpora(texts, extra, min_frequency):
 
 
 def test_bytes_to_unicode_matches_gpt2():
-    from transformers.convert_slow_tokenizer import bytes_to_unicode as reference
-
+    reference = pytest.importorskip("transformers.convert_slow_tokenizer").bytes_to_unicode
     assert BYTE_TO_UNICODE == reference()
     assert (BYTE_TO_UNICODE[ord(" ")], BYTE_TO_UNICODE[ord("\n")], BYTE_TO_UNICODE[0]) == ("Ġ", "Ċ", "Ā")
 
@@ -271,7 +268,8 @@ def test_stream_decoder_never_splits_characters(scratch, fast, shakespeare_text)
 
 
 def _auto(directory):
-    return transformers.AutoTokenizer.from_pretrained(str(directory))
+    """transformers' own loader for a tokenizer directory (the [hf] extra; skip the test without it)."""
+    return pytest.importorskip("transformers").AutoTokenizer.from_pretrained(str(directory))
 
 
 def test_bpe_save_load_and_readable_files(scratch, tmp_path, shakespeare_text):
@@ -311,7 +309,7 @@ def test_gpt2_layout_loads_like_transformers(scratch, tmp_path):
     (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), "utf-8")
     ours = load_tokenizer(tmp_path)
-    ref = transformers.GPT2Tokenizer.from_pretrained(str(tmp_path))
+    ref = pytest.importorskip("transformers").GPT2Tokenizer.from_pretrained(str(tmp_path))
     assert type(ours) is BPETokenizer and ours.eos_id == VOCAB - 1 == ref.eos_token_id
     ids = ours.encode(TRICKY)
     assert ids == ref(TRICKY)["input_ids"] and ours.decode(ids) == ref.decode(ids) == TRICKY
@@ -434,6 +432,7 @@ def test_train_tokenizer_entry_point(tmp_path, shakespeare_text):
         (lambda d: ([d / "missing.txt"], 400, {}), "does not exist"),
         (lambda d: ([d / "empty.txt"], 400, {}), "is empty"),
         (lambda d: ([d / "latin1.txt"], 400, {}), "not UTF-8"),
+        (lambda d: ([d / "latin1.txt"], 400, {"impl": "fast"}), "not UTF-8"),
         (lambda d: ([d / "a.txt"], 257, {"special_tokens": [EOT, "<pad>"]}), "at least 258"),
         (lambda d: ([d / "a.txt"], 400, {"kind": "wordpiece"}), "unknown tokenizer kind"),
         (lambda d: ([d / "a.txt"], 400, {"impl": "rust"}), "unknown tokenizer implementation"),

@@ -22,7 +22,6 @@ from byollm.data.prepare import (
 )
 from byollm.data.readers import load_records, load_text, record_to_text, split_records, validate_records
 from byollm.data.registry import REGISTRY, DatasetSpec, HFSource, Subset, get_spec, list_datasets
-from byollm.data.samplers import RandomWindowSampler, SequentialSampler, eval_batches
 from byollm.data.sources import (
     CACHE_ENV,
     MIRROR_ENV,
@@ -36,6 +35,16 @@ from byollm.data.sources import (
     resolve,
     sha256_path,
 )
+
+
+def __getattr__(name: str):
+    # The samplers need torch; load them only when asked for, so `byollm data download` starts quickly.
+    if name in ("RandomWindowSampler", "SequentialSampler", "eval_batches"):
+        from byollm.data import samplers
+
+        return getattr(samplers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CACHE_ENV",

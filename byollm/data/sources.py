@@ -2,7 +2,7 @@
 
     >>> src = resolve("tinyshakespeare")      # a Source: where the file is and how it was found
     >>> src.notice
-    'using local mirror copy /data/mirror/tinyshakespeare.txt (sha256 86c4e6aa... verified)'
+    'using local mirror copy /data/mirror/tinyshakespeare.txt (sha256 86c4e6aa9db7... verified)'
 
 Order, first hit wins:
   1. an explicit path (`path=` or a name_or_path that exists on disk): the user's file, used as given;
@@ -170,8 +170,7 @@ def _mismatch(spec: DatasetSpec, path: Path, expected: str, actual: str, what: s
 
 def _candidates(spec: DatasetSpec) -> list[str]:
     """File names a dataset may have in the mirror or cache: full file, subsets, then the bare name."""
-    suffix = "".join(Path(spec.filename).suffixes)
-    names = [spec.filename, *(s.filename for s in spec.subsets), spec.name, spec.name + suffix]
+    names = [spec.filename, *(s.filename for s in spec.subsets), spec.name, spec.name + Path(spec.filename).suffix]
     return list(dict.fromkeys(names))
 
 
@@ -208,8 +207,8 @@ _VAL_FILES = ("validation.txt", "valid.txt", "val.txt")
 
 
 def _local_notice(kind: str, spec: DatasetSpec, path: Path, sha: str, sub: Subset | None, how: str) -> str:
-    where = {"mirror": "local mirror copy", "cache": "cached copy", "download": "downloaded copy"}[kind]
-    text = f"using {where} {path} (sha256 {sha[:12]}... {how})"
+    where = {"mirror": "local mirror copy", "cache": "cached copy", "download": "downloaded copy", "path": "given file"}
+    text = f"using {where[kind]} {path} (sha256 {sha[:12]}... {how})"
     if sub is not None:
         of = f" ({sub.n_records:,} of {spec.n_records:,} {spec.unit})" if spec.n_records else ""
         text += f"; this is a LOCAL SUBSET of {spec.name}{of}: {sub.description}, so results differ from the full set"
@@ -226,6 +225,7 @@ def resolve(
     """Find a dataset by registry name or local path (see the module docstring for the order) and log how.
 
     `path` overrides every other place for a named dataset (e.g. your own copy of tinyshakespeare).
+    A registry name wins over a file of the same name in the working directory; write ./name to mean the file.
     allow_fallback=True: a text dataset that is nowhere to be found is replaced by fallback_corpus().
     """
     spec = find_spec(str(name_or_path)) if not isinstance(name_or_path, Path) else None
@@ -256,7 +256,7 @@ def _explicit(path: Path, spec: DatasetSpec | None) -> Source:
     fmt = spec.format if spec is not None else infer_format(path)
     notice = f"using {path} (given explicitly; sha256 {sha[:12]}...)"
     if spec is not None and sub is not None:
-        notice = _local_notice("mirror", spec, path, sha, sub, "verified").replace("local mirror copy", "given file")
+        notice = _local_notice("path", spec, path, sha, sub, "verified")
     _log(notice, sub is not None)
     return Source(spec.name if spec else path.name, "path", path, sha, fmt, spec, sub, notice)
 
@@ -360,8 +360,8 @@ def fetch(spec: DatasetSpec, dest: Path) -> None:
         try:
             _download_url(url, dest)
             return
-        except OSError as e:
-            errors.append(f"{url}: {e}")
+        except Exception as e:  # URLError, HTTP errors, a truncated gzip (EOFError), ...: try the next source
+            errors.append(f"{url}: {type(e).__name__}: {e}")
     if spec.hf is not None:
         try:
             _download_hf(spec, dest)
@@ -427,8 +427,9 @@ def write_rows(spec: DatasetSpec, splits: dict[str, object], dest: Path) -> None
 def fallback_corpus() -> str:
     """CPython's help-topic texts (`pydoc_data.topics.topics`), all topics joined by newlines, sorted by name.
 
-    It ships with every Python (about 0.5-0.8 MB of English prose and code), so the offline quickstart can
-    train on real text with no network and no mirror. Its content depends on the Python version.
+    It ships with every Python (about 0.5 MB of English prose and code; 465,048 characters in 3.11.7), so
+    the offline quickstart can train on real text with no network and no mirror. Its content depends on the
+    Python version, which prepare records in meta.json.
     """
     from pydoc_data.topics import topics
 

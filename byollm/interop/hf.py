@@ -124,6 +124,9 @@ def config_from_hf(hf_config: Mapping[str, Any] | Any) -> ModelConfig:
     """Our `ModelConfig` for a Hugging Face config (a `config.json` dict or a transformers `PretrainedConfig`)."""
     d = _config_dict(hf_config)
     model_type = d.get("model_type")
+    if model_type is None:
+        raise CheckpointError("the config has no model_type, so it is not a Hugging Face model config "
+                              "(a byollm checkpoint's config.json? load that with byollm.checkpoint.load_checkpoint)")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(f"cannot import Hugging Face model_type {model_type!r}: byollm supports "
                               f"{', '.join(SUPPORTED_MODEL_TYPES)} (SmolLM/SmolLM2 are llama)")
@@ -189,6 +192,9 @@ def _llama_config_from_hf(d: dict[str, Any]) -> ModelConfig:
                               f"max_position_embeddings={block_size}) is not supported; byollm attends to the "
                               "whole context")
 
+    if d.get("rope_interleaved"):  # nanotron-style configs say which RoPE layout their weights use
+        raise CheckpointError("rope_interleaved=true (adjacent channel pairs) is not supported; byollm and "
+                              "transformers use the rotate-half layout")
     rope_theta, rope_scaling = _rope_from_hf(d)
     return ModelConfig(
         vocab_size=_field(d, "vocab_size"),
@@ -494,6 +500,9 @@ def load_hf_dir(path: str | Path, device: torch.device | str = "cpu",
 
     path = Path(path)
     config_file = path / HF_CONFIG
+    if not path.is_dir():
+        raise CheckpointError(f"no Hugging Face model at '{path}': the directory does not exist (byollm reads local "
+                              "directories; download hub models first, e.g. with `hf download NAME --local-dir DIR`)")
     if not config_file.is_file():
         raise CheckpointError(f"'{path}' is not a Hugging Face model directory: it has no {HF_CONFIG}")
     try:

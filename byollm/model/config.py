@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints  # noqa: UP035
 
 from byollm.errors import ConfigError
 
@@ -171,4 +172,47 @@ def list_presets() -> list[str]:
     return sorted(PRESETS)
 
 
-__all__ = ["ModelConfig", "PRESETS", "preset", "list_presets"]
+# --------------------------------------------------------------------------------------------------
+# Model choice: a preset plus optional per-field overrides, the `model:` section of every config file
+# (`--model.preset gpt2-124m --model.n_layer 4` on the command line)
+# --------------------------------------------------------------------------------------------------
+
+
+def _optional(tp: Any) -> Any:
+    if get_origin(tp) in (Union, types.UnionType) and type(None) in get_args(tp):
+        return tp
+    return Optional[tp]  # noqa: UP045 - a runtime type object for jsonargparse
+
+
+# Derived from ModelConfig so the two can never drift apart: every field becomes optional and None means
+# "keep the preset's value".
+ModelChoice = dataclasses.make_dataclass(
+    "ModelChoice",
+    [("preset", str, dataclasses.field(default="gpt-tiny"))]
+    + [(name, _optional(tp), dataclasses.field(default=None)) for name, tp in get_type_hints(ModelConfig).items()],
+)
+ModelChoice.__doc__ = "A named preset (see `byollm model presets`) with any field of ModelConfig overridden."
+ModelChoice.__module__ = __name__
+
+
+def model_config_from(choice: Any, **defaults: Any) -> ModelConfig:
+    """The ModelConfig a ModelChoice (or a namespace/dict with the same keys) stands for.
+
+    `defaults` fill fields the choice leaves at None before the preset's own values would apply, e.g.
+    `vocab_size=tokenizer.vocab_size`: an explicit override in the choice still wins."""
+    if dataclasses.is_dataclass(choice):
+        values = dataclasses.asdict(choice)
+    else:
+        values = dict(choice) if isinstance(choice, dict) else dict(vars(choice))
+    name = values.pop("preset")
+    overrides = {k: v for k, v in defaults.items() if v is not None}
+    overrides.update({k: v for k, v in values.items() if v is not None})
+    return preset(name, **overrides)
+
+
+def model_choice_of(config: ModelConfig, preset_name: str) -> dict[str, Any]:
+    """A ModelChoice dict that pins every field: what a run writes to its config.yaml."""
+    return {"preset": preset_name, **config.to_dict()}
+
+
+__all__ = ["ModelChoice", "ModelConfig", "PRESETS", "list_presets", "model_choice_of", "model_config_from", "preset"]

@@ -142,6 +142,10 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, g, n_rep, s, d).reshape(b, g * n_rep, s, d)
 
 
+# `enable_gqa` arrived in torch 2.5; older versions take the repeat_kv path.
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
 def causal_mask(t: int, s: int, device: torch.device | None = None) -> torch.Tensor:
     """(T, S) bool, True where query i (at absolute position S - T + i) may look at key j: j <= S - T + i."""
     q_pos = torch.arange(s - t, s, device=device)[:, None]
@@ -187,12 +191,20 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # now (B, G, S, D): the past plus these T positions
         n_rep = self.n_head // self.n_kv_head
-        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
         dropout_p = self.dropout if self.training else 0.0
-        if self.naive or self.record_weights:
+        naive = self.naive or self.record_weights
+        # SDPA can share each key/value head among its n_rep query heads itself (`enable_gqa`: no copies, ~4%
+        # faster training on CPU). The naive path, and SDPA with a mask (some GPU kernels lack GQA then),
+        # repeat the heads explicitly.
+        sdpa_gqa = n_rep > 1 and mask is None and not naive and _SDPA_HAS_GQA
+        if not sdpa_gqa:
+            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+        if naive:
             y, weights = naive_attention(q, k, v, mask, is_causal, dropout_p)
             if self.record_weights:
                 self.last_weights = weights.detach()
+        elif sdpa_gqa:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, dropout_p=dropout_p, enable_gqa=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim)  # heads side by side again

@@ -1,0 +1,107 @@
+"""Data-parallel training with `torchrun`: one process per device, each with a full copy of the model.
+
+    torchrun --standalone --nproc_per_node 8 -m byollm.cli pretrain --config configs/gpt2-124m-fineweb.yaml
+
+torchrun starts the processes and gives each RANK, LOCAL_RANK and WORLD_SIZE in its environment. Each rank
+reads different batches (the sampler shards by rank), computes gradients on them, and DistributedDataParallel
+averages the gradients across ranks during backward, so every rank takes the same optimizer step. Only
+rank 0 writes files. Without torchrun (no RANK in the environment) everything here is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that prints and writes files."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def setup(device: str = "auto") -> DistInfo:
+    """Join the process group when started by torchrun (nccl on GPUs, gloo on CPUs); pick this rank's device."""
+    if "RANK" not in os.environ:
+        return DistInfo(device=pick_device(device))
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank, local_rank, world, dev)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The mean of `t` over ranks (a copy; `t` itself is unchanged). Every rank must call it."""
+    t = t.detach().clone()
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= info.world_size
+    return t
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    t = t.detach().clone()
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's `obj` on every rank (e.g. a run name made from the clock)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (e.g. each rank's RNG state for a checkpoint)."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+__all__ = ["DistInfo", "all_reduce_mean", "all_reduce_sum", "barrier", "broadcast_object", "gather_objects",
+           "pick_device", "setup", "teardown"]

@@ -1,0 +1,382 @@
+"""The one training loop. Pretraining, SFT, DPO, reward models and LoRA all run through `Trainer`.
+
+What differs between them is only what a batch holds and how a loss is computed from it, so that is all
+they supply:
+
+    BatchSource   next_batch() -> any batch (a tuple or dict of tensors); state_dict()/load_state_dict()
+                  so a resumed run continues with exactly the batches it would have seen
+    Objective     loss(model, batch) -> (scalar loss tensor, {metric name: value})
+
+The loop itself never looks inside a batch. It trains whatever parameters have requires_grad (so a LoRA
+recipe freezes the base model and passes an optimizer over its adapters), and it owns the rest:
+
+    for step in range(max_steps):
+        for each of grad_accum micro-batches:           gradient accumulation
+            loss = objective.loss(model, batch)          under bf16 autocast when asked
+            (loss / grad_accum).backward()               DDP averages gradients over ranks on the last one
+        clip the gradient norm; optimizer.step(); scheduler.step()
+        every log_interval:        metrics.jsonl + progress bar (loss averaged over ranks, tokens/s, MFU)
+        every eval_interval:       loss on fixed validation batches (and extra metrics: ppl, bits per byte)
+        every sample_interval:     generate some text into samples.txt
+        every checkpoint_interval: weights + optimizer + scheduler + RNG + data position, atomically
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from byollm.errors import ByollmError
+from byollm.train.distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier, gather_objects
+from byollm.train.run import Run
+
+# --------------------------------------------------------------------------------------------------
+# What plugs into the loop
+# --------------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    def next_batch(self) -> Any: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Objective(Protocol):
+    """loss(model, batch) -> (loss, metrics). `loss` is the scalar to minimise (a mean over the batch);
+    `metrics` are numbers to log, averaged over micro-batches and ranks, except "tokens", the number of
+    tokens the loss was computed on, which is summed (it drives tokens/s and weights the eval average).
+    Call the model through model(...), so DDP's hooks see the forward pass."""
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]: ...
+
+
+class CausalLM:
+    """Pretraining: predict every next token. A batch is (x, y) with y = x shifted by one; the loss is the
+    mean cross-entropy over all positions whose target is not `ignore_index`."""
+
+    def __init__(self, ignore_index: int = -100) -> None:
+        self.ignore_index = ignore_index
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        x, y = batch
+        _, loss = model(x, y, ignore_index=self.ignore_index)
+        return loss, {"tokens": y.numel()}  # tokens processed (pretraining windows have no ignored targets)
+
+
+class TrainingError(ByollmError):
+    """Training cannot go on (for example the loss became nan)."""
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in a (nested) tuple/list/dict batch to `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """bf16 autocast: matmuls run in bf16 while weights, optimizer state and reductions stay fp32."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG state: part of a checkpoint, so a resumed run draws the same dropout masks (and anything else random)
+# --------------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {**np_state, "state": {"key": np_state["state"]["key"].tolist(),
+                                             "pos": np_state["state"]["pos"]}}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuples(state["python"]))
+    np_state = dict(state["numpy"])
+    np_state["state"] = {"key": np.array(np_state["state"]["key"], dtype=np.uint32), "pos": np_state["state"]["pos"]}
+    np.random.set_state(np_state)
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _tuples(x: Any) -> Any:
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, objective: Objective, batches: Iterable[Any], *, device: torch.device,
+             autocast_dtype: torch.dtype | None = None, dist: DistInfo | None = None) -> dict[str, float]:
+    """The objective's loss over `batches` (this rank's share), averaged over all ranks: per token when the
+    objective reports "tokens" (an exact mean over unequal batches), else per batch. Returns
+    {"loss": mean, "tokens": what it was averaged over}."""
+    dist = dist or DistInfo(device=device)
+    was_training = model.training
+    model.eval()
+    weighted, weight = 0.0, 0.0
+    try:
+        for batch in batches:
+            with autocast_context(device, autocast_dtype):
+                loss, metrics = objective.loss(model, to_device(batch, device))
+            w = float(metrics.get("tokens", 1))
+            weighted += loss.item() * w
+            weight += w
+    finally:
+        model.train(was_training)
+    dtype = torch.float32 if device.type == "mps" else torch.float64  # (MPS has no float64)
+    totals = all_reduce_sum(torch.tensor([weighted, weight], device=device, dtype=dtype), dist)
+    if totals[1] == 0:
+        raise TrainingError("evaluation got no batches; check eval_batches and the size of the val split")
+    return {"loss": (totals[0] / totals[1]).item(), "tokens": totals[1].item()}
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Runs the loop for a model, an objective and a batch source; saves and restores its whole state.
+
+    model: the plain module (its weights are what checkpoints hold); the Trainer compiles it and wraps it in
+        DistributedDataParallel itself when asked.
+    config: anything with the loop's fields (max_steps, grad_accum, grad_clip, log_interval, eval_interval,
+        sample_interval, checkpoint_interval, keep_last, compile, seed), normally a TrainConfig.
+    eval_data: returns a fresh iterable of this rank's validation batches; eval_extras turns the mean
+        val loss into more metrics (perplexity, bits per byte).
+    sample: model -> generated text (rank 0 only), appended to samples.txt.
+    flops_per_token / peak_flops: for MFU (omitted when either is unknown).
+    checkpoint_meta: written into each checkpoint's meta.json (for example the run's name and data).
+    """
+
+    def __init__(self, model: nn.Module, objective: Objective, train_data: BatchSource,
+                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+                 config: Any, *, device: torch.device, dist: DistInfo | None = None,
+                 autocast_dtype: torch.dtype | None = None, run: Run | None = None, tokenizer: Any = None,
+                 eval_data: Callable[[], Iterable[Any]] | None = None,
+                 eval_extras: Callable[[float], dict[str, float]] | None = None,
+                 sample: Callable[[nn.Module], str] | None = None, flops_per_token: float | None = None,
+                 peak_flops: float | None = None, checkpoint_meta: dict[str, Any] | None = None,
+                 progress: bool = True) -> None:
+        self.model, self.objective, self.train_data = model, objective, train_data
+        self.optimizer, self.scheduler, self.config = optimizer, scheduler, config
+        self.device, self.dist = device, dist or DistInfo(device=device)
+        self.autocast_dtype, self.run, self.tokenizer = autocast_dtype, run, tokenizer
+        self.eval_data, self.eval_extras, self.sample = eval_data, eval_extras, sample
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.checkpoint_meta = checkpoint_meta or {}
+        self.progress = progress
+        self.step = 0  # optimizer steps taken
+        self.tokens_seen = 0  # training tokens over all ranks
+        self.last_eval: dict[str, float] = {}
+        self.last_sample: str | None = None
+        self.last_checkpoint = None
+        self._bar: tqdm | None = None
+        self._timed = [0, 0.0]  # training tokens and seconds in this process, evaluation excluded
+
+        # What forward/backward runs through: compiled (optional), then wrapped for data parallelism.
+        self.train_model: nn.Module = torch.compile(model) if config.compile else model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.dist.local_rank] if device.type == "cuda" else None
+            self.train_model = DDP(self.train_model, device_ids=ids)
+
+    # ---- one optimizer step -----------------------------------------------------------------------
+    def forward_backward(self) -> tuple[torch.Tensor, dict[str, float], int]:
+        """grad_accum micro-batches into .grad; returns the mean loss (detached), mean metrics, tokens."""
+        k = self.config.grad_accum
+        total = torch.zeros((), device=self.device)
+        metrics: dict[str, float] = {}
+        tokens = 0
+        for micro in range(k):
+            batch = to_device(self.train_data.next_batch(), self.device)
+            # With DDP, gradients are averaged across ranks during backward; only on the last micro-batch.
+            sync = contextlib.nullcontext() if micro == k - 1 or not self.dist.enabled else self.train_model.no_sync()
+            with sync:
+                with autocast_context(self.device, self.autocast_dtype):
+                    loss, m = self.objective.loss(self.train_model, batch)
+                (loss / k).backward()  # the mean over micro-batches, like one big batch
+            total += loss.detach() / k
+            tokens += int(m.pop("tokens", 0))
+            for name, value in m.items():
+                metrics[name] = metrics.get(name, 0.0) + float(value) / k
+        return total, metrics, tokens
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Clip, step, advance the schedule, zero the gradients; returns the lr used and the gradient norm."""
+        out = {"lr": self.optimizer.param_groups[0]["lr"]}
+        if self.config.grad_clip > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            out["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return out
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> None:
+        cfg = self.config
+        self.model.train()
+        if self.step >= cfg.max_steps:
+            self._print(f"already at step {self.step} of max_steps={cfg.max_steps}: nothing to train")
+            return
+        self._bar = bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                               disable=not (self.progress and self.dist.is_main))
+        if self.step == 0 and cfg.eval_interval and self.eval_data is not None:
+            self.run_eval()  # the loss before any training: about ln(vocab_size) for a fresh model
+        window_tokens, window_time = 0, 0.0
+        try:
+            while self.step < cfg.max_steps:
+                t0 = time.perf_counter()
+                loss, metrics, tokens = self.forward_backward()
+                opt = self.optimizer_step()
+                self.step += 1
+                last = self.step == cfg.max_steps
+                log = _due(self.step, cfg.log_interval, last)
+                if log:
+                    loss = loss.item()  # waits for the GPU, so the timing below includes the queued work
+                window_tokens += tokens
+                window_time += time.perf_counter() - t0
+                bar.update(1)
+                if log:
+                    self._log_train(loss, metrics, opt, window_tokens, window_time)
+                    window_tokens, window_time = 0, 0.0
+                if self.eval_data is not None and _due(self.step, cfg.eval_interval, last):
+                    self.run_eval()
+                if self.sample is not None and _due(self.step, cfg.sample_interval, last):
+                    self.run_sample()
+                if _due(self.step, cfg.checkpoint_interval, last):
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+
+    def _log_train(self, loss: float, metrics: dict[str, float], opt: dict[str, Any], tokens: int,
+                   seconds: float) -> None:
+        values = torch.tensor([loss, *metrics.values()], device=self.device)
+        values = all_reduce_mean(values, self.dist).tolist()  # every rank takes part, only rank 0 writes
+        tokens = int(all_reduce_sum(torch.tensor(float(tokens), device=self.device), self.dist).item())
+        self.tokens_seen += tokens
+        if not math.isfinite(values[0]):
+            raise TrainingError(f"the training loss is {values[0]} at step {self.step}: lower the learning rate "
+                                "(lr), keep grad_clip on, or use dtype fp32; resume from the last checkpoint")
+        event: dict[str, Any] = {"event": "train", "step": self.step, "loss": values[0],
+                                 **dict(zip(metrics, values[1:], strict=True)), "lr": opt["lr"]}
+        if "grad_norm" in opt:
+            event["grad_norm"] = float(opt["grad_norm"])
+        tok_s = tokens / seconds if seconds > 0 else 0.0
+        self._timed = [self._timed[0] + tokens, self._timed[1] + seconds]
+        event.update(tokens_per_s=tok_s, tokens_seen=self.tokens_seen)
+        if self.flops_per_token and self.peak_flops:
+            event["mfu"] = self.flops_per_token * tok_s / (self.peak_flops * self.dist.world_size)
+        self._log(event)
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{values[0]:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+
+    def throughput(self) -> float:
+        """Mean training tokens/s (all ranks) of this process's fit(), evaluations and checkpoints excluded."""
+        return self._timed[0] / self._timed[1] if self._timed[1] > 0 else 0.0
+
+    def run_eval(self) -> dict[str, float]:
+        result = evaluate(self.model, self.objective, self.eval_data(), device=self.device,
+                          autocast_dtype=self.autocast_dtype, dist=self.dist)
+        loss = result["loss"]
+        result = {"loss": loss, **(self.eval_extras(loss) if self.eval_extras else {})}
+        self.last_eval = result
+        self._log({"event": "eval", "step": self.step, **{f"val_{k}": v for k, v in result.items()}})
+        self._print(f"step {self.step}: " + ", ".join(f"val {k} {v:.4f}" for k, v in result.items()))
+        if self.run is not None:
+            self.run.plot()
+        return result
+
+    def run_sample(self) -> None:
+        if self.dist.is_main and self.run is not None:
+            self.last_sample = self.sample(self.model)
+            self.run.add_sample(self.step, self.last_sample)
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides the weights that a bit-identical resume needs."""
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "data": self.train_data.state_dict(),
+            "rng": gather_objects(rng_state(), self.dist),  # one per rank (their dropout masks differ)
+            "world_size": self.dist.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.train_data.load_state_dict(state["data"])
+        rngs = state["rng"]
+        if len(rngs) == self.dist.world_size:
+            set_rng_state(rngs[self.dist.rank])
+        else:  # a different number of ranks: continue deterministically, but not bit-identically
+            seed_everything(self.config.seed + 1000 * self.step + self.dist.rank)
+
+    def save_checkpoint(self) -> None:
+        state = self.state_dict()  # a collective (gathers RNG states): every rank calls it
+        if self.run is not None:
+            meta = {**self.checkpoint_meta, "tokens_seen": self.tokens_seen,
+                    **{f"val_{k}": v for k, v in self.last_eval.items()}}
+            path = self.run.save_checkpoint(self.step, self.model, self.tokenizer, state, meta, self.config.keep_last)
+            if path is not None:
+                self.last_checkpoint = path
+        barrier(self.dist)
+
+    # ---- output -----------------------------------------------------------------------------------
+    def _log(self, event: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log(event)
+
+    def _print(self, message: str) -> None:
+        if self.dist.is_main and self.progress:
+            tqdm.write(message)
+
+
+def _due(step: int, interval: int, last: bool) -> bool:
+    """Every `interval` steps, and always at the last step (interval 0: only then)."""
+    return last or (interval > 0 and step % interval == 0)
+
+
+__all__ = ["BatchSource", "CausalLM", "Objective", "Trainer", "TrainingError", "autocast_context", "evaluate",
+           "rng_state", "seed_everything", "set_rng_state", "to_device"]

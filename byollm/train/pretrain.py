@@ -1,0 +1,354 @@
+"""The pretraining recipe: a TrainConfig in, a trained model in runs/<name>/ out. Reads top to bottom.
+
+    byollm pretrain --config configs/nanogpt-shakespeare-char-cpu.yaml
+    torchrun --standalone --nproc_per_node 8 -m byollm.cli pretrain --config configs/gpt2-124m-fineweb.yaml
+    byollm quickstart                        # a small Llama-style model on Tiny Shakespeare, on the CPU
+
+    >>> from byollm.train import load_config, pretrain
+    >>> result = pretrain(load_config("configs/quickstart.yaml", {"max_steps": 100}))
+    >>> result.checkpoint                    # runs/<name>/checkpoints/step-100
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from byollm.checkpoint import load_checkpoint
+from byollm.data import (
+    RandomWindowSampler,
+    SequentialSampler,
+    bits_per_byte,
+    cache_dir,
+    eval_batches,
+    load_prepared,
+    prepare,
+    read_meta,
+    resolve,
+)
+from byollm.errors import CheckpointError, ConfigError, DataError
+from byollm.generate import SamplingParams, generate_text
+from byollm.model import GPT, ModelConfig
+from byollm.model.config import model_choice_of, model_config_from
+from byollm.train import distributed
+from byollm.train.config import DataConfig, TrainConfig, load_config
+from byollm.train.loop import CausalLM, Trainer, evaluate, seed_everything
+from byollm.train.optim import build_optimizer, build_scheduler, lr_at
+from byollm.train.perf import peak_flops
+from byollm.train.run import Run, load_train_state, run_meta
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    checkpoint: Path | None  # the last checkpoint written
+    steps: int
+    val: dict[str, float]  # the last evaluation: loss, ppl, bpb
+    train_seconds: float  # wall time of fit(), evaluations and checkpoints included
+    tokens_per_s: float  # mean training throughput (evaluation excluded)
+    sample: str | None  # the last text generated during training
+
+
+def pretrain(cfg: TrainConfig, *, progress: bool = True) -> PretrainResult:
+    dist = distributed.setup(cfg.device)
+    try:
+        return _pretrain(cfg, dist, progress)
+    finally:
+        if dist.enabled:
+            distributed.teardown()
+
+
+def _pretrain(cfg: TrainConfig, dist: distributed.DistInfo, progress: bool) -> PretrainResult:
+    device = dist.device
+    say = _printer(dist.is_main and progress)
+    autocast_dtype = resolve_dtype(cfg.dtype, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (the remaining fp32 ones)
+        torch.backends.cudnn.allow_tf32 = True
+
+    # 1. Data: tokenise once into train.bin / val.bin (cached), then sample random windows from it.
+    data_dir = prepare_data(cfg.data, dist)
+    data = load_prepared(data_dir)
+    tokenizer = data.tokenizer
+
+    # 2. The model's shape: the preset with overrides; the vocabulary follows the tokenizer.
+    model_cfg = model_config_from(cfg.model, vocab_size=tokenizer.vocab_size, block_size=cfg.block_size)
+    block_size = cfg.block_size or model_cfg.block_size
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size} ids; leave model.vocab_size unset to follow the tokenizer")
+    if block_size > model_cfg.block_size:
+        raise ConfigError(f"block_size={block_size} is longer than model.block_size={model_cfg.block_size}")
+    cfg = dataclasses.replace(cfg, block_size=block_size, model=model_choice_of(model_cfg, cfg.model.preset))
+
+    # 3. The run folder: new, or the one to resume.
+    if cfg.resume and cfg.name is None:
+        raise ConfigError("resume needs the run's --name (the folder under out_dir to continue)")
+    name = distributed.broadcast_object(cfg.name or f"{cfg.model.preset}-{time.strftime('%Y%m%d-%H%M%S')}", dist)
+    cfg = dataclasses.replace(cfg, name=name)
+    run = Run(Path(cfg.out_dir) / name, enabled=dist.is_main, tensorboard=cfg.tensorboard)
+    resume_from = find_resume_checkpoint(run, cfg.resume)
+    if resume_from is not None:
+        check_same_model(resume_from, model_cfg)
+    run.remove_partial_checkpoints()  # what an interrupted checkpoint write left behind
+    run.write_config(cfg.to_yaml())
+
+    # 4. The model: random initialisation (seeded), or the weights of the checkpoint we resume from.
+    seed_everything(cfg.seed)
+    if resume_from is None:
+        model = GPT(model_cfg).to(device)
+    else:
+        model = load_checkpoint(resume_from, device=device).model
+    seed_everything(cfg.seed + dist.rank)  # each rank draws its own dropout masks
+
+    # 5. Optimiser and schedule.
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.decay_embeddings, device.type)
+    decay_steps = cfg.lr_decay_steps or cfg.max_steps
+    scheduler = build_scheduler(optimizer, lambda step: lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr,
+                                                              warmup_steps=cfg.warmup_steps, decay_steps=decay_steps,
+                                                              schedule=cfg.schedule), cfg.lr)
+
+    # 6. Batches: each rank its own share of every step's windows; fixed windows for validation.
+    sampler = RandomWindowSampler(data.train, cfg.batch_size, block_size, cfg.seed, dist.rank, dist.world_size)
+
+    def val_batches():
+        return eval_batches(data.val, cfg.batch_size, block_size, cfg.eval_batches, seed=cfg.seed,
+                            rank=dist.rank, world_size=dist.world_size)
+
+    def val_extras(loss: float) -> dict[str, float]:
+        return {"ppl": math.exp(min(loss, 700.0)), "bpb": bits_per_byte(loss, data.meta, "val")}
+
+    def sample(m: torch.nn.Module) -> str:
+        params = SamplingParams(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=200, seed=cfg.seed)
+        return cfg.sample_prompt + generate_text(m, tokenizer, cfg.sample_prompt, params, sliding_window=True)[0]
+
+    flops_per_token = model.flops_per_token(block_size)
+    peak, peak_source = peak_flops(device, autocast_dtype or torch.float32, cfg.peak_flops)
+    trainer = Trainer(model, CausalLM(), sampler, optimizer, scheduler, cfg, device=device, dist=dist,
+                      autocast_dtype=autocast_dtype, run=run, tokenizer=tokenizer, eval_data=val_batches,
+                      eval_extras=val_extras, sample=sample, flops_per_token=flops_per_token, peak_flops=peak,
+                      checkpoint_meta={"run": name, "data": data.meta.get("dataset")},
+                      progress=progress)
+    if resume_from is not None:
+        trainer.load_state_dict(load_train_state(resume_from))
+        run.rewind(trainer.step)
+
+    tokens_per_step = cfg.batch_size * block_size * cfg.grad_accum * dist.world_size
+    run.write_meta(run_meta(cfg.seed, device, {
+        "run": name, "world_size": dist.world_size, "autocast_dtype": str(autocast_dtype or torch.float32),
+        "compile": cfg.compile, "num_params": model.num_params(), "tokens_per_step": tokens_per_step,
+        "flops_per_token": flops_per_token, "peak_flops": peak, "peak_flops_source": peak_source,
+        "data": {"dir": str(data_dir), "dataset": data.meta.get("dataset"), "source": data.meta.get("source"),
+                 "tokenizer": data.meta.get("tokenizer")},
+        "resumed_from": str(resume_from) if resume_from else None}))
+    say(f"[byollm] run {run.path}: {model.num_params() / 1e6:.2f}M parameters, {_describe(model_cfg)}")
+    say(f"[byollm] data {data.meta.get('dataset')} ({data.meta['tokenizer']['type']} tokenizer, "
+        f"{tokenizer.vocab_size} ids): {len(data.train):,} train / {len(data.val):,} val tokens  [{data_dir}]")
+    say(f"[byollm] {device} {str(autocast_dtype or torch.float32).removeprefix('torch.')}"
+        f"{' compiled' if cfg.compile else ''}, {dist.world_size} process(es); {tokens_per_step:,} tokens/step "
+        f"({cfg.batch_size} x {block_size} x {cfg.grad_accum} accum x {dist.world_size}), {cfg.max_steps} steps")
+    if resume_from is not None:
+        say(f"[byollm] resumed from {resume_from} (step {trainer.step})")
+
+    # 7. Train.
+    t0 = time.perf_counter()
+    trainer.fit()  # (it evaluates at the last step, which also draws the final plot)
+    seconds = time.perf_counter() - t0
+    run.close()
+
+    tok_s = trainer.throughput()
+    checkpoint = trainer.last_checkpoint or resume_from  # (resume_from: the run had already finished)
+    result = PretrainResult(run.path, checkpoint, trainer.step, dict(trainer.last_eval), seconds, tok_s,
+                            trainer.last_sample)
+    v = result.val
+    val_text = (f"; val loss {v['loss']:.4f} (ppl {v['ppl']:.2f}, {v['bpb']:.3f} bits/byte)" if v else "")
+    say(f"[byollm] trained to step {result.steps} in {_duration(seconds)} ({tok_s:,.0f} tokens/s){val_text}")
+    files = ["config.yaml", "meta.json", "metrics.jsonl", "plots/loss.png", "samples.txt"]
+    say(f"[byollm] wrote {run.path}/: {', '.join(f for f in files if (run.path / f).exists())}")
+    if checkpoint is not None:
+        say(f"[byollm] checkpoint: {checkpoint}")
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# The pieces the recipe uses
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for "auto" | "fp32" | "bf16" (None: plain fp32).
+
+    auto is bf16 on GPUs that support it and fp32 elsewhere: on CPUs without native bf16 matmuls
+    (AVX-512-BF16 / AMX) bf16 autocast is several times SLOWER than fp32 (see docs/LOG.md)."""
+    if name == "fp32":
+        return None
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if name == "auto":
+        return torch.bfloat16 if cuda_bf16 else None
+    if device.type == "cuda" and not cuda_bf16:
+        raise ConfigError(f"dtype bf16: this GPU ({torch.cuda.get_device_name(device)}) has no bf16; use fp32")
+    return torch.bfloat16
+
+
+def prepare_data(data: DataConfig, dist: distributed.DistInfo | None = None) -> Path:
+    """A prepared data folder for `data`: data.dir when given, else a cache folder keyed by the dataset's
+    checksum and the tokenizer spec, prepared on first use (by rank 0 only; the others wait)."""
+    dist = dist or distributed.DistInfo()
+    if data.dir is not None and (Path(data.dir) / "meta.json").is_file():
+        return Path(data.dir)
+    out = Path(data.dir) if data.dir is not None else None
+    if dist.is_main:
+        if out is None:
+            source = resolve(data.name, allow_fallback=data.allow_fallback)
+            slug = f"{source.name}-{_tokenizer_slug(data.tokenizer)}-{source.sha256[:12]}"
+            out = cache_dir().parent / "prepared" / slug
+        if not (out / "meta.json").is_file():
+            print(f"[byollm] preparing {data.name} (tokenizer: {data.tokenizer}) -> {out}", file=sys.stderr)
+            prepare(data.name, data.tokenizer, out, allow_fallback=data.allow_fallback)
+    return Path(distributed.broadcast_object(str(out), dist))
+
+
+def _tokenizer_slug(spec: str) -> str:
+    if Path(spec).expanduser().is_dir():  # a tokenizer folder: name it by its content (not by model weights)
+        h = hashlib.sha256()
+        for f in sorted(Path(spec).expanduser().rglob("*")):
+            if f.is_file() and f.suffix in (".json", ".txt", ".model"):
+                h.update(f.name.encode() + f.read_bytes())
+        return f"tok{h.hexdigest()[:10]}"
+    return spec.replace(":", "")
+
+
+def find_resume_checkpoint(run: Run, resume: bool) -> Path | None:
+    """The checkpoint to resume from; an error when a run folder would be overwritten by accident."""
+    ckpts = run.list_checkpoints() if run.checkpoints.is_dir() else []
+    if ckpts and not resume:
+        raise ConfigError(f"{run.path} already has checkpoints (newest {ckpts[-1].name}); pass --resume true to "
+                          "continue that run, or choose another --name")
+    if resume and not ckpts:
+        print(f"[byollm] resume: {run.path} has no complete checkpoint yet; starting from step 0", file=sys.stderr)
+    if not ckpts:
+        return None
+    from byollm.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(run.checkpoints)
+
+
+def check_same_model(checkpoint: Path, model_cfg: ModelConfig) -> None:
+    saved = ModelConfig.load(checkpoint / "config.json")
+    diffs = [f"{k} {v} vs {getattr(model_cfg, k)}" for k, v in saved.to_dict().items() if getattr(model_cfg, k) != v]
+    if diffs:
+        raise CheckpointError(f"cannot resume from {checkpoint}: it is a different model (checkpoint vs config: "
+                              f"{', '.join(diffs)}); resume with the run's own config.yaml or use another --name")
+
+
+def evaluate_checkpoint(ckpt: str | Path, data: str, *, split: str = "val", batch_size: int = 16,
+                        block_size: int | None = None, max_batches: int | None = None, device: str = "auto",
+                        dtype: str = "fp32", progress: bool = True) -> dict[str, Any]:
+    """`byollm eval`: the checkpoint's mean loss over a whole split (every token once), perplexity and bits per
+    byte. `data` is a dataset name/path (tokenised with the checkpoint's own tokenizer) or a prepared folder."""
+    dev = distributed.pick_device(device)
+    loaded = load_checkpoint(ckpt, device=dev)
+    model = loaded.model
+    if Path(data).is_dir() and (Path(data) / "meta.json").is_file():
+        data_dir = Path(data)
+    else:
+        if loaded.tokenizer is None:
+            raise CheckpointError(f"{loaded.path} has no tokenizer/ to tokenise {data} with; pass a prepared "
+                                  "data folder made with the model's tokenizer instead")
+        tokenizer_dir = loaded.path / "tokenizer" if (loaded.path / "tokenizer").is_dir() else loaded.path  # HF: top
+        data_dir = prepare_data(DataConfig(name=data, tokenizer=str(tokenizer_dir)))
+    meta = read_meta(data_dir)
+    if meta["tokenizer"]["vocab_size"] > model.config.vocab_size:
+        raise DataError(f"{data_dir} was tokenised with {meta['tokenizer']['vocab_size']} ids but the model has "
+                        f"{model.config.vocab_size}: it was prepared with another tokenizer")
+    if split not in ("train", "val"):
+        raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
+    tokens = getattr(load_prepared(data_dir), split)
+    t = block_size or model.config.block_size
+    batches: Any = SequentialSampler(tokens, batch_size, t)
+    n = len(batches)
+    if max_batches is not None:
+        batches = [b for _, b in zip(range(max_batches), batches, strict=False)]
+        n = len(batches)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, total=n, desc=f"eval {split}", unit="batch")
+    t0 = time.perf_counter()
+    result = evaluate(model, CausalLM(), batches, device=dev, autocast_dtype=resolve_dtype(dtype, dev))
+    loss = result["loss"]
+    return {"checkpoint": str(loaded.path), "data": str(data_dir), "split": split, "loss": loss,
+            "ppl": math.exp(min(loss, 700.0)), "bpb": bits_per_byte(loss, meta, split), "tokens": int(result["tokens"]),
+            "exact": max_batches is None, "seconds": time.perf_counter() - t0}
+
+
+def quickstart_config(overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The `byollm quickstart` run (the same as configs/quickstart.yaml, which explains the choices), with
+    dotted overrides such as {"max_steps": 20, "model.preset": "gpt-tiny"}. A shorter run (max_steps below
+    the default) is the same run compressed: warmup, evaluations and checkpoints scale with it."""
+    values = {**QUICKSTART, **(overrides or {})}
+    scale = values["max_steps"] / QUICKSTART["max_steps"]
+    if scale < 1:
+        for key in ("warmup_steps", "eval_interval", "checkpoint_interval"):
+            if key not in (overrides or {}):
+                values[key] = max(1, round(QUICKSTART[key] * scale))
+    return load_config(None, values)
+
+
+# Kept equal to configs/quickstart.yaml by a test (the configs/ folder is not part of the installed package).
+QUICKSTART: dict[str, Any] = {
+    "model.preset": "llama-nano",
+    "data.name": "tinyshakespeare",
+    "data.tokenizer": "char",
+    "data.allow_fallback": True,
+    "batch_size": 16,
+    "block_size": 128,
+    "max_steps": 1000,
+    "lr": 2e-3,
+    "min_lr": 2e-4,
+    "warmup_steps": 50,
+    "betas": [0.9, 0.99],
+    "weight_decay": 0.1,
+    "eval_interval": 250,
+    "eval_batches": 20,
+    "log_interval": 10,
+    "checkpoint_interval": 500,
+    "sample_tokens": 300,
+    "device": "cpu",
+    "dtype": "fp32",
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------------
+
+
+def _printer(enabled: bool):
+    def say(message: str) -> None:
+        if enabled:
+            print(message, file=sys.stderr, flush=True)
+
+    return say
+
+
+def _describe(c: ModelConfig) -> str:
+    arch = "Llama-style (RoPE, RMSNorm, SwiGLU)" if c.pos_embedding == "rope" else "GPT-2-style"
+    return f"{arch}, {c.n_layer} layers x {c.n_embd} wide, {c.n_head} heads ({c.n_kv_head} kv)"
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
+
+
+__all__ = ["QUICKSTART", "PretrainResult", "check_same_model", "evaluate_checkpoint", "find_resume_checkpoint",
+           "prepare_data", "pretrain", "quickstart_config", "resolve_dtype"]

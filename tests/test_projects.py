@@ -1,0 +1,247 @@
+"""The guide's projects run, and the guide's commands and code excerpts are the real thing.
+
+- Each section's project runs end to end in its small (--quick) configuration, and its report is checked.
+- Docs are code: every `byollm ...` command in a fenced bash block of the guide parses with the real CLI
+  parser, and the cheap ones run, in order, in a temporary directory. Every Python excerpt that names its
+  source file (`# from byollm/...`) must still be in that file, line for line, so the docs cannot drift.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = [REPO / "docs" / "section_0_introduction.md", REPO / "docs" / "section_1_transformer.md"]
+PROJECT_1 = REPO / "projects" / "section_1_transformer.py"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def mirror() -> Path:
+    return Path(os.environ.get("BYOLLM_DATA_MIRROR", REPO.parent / "shared" / "data"))
+
+
+def data_env(tmp: Path) -> dict[str, str]:
+    """Environment for the project: the real mirror when it exists; else no download attempts (fallback text)."""
+    env = dict(os.environ)
+    if (mirror() / "tinyshakespeare.txt").is_file():
+        env["BYOLLM_DATA_MIRROR"] = str(mirror())
+    else:
+        env["BYOLLM_OFFLINE"] = "1"
+        env["BYOLLM_CACHE"] = str(tmp / "cache")
+    return env
+
+
+# --------------------------------------------------------------------------------------------------
+# Section 1 project
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def section1(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run the project once, --quick, with a small Hugging Face directory standing in for a real checkpoint."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from byollm.tokenizer import train_bpe_fast
+
+    tmp = tmp_path_factory.mktemp("section1")
+    # What `hf download` would give: config.json + model.safetensors from transformers, and tokenizer files.
+    tok = train_bpe_fast("First Citizen: Before we proceed any further, hear me speak. " * 200, 300)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=160,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128, bos_token_id=0, eos_token_id=0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp / "hf")
+    tok.save_hf(tmp / "hf")
+
+    cmd = [sys.executable, str(PROJECT_1), "--quick", "--out", str(tmp / "out"), "--hf-dir", str(tmp / "hf"),
+           "--figures", str(tmp / "figures"), "--threads", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=data_env(tmp))
+    return proc, tmp
+
+
+def test_section1_project_runs_and_all_checks_pass(section1):
+    proc, tmp = section1
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "FAILED" not in proc.stdout
+    assert re.search(r"(\d+)/\1 checks passed", proc.stdout)
+    for step in ("1. Tokenizer", "2. Counting", "3. Parity", "4. KV cache", "5. Attention", "6. Figures"):
+        assert f"== {step}" in proc.stdout
+    assert "124,439,808 parameters (published: 124,439,808)" in proc.stdout
+
+
+def test_section1_report_numbers(section1):
+    proc, tmp = section1
+    report = json.loads((tmp / "out" / "report.json").read_text())
+    assert report["quick"] is True and not report["failed"]
+    # Parity with transformers: GPT-2, Llama with GQA, and the directory given with --hf-dir.
+    assert set(report["parity"]) == {"GPT-2", "Llama/GQA", "hf_dir"}
+    for name, result in report["parity"].items():
+        assert result["max_abs_diff"] < 1e-4, name
+        assert result["greedy_match"], name
+    assert report["kv_cache"]["match"] and len(report["kv_cache"]["rows"]) == 2
+    assert all(row["max_abs_diff"] < 1e-5 for row in report["attention"])
+    assert report["rope"]["relative_position_max_diff"] < 1e-3
+    gpt2 = next(row for row in report["counting"] if row["name"] == "gpt2-124m")
+    assert gpt2["params"] == 124_439_808
+    # 6N + 12LHDT at T=1024, worked by hand in the guide: N = 85,056,000 + 38,597,376 (the tied LM head).
+    assert gpt2["flops_per_token"] == 6 * (85_056_000 + 50257 * 768) + 12 * 12 * 12 * 64 * 1024 == 855_166_464
+
+
+def test_section1_figures_written_to_out_and_figures_dir(section1):
+    proc, tmp = section1
+    for name in ("attention_pattern.png", "rope.png", "attention_speed.png"):
+        for folder in ("out", "figures"):
+            path = tmp / folder / name
+            assert path.is_file() and path.stat().st_size > 10_000, path
+            assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+# --------------------------------------------------------------------------------------------------
+# Docs are code
+# --------------------------------------------------------------------------------------------------
+
+
+def fenced_blocks(path: Path, languages: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
+    """(language, body) of the ```lang fenced blocks of a page, in order; only `languages` when given."""
+    blocks: list[tuple[str, str]] = []
+    current: list[str] | None = None
+    lang = ""
+    if not path.is_file():
+        return blocks
+    for line in path.read_text(encoding="utf-8").splitlines():
+        fence = re.match(r"^\s*```\s*(\w*)", line)
+        if fence and current is None:
+            current, lang = [], fence.group(1)
+        elif fence:
+            if languages is None or lang in languages:
+                blocks.append((lang, "\n".join(current)))
+            current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def block_commands(body: str) -> list[str]:
+    """The commands of one bash block: continuation lines joined, comments and blank lines dropped."""
+    commands = []
+    for command in body.replace("\\\n", " ").splitlines():
+        command = command.strip()
+        if command and not command.startswith("#"):
+            commands.append(command)
+    return commands
+
+
+def shell_commands(path: Path) -> list[str]:
+    return [c for _, body in fenced_blocks(path, ("bash", "sh", "shell")) for c in block_commands(body)]
+
+
+def byollm_argv(command: str) -> list[str]:
+    """`byollm a b --c d  # comment` -> ["a", "b", "--c", "d"], with $VARIABLES expanded."""
+    words = shlex.split(os.path.expandvars(command), comments=True)
+    assert words[0] == "byollm"
+    assert not {"|", "&&", ";", ">", "<"} & set(words), f"keep docs commands simple: {command}"
+    return words[1:]
+
+
+def doc_byollm_commands() -> list[tuple[str, str]]:
+    return [(p.name, c) for p in DOCS for c in shell_commands(p) if c.startswith("byollm ")]
+
+
+def test_docs_exist_and_show_the_cli():
+    for path in DOCS:
+        assert path.is_file(), path
+    verbs = {" ".join(byollm_argv(c)[:2]) for _, c in doc_byollm_commands()}
+    for verb in ("model presets", "model info", "tokenizer train", "export hf", "convert from-hf"):
+        assert verb in verbs, f"the guide should show `byollm {verb}`"
+    assert any(c.startswith("byollm init") for _, c in doc_byollm_commands())
+    assert any(c.startswith("byollm generate") for _, c in doc_byollm_commands())
+
+
+@pytest.mark.parametrize(("doc", "command"), doc_byollm_commands())
+def test_docs_byollm_command_parses(doc: str, command: str):
+    from byollm.cli import build_parser
+
+    argv = byollm_argv(command)
+    if "--help" in argv or "-h" in argv:
+        return
+    build_parser().parse_args(argv)  # raises on a wrong verb, option or value
+
+
+def is_excerpt(body: str) -> bool:
+    return bool(re.match(r"#\s*from\s+\S+\.py", body.strip()))
+
+
+def test_docs_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    """Run each page's byollm commands and runnable Python snippets for real, top to bottom, as a reader would
+    from the repo root. (Other shell commands, such as make, pip and the projects, are tested elsewhere.)"""
+    from byollm.cli import main
+
+    data = mirror()
+    if not (data / "tinyshakespeare.txt").is_file():  # no mirror here: the same commands on other text
+        from pydoc_data.topics import topics
+
+        data = tmp_path / "mirror"
+        data.mkdir()
+        (data / "tinyshakespeare.txt").write_text("\n".join(topics[k] for k in sorted(topics)), encoding="utf-8")
+    monkeypatch.setenv("BYOLLM_DATA_MIRROR", str(data))
+    monkeypatch.chdir(tmp_path)
+    ran = 0
+    for path in DOCS:
+        for lang, body in fenced_blocks(path):
+            if lang in ("bash", "sh", "shell"):
+                for command in block_commands(body):
+                    if not command.startswith("byollm "):
+                        continue
+                    argv = byollm_argv(command)
+                    try:
+                        code = main(argv)
+                    except SystemExit as e:  # --help
+                        code = e.code
+                    out = capsys.readouterr()
+                    assert code == 0, f"{path.name}: `{command}` exited {code}: {out.err[-2000:]}"
+                    ran += 1
+            elif lang == "python" and not is_excerpt(body):
+                exec(compile(body, f"{path.name} snippet", "exec"), {"__name__": "__docs__"})
+                capsys.readouterr()
+                ran += 1
+    assert ran >= 9
+
+
+def python_excerpts() -> list[tuple[str, str, str]]:
+    """(doc, source file, excerpt) for every ```python block that starts with `# from <file>`."""
+    found = []
+    for path in DOCS:
+        for _, block in fenced_blocks(path, ("python",)):
+            first, _, rest = block.partition("\n")
+            if m := re.match(r"#\s*from\s+(\S+\.py)", first.strip()):
+                found.append((path.name, m.group(1), rest))
+    return found
+
+
+def test_docs_have_code_excerpts():
+    sources = {source for _, source, _ in python_excerpts()}
+    for needed in ("byollm/model/model.py", "byollm/model/config.py", "byollm/tokenizer/bpe.py",
+                   "byollm/generate.py", "byollm/interop/hf.py"):
+        assert needed in sources, f"section 1 should show code from {needed}"
+
+
+@pytest.mark.parametrize(("doc", "source", "excerpt"), python_excerpts())
+def test_docs_code_excerpts_are_in_the_source(doc: str, source: str, excerpt: str):
+    """Each excerpt's lines appear in its source file in the same order (lines of '...' mark omissions)."""
+    wanted = [line.strip() for line in excerpt.splitlines() if line.strip() and line.strip() != "..."]
+    have = [line.strip() for line in (REPO / source).read_text(encoding="utf-8").splitlines()]
+    position = 0
+    for line in wanted:
+        try:
+            position = have.index(line, position) + 1
+        except ValueError:
+            pytest.fail(f"{doc}: excerpt line not found in {source} (in this order): {line!r}")
