@@ -9,8 +9,6 @@ directory (converted on the fly), and says which it resolved to.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_model
 
+from byollm.atomic import atomic_dir_write
 from byollm.errors import CheckpointError, ConfigError
 from byollm.model import GPT, ModelConfig
 from byollm.tokenizer import Tokenizer, load_tokenizer
@@ -48,52 +47,6 @@ class Loaded:
 # --------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------
-
-
-def atomic_dir_write(target: str | Path, write: Any) -> Path:
-    """Call write(tmp_dir), then move tmp_dir to `target` in one rename.
-
-    A crash before the rename leaves only a `.tmp-*` folder beside the old checkpoint, which stays
-    intact. An existing `target` is moved aside first and deleted after the new one is in place.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-    tmp.mkdir()
-    try:
-        write(tmp)
-        _fsync_dir(tmp)
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
-def _fsync_dir(path: Path) -> None:
-    for f in path.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def library_versions() -> dict[str, str]:

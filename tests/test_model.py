@@ -207,3 +207,11 @@ def test_sdpa_matches_functional_reference_with_dropout_off_in_eval() -> None:
     a, b = model(x).logits, model(x).logits  # eval: dropout is off, outputs are deterministic
     torch.testing.assert_close(a, b)
     assert not torch.equal(F.dropout(torch.ones(100), 0.5, training=True), torch.ones(100))
+
+
+def test_rope_frequencies_stay_fp32_when_the_model_is_cast() -> None:
+    model = make("llama-tiny").to(torch.bfloat16)
+    assert model.rope_inv_freq.dtype == torch.float32
+    torch.testing.assert_close(model.rope_inv_freq, rope_inverse_frequencies(model.config), rtol=0, atol=0)
+    assert model.tok_emb.weight.dtype == torch.bfloat16
+    assert torch.isfinite(model(torch.randint(0, 128, (1, 8))).logits).all()

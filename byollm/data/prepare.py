@@ -25,9 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +35,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from byollm.atomic import atomic_dir_write
 from byollm.data.readers import record_to_text, source_records, source_text, split_records, text_splits
 from byollm.data.sources import Source, resolve
 from byollm.errors import DataError
@@ -264,27 +263,12 @@ def _tokenizer_type(directory: Path, tok: Tokenizer) -> str:
 def _atomic_dir(target: Path, write: Callable[[Path], None]) -> Path:
     """write(tmp) then rename tmp to target, so a crash never leaves half a dataset behind.
 
-    (The same idea as byollm.checkpoint.atomic_dir_write, which `data` may not import.) An existing target
-    is replaced only if it is a prepared dataset (has meta.json), so a wrong --out never deletes your files.
+    An existing target is replaced only if it is a prepared dataset (has meta.json), so a wrong --out
+    never deletes your files.
     """
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / META).is_file())):
         raise DataError(f"{target} exists and is not a prepared dataset directory; choose another output directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-    tmp.mkdir()
-    try:
-        write(tmp)
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return atomic_dir_write(target, write)
 
 
 # --------------------------------------------------------------------------------------------------

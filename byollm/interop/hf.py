@@ -531,7 +531,7 @@ def export_hf(model: GPT, out_dir: str | Path, tokenizer: Tokenizer | None = Non
     `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` and `AutoTokenizer.from_pretrained(out_dir)`
     then load it. `dtype` (e.g. torch.bfloat16) casts the saved weights; default: the model's own dtype.
     """
-    from byollm.checkpoint import atomic_dir_write
+    from byollm.atomic import atomic_dir_write
 
     config = model.config
     dtype = _as_dtype(dtype) or next(model.parameters()).dtype

@@ -299,6 +299,14 @@ class GPT(nn.Module):
                 nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
         self.init_buffers()
 
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        # .to(bf16) / .half() would round the RoPE frequencies and skew angles at long positions
+        # (~0.6 rad by position 1000); keep them fp32 on whatever device the model moved to.
+        super()._apply(fn, recurse)
+        if self.config.pos_embedding == "rope" and self.rope_inv_freq.dtype != torch.float32:
+            self.rope_inv_freq = rope_inverse_frequencies(self.config).to(self.rope_inv_freq.device)
+        return self
+
     @torch.no_grad()
     def init_buffers(self) -> None:
         """Recompute non-learned buffers (needed after building on the meta device and `to_empty`)."""

@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from byollm.checkpoint import LATEST, WEIGHTS, atomic_write_text, library_versions, save_checkpoint
+from byollm.atomic import atomic_write_text
+from byollm.checkpoint import LATEST, WEIGHTS, library_versions, save_checkpoint
 from byollm.errors import ByollmError
 
 TRAIN_STATE = "train_state.pt"
