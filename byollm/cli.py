@@ -208,6 +208,31 @@ def cmd_eval(a: Namespace) -> None:
     print(f"{r['split']} loss {r['loss']:.4f}  perplexity {r['ppl']:.3f}  bits/byte {r['bpb']:.4f}")
 
 
+def cmd_data_list(a: Namespace) -> None:
+    from byollm.data import get_spec, list_datasets
+
+    for name in list_datasets():
+        spec = get_spec(name)
+        print(f"{name:<18} {spec.description}")
+
+
+def cmd_data_download(a: Namespace) -> None:
+    from byollm.data import download
+
+    print(f"[byollm] {a.name}: {download(a.name, force=a.force)}")
+
+
+def cmd_data_prepare(a: Namespace) -> None:
+    from byollm.data import prepare, read_meta
+
+    out = Path(a.out) if a.out else Path("data") / f"{Path(a.name).stem}-{a.tokenizer.replace(':', '')}"
+    prepared = prepare(a.name, a.tokenizer, out, val_fraction=a.val_fraction, seed=a.seed,
+                       allow_fallback=a.allow_fallback)
+    meta = read_meta(prepared)
+    counts = ", ".join(f"{k}: {v['tokens']:,} tokens" for k, v in meta.get("splits", {}).items())
+    print(f"[byollm] prepared {a.name} -> {prepared} ({counts})")
+
+
 # --------------------------------------------------------------------------------------------------
 # Parser
 # --------------------------------------------------------------------------------------------------
@@ -280,6 +305,23 @@ def build_parser() -> ArgumentParser:
     p.add_class_arguments(ModelChoice, "model")
     model_verbs.add_subcommand("info", p, help="config, parameters and FLOPs")
 
+    data_verbs = _group(verbs, "data", "Datasets: the registry, the local mirror ($BYOLLM_DATA_MIRROR), the cache, "
+                        "downloads and token shards.", "list, download and prepare datasets", "action")
+    data_verbs.add_subcommand("list", _sub("List the registered datasets."), help="list registered datasets")
+    p = _sub("Make sure a dataset is on disk: local mirror, then cache, then download (verified by sha256).")
+    p.add_argument("name", type=str)
+    p.add_argument("--force", type=bool, default=False, help="download into the cache even if a copy exists")
+    data_verbs.add_subcommand("download", p, help="fetch a dataset (mirror -> cache -> download)")
+    p = _sub("Tokenise a dataset into train.bin/val.bin token shards plus meta.json and the tokenizer.")
+    p.add_argument("name", type=str, help="registry name or a local text/JSON/JSONL file or directory")
+    p.add_argument("--tokenizer", type=str, default="char", help="char, bpe:N, or a tokenizer directory")
+    p.add_argument("--out", type=Optional[str], default=None, help="output dir (default data/NAME-TOKENIZER)")  # noqa: UP045
+    p.add_argument("--val-fraction", "--val_fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--allow-fallback", "--allow_fallback", type=bool, default=False,
+                   help="offline with no copy: use CPython's bundled docs text instead (with a notice)")
+    data_verbs.add_subcommand("prepare", p, help="tokenise into memory-mapped shards")
+
     p = _sub("Write a randomly initialised checkpoint (a preset with overrides) to train or export later.")
     p.add_argument("--config", action=ActionConfigFile)
     p.add_class_arguments(ModelChoice, "model")
@@ -335,6 +377,9 @@ COMMANDS = {
     ("model", "presets"): cmd_model_presets,
     ("model", "info"): cmd_model_info,
     ("init",): cmd_init,
+    ("data", "list"): cmd_data_list,
+    ("data", "download"): cmd_data_download,
+    ("data", "prepare"): cmd_data_prepare,
     ("pretrain",): cmd_pretrain,
     ("quickstart",): cmd_quickstart,
     ("eval",): cmd_eval,
