@@ -87,7 +87,7 @@ def cmd_tokenizer_train(a: Namespace) -> None:
     from byollm.tokenizer import train_tokenizer
 
     tok = train_tokenizer([Path(f) for f in a.files], vocab_size=a.vocab_size, kind=a.kind, impl=a.impl,
-                          out_dir=Path(a.out))
+                          out_dir=Path(a.out), show_progress=sys.stderr.isatty())
     print(f"[byollm] trained a {a.kind} tokenizer ({a.impl}) with {tok.vocab_size} tokens -> {a.out}")
 
 
@@ -96,14 +96,14 @@ def cmd_model_presets(a: Namespace) -> None:
 
     from byollm.model import GPT
 
-    print(f"{'preset':<14} {'params':>10} {'layers':>6} {'width':>6} {'heads':>7} {'arch':<6}")
+    print(f"{'preset':<14} {'params':>10} {'layers':>6} {'width':>6} {'heads':>7} arch")
     for name in list_presets():
         cfg = preset(name)
         with torch.device("meta"):
             n = GPT(cfg).num_params()
         arch = "llama" if cfg.pos_embedding == "rope" else "gpt2"
         heads = f"{cfg.n_head}/{cfg.n_kv_head}"
-        print(f"{name:<14} {n / 1e6:>9.1f}M {cfg.n_layer:>6} {cfg.n_embd:>6} {heads:>7} {arch:<6}")
+        print(f"{name:<14} {n / 1e6:>9.1f}M {cfg.n_layer:>6} {cfg.n_embd:>6} {heads:>7} {arch}")
     print("depth dial: d<N> (Llama-style) or gpt2-d<N>: width 64*N, N heads of 64")
 
 
@@ -126,7 +126,8 @@ def cmd_model_info(a: Namespace) -> None:
             model = GPT(cfg)
     print(json.dumps(cfg.to_dict(), indent=2))
     print(f"parameters: {model.num_params():,} ({model.num_params(non_embedding=True):,} non-embedding)")
-    print(f"training FLOPs per token at T={cfg.block_size}: {model.flops_per_token() / 1e6:,.1f} MFLOP")
+    seq = a.seq_len or cfg.block_size
+    print(f"training FLOPs per token at T={seq}: {model.flops_per_token(seq) / 1e6:,.1f} MFLOP")
 
 
 def cmd_init(a: Namespace) -> None:
@@ -302,6 +303,8 @@ def build_parser() -> ArgumentParser:
     p = _sub("Print the resolved config, parameter count and FLOPs per token of a preset or checkpoint.")
     p.add_argument("--config", action=ActionConfigFile)
     p.add_argument("--ckpt", type=Optional[str], default=None)  # noqa: UP045
+    p.add_argument("--seq-len", "--seq_len", type=Optional[int], default=None,  # noqa: UP045
+                   help="sequence length for the FLOPs estimate (default: block_size)")
     p.add_class_arguments(ModelChoice, "model")
     model_verbs.add_subcommand("info", p, help="config, parameters and FLOPs")
 

@@ -215,3 +215,9 @@ def test_rope_frequencies_stay_fp32_when_the_model_is_cast() -> None:
     torch.testing.assert_close(model.rope_inv_freq, rope_inverse_frequencies(model.config), rtol=0, atol=0)
     assert model.tok_emb.weight.dtype == torch.bfloat16
     assert torch.isfinite(model(torch.randint(0, 128, (1, 8))).logits).all()
+
+
+def test_kv_cache_memory_by_hand() -> None:
+    model = make("llama-tiny")  # 2 layers, 2 kv heads of 16
+    cache = KVCache.for_model(model, batch_size=3, max_len=10)
+    assert cache.nbytes == 2 * 2 * 3 * 2 * 10 * 16 * 4

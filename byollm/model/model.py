@@ -115,6 +115,11 @@ class KVCache:
         return cls(c.n_layer, batch_size, max_len or c.block_size, c.n_kv_head, c.head_dim,
                    device=p.device, dtype=dtype or p.dtype)
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held: 2 (k and v) x layers x B x G x max_len x D x bytes per element."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.size(2)
         if end > self.max_len:
