@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from typing import Any
@@ -60,8 +63,8 @@ QUICK_SHAPES = {"gpt-nano": (8, 64), "llama-nano": (8, 64), "llama-13m": (2, 128
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", nargs="+", default=["train", "compile", "attention"],
-                   choices=["train", "compile", "attention"])
+    p.add_argument("--sections", nargs="+", choices=["train", "compile", "attention"],
+                   help="default: all three (without compile under --quick or --no-compile)")
     p.add_argument("--presets", nargs="+", help=f"for the train section (default: {' '.join(FULL['presets'])})")
     p.add_argument("--batch", type=int, help="batch size for train/compile (default: per preset, see DEFAULT_SHAPES)")
     p.add_argument("--seq", type=int, help="sequence length for train/compile (default: per preset)")
@@ -74,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="'cpu' times CPU seconds of the process: with --threads 1, steady on a busy machine")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="run the compile section (default: yes, except with --quick)")
+    p.add_argument("--cold-compile", action="store_true",
+                   help="compile into a fresh Inductor cache, so compile time is a first-ever compile's")
     p.add_argument("--compile-presets", nargs="+", help="presets for the compile section (default: llama-nano)")
     p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES),
                    help="precisions of the compile section (bf16 = autocast); the train section is fp32")
@@ -91,9 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.attn_seqs = args.attn_seqs or mode["attn_seqs"]
     args.steps = args.steps or mode["steps"]
     args.budget = args.budget if args.budget is not None else mode["budget"]
-    if args.compile is None:
-        args.compile = not args.quick
-    if not args.compile and "compile" in args.sections:
+    if args.sections is None:
+        compile_on = args.compile if args.compile is not None else not args.quick
+        args.sections = ["train", "compile", "attention"] if compile_on else ["train", "attention"]
+    elif args.compile is False and "compile" in args.sections:
         args.sections.remove("compile")
     return args
 
@@ -316,6 +322,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     common.use_clock(args.clock)
+    cold_cache = tempfile.mkdtemp(prefix="bench_inductor_") if args.cold_compile else None
+    if cold_cache:  # read by Inductor when it first compiles, so setting it here is early enough
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cold_cache
     if args.clock == "cpu" and args.threads > 1:
         print("note: --clock cpu with several threads also counts threads waiting for each other")
     started = time.perf_counter()
@@ -354,7 +363,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "compile" in results:
         rows = results["compile"]
         add_mfu(rows, peaks, ("fp32", "bf16"))
-        print(f"\n== 2. torch.compile: eager vs compiled, {' and '.join(args.dtype)} (bf16 = autocast) ==")
+        cache = "a fresh Inductor cache (--cold-compile)" if args.cold_compile else "Inductor's on-disk cache, if warm"
+        print(f"\n== 2. torch.compile: eager vs compiled, {' and '.join(args.dtype)} (bf16 = autocast); "
+              f"compile time with {cache} ==")
         print(table(printable(rows), ["preset", "batch x seq", "mode", "tok/s", "vs eager fp32",
                                       "MFU vs fp32 peak", "MFU vs bf16 peak", "compile s"]))
         for r in rows:
@@ -375,6 +386,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["machine"]["load_average_1min_at_end"] = load_average()
     print(f"total {results['elapsed_s']:.0f} s; 1-minute load average {m['load_average_1min_at_start']} at the start, "
           f"{load_average()} at the end")
+    if cold_cache:
+        shutil.rmtree(cold_cache, ignore_errors=True)
     if args.out:
         write_json(args.out, results)
     return results

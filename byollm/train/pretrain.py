@@ -187,7 +187,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for "auto" | "fp32" | "bf16" (None: plain fp32).
 
     auto is bf16 on GPUs that support it and fp32 elsewhere: on CPUs without native bf16 matmuls
-    (AVX-512-BF16 / AMX) bf16 autocast is several times SLOWER than fp32 (see docs/LOG.md)."""
+    (AVX-512-BF16 / AMX) bf16 autocast is several times SLOWER than fp32 (measured ~9x on AVX2 cores; see
+    configs/quickstart.yaml). On CPUs with AMX, try dtype bf16 and compare tokens/s."""
     if name == "fp32":
         return None
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -311,16 +312,16 @@ QUICKSTART: dict[str, Any] = {
     "data.allow_fallback": True,
     "batch_size": 16,
     "block_size": 128,
-    "max_steps": 1000,
+    "max_steps": 1200,
     "lr": 2e-3,
     "min_lr": 2e-4,
     "warmup_steps": 50,
     "betas": [0.9, 0.99],
     "weight_decay": 0.1,
-    "eval_interval": 250,
+    "eval_interval": 200,
     "eval_batches": 20,
     "log_interval": 10,
-    "checkpoint_interval": 500,
+    "checkpoint_interval": 600,
     "sample_tokens": 300,
     "device": "cpu",
     "dtype": "fp32",
