@@ -25,13 +25,19 @@ def atomic_dir_write(target: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp)
         _fsync_tree(tmp)
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
+        olds = []
+        for attempt in range(5):
+            if target.exists():
+                olds.append(target.parent / f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+                os.replace(target, olds[-1])
+            try:
+                os.replace(tmp, target)
+                break
+            except OSError:  # another process published `target` between our two renames: move it aside too
+                if attempt == 4 or not target.exists():
+                    raise
         _fsync_entry(target.parent)  # make the rename itself durable
-        if old is not None:
+        for old in olds:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

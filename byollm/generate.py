@@ -427,11 +427,15 @@ def iter_generate(model: nn.Module, prompts: list[list[int]] | list[int] | torch
     texts = None
     if tokenizer is not None:
         texts = [_TextTracker(tokenizer, params.stop_strings, params.skip_special_tokens) for _ in rows]
-    return _generation_loop(model, rows, params, frozenset(stop_ids), texts, use_cache, window)
+    # A model's vocabulary may be padded past the tokenizer's (50257 -> 50304, for faster matmuls): those
+    # ids mean nothing, so they are never sampled.
+    n_ids = min(config.vocab_size, getattr(tokenizer, "vocab_size", None) or config.vocab_size)
+    return _generation_loop(model, rows, params, frozenset(stop_ids), texts, use_cache, window, n_ids)
 
 
 def _generation_loop(model: nn.Module, rows: list[list[int]], params: SamplingParams, stop_ids: frozenset[int],
-                     texts: list[_TextTracker] | None, use_cache: bool, window: int | None) -> Iterator[TokenEvent]:
+                     texts: list[_TextTracker] | None, use_cache: bool, window: int | None,
+                     n_ids: int) -> Iterator[TokenEvent]:
     device = next(model.parameters()).device
     batch, longest = len(rows), max(len(r) for r in rows)
     padded = any(len(r) < longest for r in rows)  # without padding the model can take its fast causal path
@@ -463,7 +467,7 @@ def _generation_loop(model: nn.Module, rows: list[list[int]], params: SamplingPa
                 position_ids = (ctx_mask.cumsum(dim=1) - 1).clamp(min=0)
                 logits = model(ctx_ids, attention_mask=ctx_mask if padded else None, position_ids=position_ids,
                                kv_cache=cache, logits_to_keep=1).logits
-            logits = logits[:, -1].float()  # (B, V)
+            logits = logits[:, -1, :n_ids].float()  # (B, V)
             next_ids = sample_next(logits, params, generator, token_ids=history)
             logprobs = None
             if params.logprobs:

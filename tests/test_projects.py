@@ -1,9 +1,14 @@
 """The guide's projects run, and the guide's commands and code excerpts are the real thing.
 
 - Each section's project runs end to end in its small (--quick) configuration, and its report is checked.
-- Docs are code: every `byollm ...` command in a fenced bash block of the guide parses with the real CLI
-  parser, and the cheap ones run, in order, in a temporary directory. Every Python excerpt that names its
-  source file (`# from byollm/...`) must still be in that file, line for line, so the docs cannot drift.
+- Docs are code: every `byollm ...` command in a fenced bash block of the guide (and every
+  `torchrun ... -m byollm.cli ...` one) parses with the real CLI parser, and the `byollm` ones run, in order,
+  in a temporary directory, as a reader would run them. Long training runs run in a small configuration:
+  the options in SMALL_RUNS are appended to the documented command (later options win), so the page shows
+  the real command and the test stays fast. A bash block whose first line is a comment starting with
+  `# needs` (for example `# needs 8 GPUs and network access`) is parsed but never run.
+- Every Python excerpt that names its source file (`# from byollm/...`) must still be in that file, line
+  for line, so the docs cannot drift. Every figure a page shows exists and is a PNG.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = [REPO / "docs" / "section_0_introduction.md", REPO / "docs" / "section_1_transformer.md"]
+DOCS = [REPO / "docs" / "section_0_introduction.md", REPO / "docs" / "section_1_transformer.md",
+        REPO / "docs" / "section_2_training.md"]
+SECTION_2 = DOCS[2]
 PROJECT_1 = REPO / "projects" / "section_1_transformer.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -130,6 +137,12 @@ def fenced_blocks(path: Path, languages: tuple[str, ...] | None = None) -> list[
     return blocks
 
 
+def needs_more_than_a_cpu(body: str) -> bool:
+    """A block that starts with `# needs ...` (GPUs, network) is shown and parsed, never run by the tests."""
+    first = body.strip().splitlines()[0] if body.strip() else ""
+    return bool(re.match(r"#\s*needs\b", first))
+
+
 def block_commands(body: str) -> list[str]:
     """The commands of one bash block: continuation lines joined, comments and blank lines dropped."""
     commands = []
@@ -145,31 +158,63 @@ def shell_commands(path: Path) -> list[str]:
 
 
 def byollm_argv(command: str) -> list[str]:
-    """`byollm a b --c d  # comment` -> ["a", "b", "--c", "d"], with $VARIABLES expanded."""
+    """`byollm a b --c d  # comment` -> ["a", "b", "--c", "d"], with $VARIABLES expanded; for
+    `torchrun [its options] -m byollm.cli a b ...` the arguments after `byollm.cli`."""
     words = shlex.split(os.path.expandvars(command), comments=True)
-    assert words[0] == "byollm"
     assert not {"|", "&&", ";", ">", "<"} & set(words), f"keep docs commands simple: {command}"
+    if words[0] == "torchrun":
+        assert "byollm.cli" in words and words[words.index("byollm.cli") - 1] == "-m", command
+        return words[words.index("byollm.cli") + 1 :]
+    assert words[0] == "byollm"
     return words[1:]
 
 
+def is_byollm_command(command: str) -> bool:
+    return command.startswith("byollm ") or (command.startswith("torchrun ") and " -m byollm.cli " in command)
+
+
 def doc_byollm_commands() -> list[tuple[str, str]]:
-    return [(p.name, c) for p in DOCS for c in shell_commands(p) if c.startswith("byollm ")]
+    return [(p.name, c) for p in DOCS for c in shell_commands(p) if is_byollm_command(c)]
+
+
+# Long runs, shrunk: appended to the documented command, so they override its values (a resumed run gets
+# 2 steps more than the run it resumes). gpt-tiny at 8 x 32 tokens takes milliseconds a step.
+SMALL_RUNS = {
+    "quickstart": ["--max-steps", "4", "--preset", "gpt-tiny", "--block-size", "32", "--batch-size", "8"],
+    "pretrain": ["--max_steps", "4", "--model.preset", "gpt-tiny", "--block_size", "32", "--batch_size", "8",
+                 "--eval_batches", "2", "--sample_tokens", "8"],
+    "eval": ["--max-batches", "2"],
+}
+
+
+def small_run(argv: list[str]) -> list[str]:
+    small = SMALL_RUNS.get(argv[0], [])
+    if small and "--resume" in argv:
+        small = [*small, "--max_steps", "6"]
+    return [*argv, *small]
 
 
 def test_docs_exist_and_show_the_cli():
     for path in DOCS:
         assert path.is_file(), path
     verbs = {" ".join(byollm_argv(c)[:2]) for _, c in doc_byollm_commands()}
-    for verb in ("model presets", "model info", "tokenizer train", "export hf", "convert from-hf"):
+    for verb in ("model presets", "model info", "tokenizer train", "export hf", "convert from-hf", "data list",
+                 "data prepare"):
         assert verb in verbs, f"the guide should show `byollm {verb}`"
-    assert any(c.startswith("byollm init") for _, c in doc_byollm_commands())
-    assert any(c.startswith("byollm generate") for _, c in doc_byollm_commands())
+    first = {byollm_argv(c)[0] for _, c in doc_byollm_commands()}
+    assert {"init", "generate", "quickstart", "pretrain", "eval"} <= first
+    # Section 2 shows the nanoGPT recipe, a resume, and torchrun on the CPU and on 8 GPUs.
+    section2 = [c for doc, c in doc_byollm_commands() if doc == SECTION_2.name]
+    assert any("configs/nanogpt-shakespeare-char-cpu.yaml" in c and c.startswith("byollm ") for c in section2)
+    assert any("--resume true" in c for c in section2)
+    assert any(c.startswith("torchrun ") and "configs/gpt2-124m-fineweb.yaml" in c for c in section2)
 
 
 @pytest.mark.parametrize(("doc", "command"), doc_byollm_commands())
-def test_docs_byollm_command_parses(doc: str, command: str):
+def test_docs_byollm_command_parses(doc: str, command: str, monkeypatch: pytest.MonkeyPatch):
     from byollm.cli import build_parser
 
+    monkeypatch.chdir(REPO)  # --config configs/... is read by the parser, relative to the repo root
     argv = byollm_argv(command)
     if "--help" in argv or "-h" in argv:
         return
@@ -180,11 +225,37 @@ def is_excerpt(body: str) -> bool:
     return bool(re.match(r"#\s*from\s+\S+\.py", body.strip()))
 
 
-def test_docs_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
-    """Run each page's byollm commands and runnable Python snippets for real, top to bottom, as a reader would
-    from the repo root. (Other shell commands, such as make, pip and the projects, are tested elsewhere.)"""
+def run_page(path: Path, capsys: pytest.CaptureFixture) -> int:
+    """Run a page's byollm commands (SMALL_RUNS applied) and runnable Python snippets, top to bottom, in the
+    current directory; return how many ran. (Other shell commands, such as make, pip, torchrun and the
+    projects, are tested elsewhere.)"""
     from byollm.cli import main
 
+    ran = 0
+    for lang, body in fenced_blocks(path):
+        if lang in ("bash", "sh", "shell"):
+            if needs_more_than_a_cpu(body):
+                continue
+            for command in block_commands(body):
+                if not command.startswith("byollm "):
+                    continue
+                argv = small_run(byollm_argv(command))
+                try:
+                    code = main(argv)
+                except SystemExit as e:  # --help
+                    code = e.code
+                out = capsys.readouterr()
+                assert code == 0, f"{path.name}: `{command}` exited {code}: {out.err[-2000:]}"
+                ran += 1
+        elif lang == "python" and not is_excerpt(body):
+            exec(compile(body, f"{path.name} snippet", "exec"), {"__name__": "__docs__"})
+            capsys.readouterr()
+            ran += 1
+    return ran
+
+
+def test_docs_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    """Sections 0 and 1 as a reader would run them from the repo root."""
     data = mirror()
     if not (data / "tinyshakespeare.txt").is_file():  # no mirror here: the same commands on other text
         from pydoc_data.topics import topics
@@ -194,26 +265,23 @@ def test_docs_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: py
         (data / "tinyshakespeare.txt").write_text("\n".join(topics[k] for k in sorted(topics)), encoding="utf-8")
     monkeypatch.setenv("BYOLLM_DATA_MIRROR", str(data))
     monkeypatch.chdir(tmp_path)
-    ran = 0
-    for path in DOCS:
-        for lang, body in fenced_blocks(path):
-            if lang in ("bash", "sh", "shell"):
-                for command in block_commands(body):
-                    if not command.startswith("byollm "):
-                        continue
-                    argv = byollm_argv(command)
-                    try:
-                        code = main(argv)
-                    except SystemExit as e:  # --help
-                        code = e.code
-                    out = capsys.readouterr()
-                    assert code == 0, f"{path.name}: `{command}` exited {code}: {out.err[-2000:]}"
-                    ran += 1
-            elif lang == "python" and not is_excerpt(body):
-                exec(compile(body, f"{path.name} snippet", "exec"), {"__name__": "__docs__"})
-                capsys.readouterr()
-                ran += 1
+    ran = sum(run_page(path, capsys) for path in DOCS if path != SECTION_2)
     assert ran >= 9
+
+
+def test_section2_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    """Section 2: prepare, quickstart, resume, eval, generate and the nanoGPT recipe, each a few steps long.
+    Its commands name the dataset (checked against the registry's sha256), so they need the real file."""
+    if not (mirror() / "tinyshakespeare.txt").is_file():
+        pytest.skip("needs tinyshakespeare.txt in the data mirror ($BYOLLM_DATA_MIRROR)")
+    monkeypatch.setenv("BYOLLM_DATA_MIRROR", str(mirror()))
+    monkeypatch.setenv("BYOLLM_CACHE", str(tmp_path / "cache"))  # prepared data goes here, not in ~/.cache
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(REPO / "configs")  # the page runs from the repo root
+    assert run_page(SECTION_2, capsys) >= 10
+    for run in ("shakespeare", "nanogpt-shakespeare-char-cpu"):
+        assert (tmp_path / "runs" / run / "checkpoints" / "latest").is_file(), run
+    assert (tmp_path / "runs" / "shakespeare" / "checkpoints" / "latest").read_text().strip() == "step-6"
 
 
 def python_excerpts() -> list[tuple[str, str, str]]:
@@ -232,6 +300,17 @@ def test_docs_have_code_excerpts():
     for needed in ("byollm/model/model.py", "byollm/model/config.py", "byollm/tokenizer/bpe.py",
                    "byollm/generate.py", "byollm/interop/hf.py"):
         assert needed in sources, f"section 1 should show code from {needed}"
+    for needed in ("byollm/data/sources.py", "byollm/data/prepare.py", "byollm/data/samplers.py",
+                   "byollm/train/loop.py", "byollm/train/optim.py", "byollm/atomic.py", "byollm/train/run.py",
+                   "byollm/train/distributed.py"):
+        assert needed in sources, f"section 2 should show code from {needed}"
+
+
+def test_docs_figures_exist():
+    for path in DOCS:
+        for target in re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", path.read_text(encoding="utf-8")):
+            figure = path.parent / target
+            assert figure.is_file() and figure.read_bytes()[:8] == PNG_MAGIC, f"{path.name}: {target}"
 
 
 @pytest.mark.parametrize(("doc", "source", "excerpt"), python_excerpts())

@@ -6,8 +6,9 @@
 >>> x, y = sampler.next_batch()
 
 Where files come from: an explicit path, then $BYOLLM_DATA_MIRROR, then the cache ($BYOLLM_CACHE/data,
-default ~/.cache/byollm/data), then a verified download (sources.py). `byollm.data` uses `tokenizer` and
-`errors` only.
+default ~/.cache/byollm/data), then a verified download (sources.py). Datasets too big to prepare
+(FineWeb-Edu) are streamed instead: streaming.py tokenises documents on the fly into training batches.
+`byollm.data` uses `tokenizer` and `errors` only.
 """
 
 from byollm.data.prepare import (
@@ -43,6 +44,10 @@ def __getattr__(name: str):
         from byollm.data import samplers
 
         return getattr(samplers, name)
+    if name in ("DocStream", "StreamingTokenSource", "held_out", "open_stream", "stream_tokenizer"):
+        from byollm.data import streaming
+
+        return getattr(streaming, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -53,11 +58,13 @@ __all__ = [
     "REGISTRY",
     "DataUnavailable",
     "DatasetSpec",
+    "DocStream",
     "HFSource",
     "Prepared",
     "RandomWindowSampler",
     "SequentialSampler",
     "Source",
+    "StreamingTokenSource",
     "Subset",
     "bits_per_byte",
     "cache_dir",
@@ -65,18 +72,21 @@ __all__ = [
     "eval_batches",
     "fallback_corpus",
     "get_spec",
+    "held_out",
     "list_datasets",
     "load_prepared",
     "load_records",
     "load_split",
     "load_text",
     "mirror_dir",
+    "open_stream",
     "prepare",
     "read_meta",
     "record_to_text",
     "resolve",
     "sha256_path",
     "split_records",
+    "stream_tokenizer",
     "text_chunks",
     "token_dtype",
     "validate_records",

@@ -168,9 +168,41 @@ def _tokenizer_for(spec: str | Path | Tokenizer, splits: _Splits) -> tuple[Token
         return tok, "train split"
     if Path(text_spec).expanduser().is_dir():
         return load_tokenizer(Path(text_spec).expanduser()), f"loaded from {text_spec}"
+    if is_hub_tokenizer(text_spec):
+        return hub_tokenizer(text_spec), f"Hugging Face Hub {HUB_TOKENIZERS.get(text_spec, text_spec)}"
     raise DataError(
-        f"unknown tokenizer {text_spec!r}: use 'char', 'bpe:N' (e.g. bpe:4096) or the directory of a saved tokenizer"
+        f"unknown tokenizer {text_spec!r}: use 'char', 'bpe:N' (e.g. bpe:4096), 'gpt2', 'hf:REPO' or the directory "
+        "of a saved tokenizer"
     )
+
+
+# Tokenizer specs that name a Hugging Face Hub tokenizer (its tokenizer.json, read with `tokenizers`).
+HUB_TOKENIZERS = {"gpt2": "openai-community/gpt2"}
+
+
+def is_hub_tokenizer(spec: str) -> bool:
+    """"gpt2" or "hf:REPO" (and not a folder of that name, which load_tokenizer reads)."""
+    return (spec in HUB_TOKENIZERS or spec.startswith("hf:")) and not Path(spec).expanduser().is_dir()
+
+
+def hub_tokenizer(spec: str) -> Tokenizer:
+    """The tokenizer.json of a Hub repository ("gpt2" = openai-community/gpt2, or "hf:REPO"), downloaded once
+    into the Hugging Face cache by `tokenizers` (HF_HUB_OFFLINE=1 uses the cache only)."""
+    repo = HUB_TOKENIZERS.get(spec) or spec.removeprefix("hf:")
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from byollm.tokenizer import FastTokenizer
+
+    try:
+        hf = HFTokenizer.from_pretrained(repo)
+    except Exception as e:  # no network, unknown repository, no tokenizer.json
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise DataError(
+            f"cannot load the tokenizer {spec!r} (tokenizer.json of the Hugging Face repository {repo}): {reason}; "
+            f"where there is network, save it once with python -c \"from byollm.data.prepare import hub_tokenizer; "
+            f"hub_tokenizer('{spec}').save('tokenizers/{repo.split('/')[-1]}')\" and pass that folder as the tokenizer"
+        ) from e
+    return FastTokenizer(hf)
 
 
 def prepare(

@@ -2,9 +2,11 @@
 
 A dataset is found, in this order: an explicit path you give, the local mirror directory
 ($BYOLLM_DATA_MIRROR), the cache (~/.cache/byollm/data), and only then the network (see sources.py).
-Each entry pins the sha256 of its file where the source publishes a fixed file. Some entries also accept
-a *subset*: a smaller file with its own checksum (e.g. the 4,500 Alpaca records of the data mirror), which
-is used as the dataset's local copy with a notice saying that it is a subset.
+Each entry pins the sha256 of its file where the source publishes a fixed file. A *streaming* entry
+(FineWeb-Edu) is read document by document while training instead (streaming.py); a local copy in the
+mirror still wins. Some entries also accept a *subset*: a smaller file with its own checksum (e.g. the
+4,500 Alpaca records of the data mirror), which is used as the
+dataset's local copy with a notice saying that it is a subset.
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ class DatasetSpec:
     license: str = ""
     homepage: str = ""
     aliases: tuple[str, ...] = field(default=())
+    # Too big to download and prepare: pretraining streams it (byollm.data.streaming), from a local file in
+    # the mirror or cache when there is one (`filename`, or NAME.parquet / NAME.txt / a folder NAME/), else
+    # from the Hugging Face dataset `hf`. `fields[0]` is the documents' text field.
+    streaming: bool = False
 
     @property
     def is_text(self) -> bool:
@@ -216,6 +222,19 @@ REGISTRY: dict[str, DatasetSpec] = {
             license="CC BY-SA 4.0",
             homepage="https://rajpurkar.github.io/SQuAD-explorer/",
             aliases=("squad-v1.1", "squad-dev"),
+        ),
+        DatasetSpec(
+            name="fineweb-edu",
+            description="FineWeb-Edu sample-10BT: ~9.7M educational web pages, ~10B GPT-2 tokens (streamed)",
+            format="jsonl",
+            filename="fineweb-edu.jsonl",
+            sha256=None,  # streamed, never downloaded whole; a local copy is used as it is
+            hf=HFSource("HuggingFaceFW/fineweb-edu", "sample-10BT", columns=("text",)),
+            fields=("text",),
+            license="ODC-By 1.0",
+            homepage="https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu",
+            aliases=("fineweb-edu-10b", "fineweb-edu-10bt", "fineweb-edu-sample-10bt", "fineweb"),
+            streaming=True,
         ),
     ]
 }

@@ -273,6 +273,9 @@ def _registered(spec: DatasetSpec, allow_download: bool) -> Source:
         raise DataUnavailable(_unavailable(spec, "downloads are turned off"))
     if offline():
         raise DataUnavailable(_unavailable(spec, f"{OFFLINE_ENV} is set"))
+    if spec.streaming:
+        raise DataUnavailable(_unavailable(spec, "it is streamed while training, never downloaded whole: use it in "
+                                           "pretrain with data.name"))
     found = _download(spec)
     sha, sub, how = _verify(spec, found)
     notice = _local_notice("download", spec, found, sha, sub, how)
@@ -308,6 +311,9 @@ def download(name: str, *, force: bool = False) -> Path:
     A mirror or cache copy is used when there is one (force=True downloads into the cache anyway).
     """
     spec = get_spec(name)
+    if spec.streaming:
+        raise DataError(f"{spec.name} is streamed while training (byollm pretrain with data.name {spec.name}), "
+                        f"never downloaded whole; for a local copy put {spec.filename} in the mirror ({MIRROR_ENV})")
     if force:
         if offline():
             raise DataUnavailable(_unavailable(spec, f"{OFFLINE_ENV} is set"))

@@ -28,9 +28,13 @@ class DataConfig:
     """Which text to train on and how to cut it into tokens (see `byollm.data.prepare`)."""
 
     name: str = "tinyshakespeare"  # a dataset name (`byollm.data.list_datasets()`) or a local text file / folder
-    tokenizer: str = "char"  # "char", "bpe:N" (train an N-token byte-level BPE) or a saved tokenizer's directory
+    tokenizer: str = "char"  # "char", "bpe:N" (train an N-id BPE), "gpt2" / "hf:REPO" (Hub) or a tokenizer's dir
     dir: str | None = None  # an already prepared folder (train.bin, val.bin, meta.json, tokenizer/): used as is
     allow_fallback: bool = False  # nowhere to be found (no mirror, cache or network): use CPython's pydoc text
+    # Streaming (byollm.data.streaming): read, tokenise and batch documents while training, no prepare step.
+    streaming: bool | None = None  # None: when the registry marks the dataset as streamed (fineweb-edu)
+    val_docs: int = 10_000  # streaming: the first val_docs documents are the validation set, never trained on
+    prefetch: int = 8  # streaming: batches made ahead by a background thread (0: none)
 
 
 @dataclass
@@ -54,6 +58,9 @@ class TrainConfig:
     weight_decay: float = 0.1
     decay_embeddings: bool = True  # GPT-2/nanoGPT decay the embedding tables too (a tied one is the LM head)
     betas: tuple[float, float] = (0.9, 0.95)
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' matrices, AdamW (lr) for the rest
+    muon_lr: float = 0.02  # Muon's peak learning rate (the schedule scales it like lr)
+    muon_momentum: float = 0.95
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0: no clipping
     # ---- where and how fast -----------------------------------------------------------------------
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
@@ -64,6 +71,7 @@ class TrainConfig:
     log_interval: int = 10
     eval_interval: int = 250
     eval_batches: int = 20  # fixed validation batches per evaluation
+    stop_at_val_loss: float | None = None  # stop early once an evaluation reaches this val loss (benchmarks)
     sample_interval: int = 0
     sample_prompt: str = "\n"
     sample_tokens: int = 200
@@ -99,10 +107,14 @@ class TrainConfig:
             raise ConfigError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr} and lr={self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas}")
-        allowed = {"dtype": ("auto", "fp32", "bf16"), "schedule": ("cosine", "linear", "constant")}
+        allowed = {"dtype": ("auto", "fp32", "bf16"), "schedule": ("cosine", "linear", "constant"),
+                   "optimizer": ("adamw", "muon")}
         for name, choices in allowed.items():
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(choices)}")
+        if self.data.val_docs < 1 or self.data.prefetch < 0:
+            raise ConfigError(f"data.val_docs must be >= 1 and data.prefetch >= 0, got {self.data.val_docs} and "
+                              f"{self.data.prefetch}")
         if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
             raise ConfigError(f"name {self.name!r} must be a plain folder name (runs/<name>/)")
 

@@ -278,6 +278,14 @@ class Trainer:
                     window_tokens, window_time = 0, 0.0
                 if self.eval_data is not None and _due(self.step, cfg.eval_interval, last):
                     self.run_eval()
+                    target = getattr(cfg, "stop_at_val_loss", None)
+                    if target is not None and self.last_eval["loss"] <= target and not last:
+                        self._print(f"val loss {self.last_eval['loss']:.4f} <= stop_at_val_loss={target}: "
+                                    f"stopping at step {self.step}")
+                        if self.sample is not None:
+                            self.run_sample()
+                        self.save_checkpoint()
+                        break
                 if self.sample is not None and _due(self.step, cfg.sample_interval, last):
                     self.run_sample()
                 if _due(self.step, cfg.checkpoint_interval, last):
@@ -300,7 +308,7 @@ class Trainer:
             event["grad_norm"] = float(opt["grad_norm"])
         tok_s = tokens / seconds if seconds > 0 else 0.0
         self._timed = [self._timed[0] + tokens, self._timed[1] + seconds]
-        event.update(tokens_per_s=tok_s, tokens_seen=self.tokens_seen)
+        event.update(tokens_per_s=tok_s, tokens_seen=self.tokens_seen, train_seconds=self._timed[1])
         if self.flops_per_token and self.peak_flops:
             event["mfu"] = self.flops_per_token * tok_s / (self.peak_flops * self.dist.world_size)
         self._log(event)
@@ -317,7 +325,8 @@ class Trainer:
         loss = result["loss"]
         result = {"loss": loss, **(self.eval_extras(loss) if self.eval_extras else {})}
         self.last_eval = result
-        self._log({"event": "eval", "step": self.step, **{f"val_{k}": v for k, v in result.items()}})
+        self._log({"event": "eval", "step": self.step, "train_seconds": self._timed[1],
+                   **{f"val_{k}": v for k, v in result.items()}})
         self._print(f"step {self.step}: " + ", ".join(f"val {k} {v:.4f}" for k, v in result.items()))
         if self.run is not None:
             self.run.plot()

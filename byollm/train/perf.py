@@ -20,9 +20,11 @@ import torch
 # Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, from NVIDIA's datasheets. Matched as substrings of
 # torch.cuda.get_device_name(), most specific first.
 GPU_BF16_PEAK: list[tuple[str, float]] = [
-    ("H200", 989e12),
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),  # SXM ("NVIDIA H200")
     ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM / HBM3
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM / HBM3 ("NVIDIA H100 80GB HBM3")
     ("GH200", 989e12),
     ("B200", 2250e12),
     ("A100", 312e12),

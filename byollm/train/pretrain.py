@@ -34,6 +34,8 @@ from byollm.data import (
     read_meta,
     resolve,
 )
+from byollm.data.registry import find_spec
+from byollm.data.streaming import StreamingTokenSource, held_out, open_stream, stream_tokenizer
 from byollm.errors import CheckpointError, ConfigError, DataError
 from byollm.generate import SamplingParams, generate_text
 from byollm.model import GPT, ModelConfig
@@ -41,7 +43,7 @@ from byollm.model.config import model_choice_of, model_config_from
 from byollm.train import distributed
 from byollm.train.config import DataConfig, TrainConfig, load_config
 from byollm.train.loop import CausalLM, Trainer, evaluate, seed_everything
-from byollm.train.optim import build_optimizer, build_scheduler, lr_at
+from byollm.train.optim import build_muon, build_optimizer, build_scheduler, lr_at
 from byollm.train.perf import peak_flops
 from byollm.train.run import Run, load_train_state, run_meta
 
@@ -74,10 +76,21 @@ def _pretrain(cfg: TrainConfig, dist: distributed.DistInfo, progress: bool) -> P
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (the remaining fp32 ones)
         torch.backends.cudnn.allow_tf32 = True
 
-    # 1. Data: tokenise once into train.bin / val.bin (cached), then sample random windows from it.
-    data_dir = prepare_data(cfg.data, dist)
-    data = load_prepared(data_dir)
-    tokenizer = data.tokenizer
+    # 1. Data: tokenise once into train.bin / val.bin (cached), then sample random windows from it; or, for a
+    #    corpus too big for that (FineWeb-Edu), stream its documents and tokenise them while training.
+    streaming = is_streaming(cfg.data)
+    data_dir: Path | None = None
+    if streaming:
+        stream = open_stream(cfg.data.name, allow_download=True)
+        tokenizer = stream_tokenizer(cfg.data.tokenizer)
+        val = held_out(stream, tokenizer, cfg.data.val_docs)
+        val.meta["tokenizer"] = {"spec": cfg.data.tokenizer, "type": type(tokenizer).__name__,
+                                 "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id}
+        data: Any = _StreamData(val.meta, val.tokens, tokenizer)
+    else:
+        data_dir = prepare_data(cfg.data, dist)
+        data = load_prepared(data_dir)
+        tokenizer = data.tokenizer
 
     # 2. The model's shape: the preset with overrides; the vocabulary follows the tokenizer.
     model_cfg = model_config_from(cfg.model, vocab_size=tokenizer.vocab_size, block_size=cfg.block_size)
@@ -110,14 +123,24 @@ def _pretrain(cfg: TrainConfig, dist: distributed.DistInfo, progress: bool) -> P
     seed_everything(cfg.seed + dist.rank)  # each rank draws its own dropout masks
 
     # 5. Optimiser and schedule.
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.decay_embeddings, device.type)
+    if cfg.optimizer == "muon":
+        optimizer = build_muon(model, cfg.lr, cfg.muon_lr, cfg.weight_decay, cfg.betas, cfg.muon_momentum,
+                               cfg.decay_embeddings)
+    else:
+        optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.decay_embeddings, device.type)
     decay_steps = cfg.lr_decay_steps or cfg.max_steps
     scheduler = build_scheduler(optimizer, lambda step: lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr,
                                                               warmup_steps=cfg.warmup_steps, decay_steps=decay_steps,
                                                               schedule=cfg.schedule), cfg.lr)
 
     # 6. Batches: each rank its own share of every step's windows; fixed windows for validation.
-    sampler = RandomWindowSampler(data.train, cfg.batch_size, block_size, cfg.seed, dist.rank, dist.world_size)
+    sampler: Any
+    if streaming:  # each rank reads every world_size-th document after the held-out ones
+        sampler = StreamingTokenSource(stream, tokenizer, cfg.batch_size, block_size, skip_docs=cfg.data.val_docs,
+                                       rank=dist.rank, world_size=dist.world_size, prefetch=cfg.data.prefetch,
+                                       gather=lambda obj: distributed.gather_objects(obj, dist))
+    else:
+        sampler = RandomWindowSampler(data.train, cfg.batch_size, block_size, cfg.seed, dist.rank, dist.world_size)
 
     def val_batches():
         return eval_batches(data.val, cfg.batch_size, block_size, cfg.eval_batches, seed=cfg.seed,
@@ -146,12 +169,17 @@ def _pretrain(cfg: TrainConfig, dist: distributed.DistInfo, progress: bool) -> P
         "run": name, "world_size": dist.world_size, "autocast_dtype": str(autocast_dtype or torch.float32),
         "compile": cfg.compile, "num_params": model.num_params(), "tokens_per_step": tokens_per_step,
         "flops_per_token": flops_per_token, "peak_flops": peak, "peak_flops_source": peak_source,
-        "data": {"dir": str(data_dir), "dataset": data.meta.get("dataset"), "source": data.meta.get("source"),
-                 "tokenizer": data.meta.get("tokenizer")},
+        "data": {"dir": str(data_dir) if data_dir else None, "dataset": data.meta.get("dataset"),
+                 "source": data.meta.get("source"), "tokenizer": data.meta.get("tokenizer"),
+                 "split": data.meta.get("split")},
         "resumed_from": str(resume_from) if resume_from else None}))
     say(f"[byollm] run {run.path}: {model.num_params() / 1e6:.2f}M parameters, {_describe(model_cfg)}")
-    say(f"[byollm] data {data.meta.get('dataset')} ({data.meta['tokenizer']['type']} tokenizer, "
-        f"{tokenizer.vocab_size} ids): {len(data.train):,} train / {len(data.val):,} val tokens  [{data_dir}]")
+    if streaming:
+        say(f"[byollm] data {stream.notice}; {tokenizer.vocab_size}-id tokenizer {cfg.data.tokenizer}; val: the "
+            f"first {cfg.data.val_docs:,} documents ({len(data.val):,} tokens)")
+    else:
+        say(f"[byollm] data {data.meta.get('dataset')} ({data.meta['tokenizer']['type']} tokenizer, "
+            f"{tokenizer.vocab_size} ids): {len(data.train):,} train / {len(data.val):,} val tokens  [{data_dir}]")
     say(f"[byollm] {device} {str(autocast_dtype or torch.float32).removeprefix('torch.')}"
         f"{' compiled' if cfg.compile else ''}, {dist.world_size} process(es); {tokens_per_step:,} tokens/step "
         f"({cfg.batch_size} x {block_size} x {cfg.grad_accum} accum x {dist.world_size}), {cfg.max_steps} steps")
@@ -160,7 +188,11 @@ def _pretrain(cfg: TrainConfig, dist: distributed.DistInfo, progress: bool) -> P
 
     # 7. Train.
     t0 = time.perf_counter()
-    trainer.fit()  # (it evaluates at the last step, which also draws the final plot)
+    try:
+        trainer.fit()  # (it evaluates at the last step, which also draws the final plot)
+    finally:
+        if streaming:
+            sampler.close()  # stop its background thread
     seconds = time.perf_counter() - t0
     run.close()
 
@@ -181,6 +213,23 @@ def _pretrain(cfg: TrainConfig, dist: distributed.DistInfo, progress: bool) -> P
 # --------------------------------------------------------------------------------------------------
 # The pieces the recipe uses
 # --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _StreamData:
+    """What the recipe uses of a prepared folder, for a streamed dataset: meta (for bits per byte), val tokens."""
+
+    meta: dict[str, Any]
+    val: Any
+    tokenizer: Any
+
+
+def is_streaming(data: DataConfig) -> bool:
+    """data.streaming when set; otherwise whether the registry streams the dataset (and no prepared dir is given)."""
+    if data.streaming is not None:
+        return data.streaming
+    spec = find_spec(data.name)
+    return spec is not None and spec.streaming and data.dir is None
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
@@ -312,16 +361,19 @@ QUICKSTART: dict[str, Any] = {
     "data.allow_fallback": True,
     "batch_size": 16,
     "block_size": 128,
-    "max_steps": 1200,
-    "lr": 2e-3,
-    "min_lr": 2e-4,
+    "max_steps": 1000,
+    "optimizer": "muon",
+    "muon_lr": 0.02,
+    "lr": 3e-3,
+    "min_lr": 0.0,
+    "schedule": "linear",
     "warmup_steps": 50,
     "betas": [0.9, 0.99],
     "weight_decay": 0.1,
     "eval_interval": 200,
     "eval_batches": 20,
     "log_interval": 10,
-    "checkpoint_interval": 600,
+    "checkpoint_interval": 500,
     "sample_tokens": 300,
     "device": "cpu",
     "dtype": "fp32",
@@ -352,4 +404,4 @@ def _duration(seconds: float) -> str:
 
 
 __all__ = ["QUICKSTART", "PretrainResult", "check_same_model", "evaluate_checkpoint", "find_resume_checkpoint",
-           "prepare_data", "pretrain", "quickstart_config", "resolve_dtype"]
+           "is_streaming", "prepare_data", "pretrain", "quickstart_config", "resolve_dtype"]
