@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import sys
 from pathlib import Path
 from typing import Any, Literal, Optional  # noqa: UP035 - built at run time
@@ -188,10 +189,18 @@ def cmd_quickstart(a: Namespace) -> None:
     print(f"samples        {run / 'samples.txt'}")
     print("next:")
     print(f"  byollm generate {run} --prompt 'ROMEO:' --max-new-tokens 300")
-    print(f"  byollm eval {run} --data tinyshakespeare")
+    meta = json.loads((run / "meta.json").read_text()) if (run / "meta.json").is_file() else {}
+    data = meta.get("data", {})
+    # the fallback corpus has no registry name: evaluate on the prepared folder the run trained on
+    eval_data = data.get("dataset") if data.get("dataset") == "tinyshakespeare" else data.get("dir")
+    if (data.get("source") or {}).get("kind") == "fallback":
+        print(f"note: trained on the FALLBACK corpus ({data.get('dataset')}), not Tiny Shakespeare, which was not "
+              "found (set BYOLLM_DATA_MIRROR to a folder holding tinyshakespeare.txt, or go online)")
+    print(f"  byollm eval {run} --data {eval_data}")
     print(f"  byollm export hf {run} out/hf")
-    print(f"  byollm pretrain --config configs/quickstart.yaml --name {run.name} --resume true --max_steps 2000"
-          "   # train it longer")
+    out_dir = "" if run.parent == Path("runs") else f" --out_dir {run.parent}"
+    print(f"  byollm pretrain --config configs/quickstart.yaml{out_dir} --name {run.name} --resume true "
+          "--max_steps 2000   # train it longer")
     print("  byollm pretrain --config configs/quickstart.yaml --model.preset llama-13m --block_size 256"
           "   # a bigger model")
     print("  byollm pretrain --config configs/quickstart.yaml --device cuda --dtype bf16 --compile true"

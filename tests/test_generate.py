@@ -407,3 +407,18 @@ def test_greedy_matches_transformers_generate(name):
             assert generate(model, prompt, params).token_ids == theirs([prompt], repetition_penalty=penalty)
     params = SamplingParams(max_new_tokens=n, temperature=0, stop_token_ids=())
     assert generate(model, PROMPTS, params).token_ids == theirs(PROMPTS)
+
+
+def test_padded_vocabulary_ids_are_never_sampled() -> None:
+    # GPT-2 recipes pad the model's vocabulary past the tokenizer's (50257 -> 50304). A random model puts
+    # about half its probability on the 63 padding ids here; none may come out, or decoding would fail.
+    from byollm.generate import generate_text
+    from byollm.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.train("abcdefghijklmnopqrstuvwxyz ,.!?'\nABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789;:-")
+    assert tok.vocab_size < 128
+    torch.manual_seed(0)
+    model = GPT(preset("gpt-tiny", vocab_size=128))
+    params = SamplingParams(max_new_tokens=60, temperature=1.0, seed=0)
+    text = generate_text(model, tok, "ab", params)[0]
+    assert len(text) == 60

@@ -188,10 +188,12 @@ def test_rewind_forgets_what_a_stopped_run_wrote_after_its_checkpoint(tmp_path: 
     assert "=== step 4 ===" in text and "step 6" not in text
 
 
-def test_resume_is_bit_identical(tmp_path: Path, data_dir: Path) -> None:
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_bit_identical(tmp_path: Path, data_dir: Path, optimizer: str) -> None:
     # One run of 8 steps, against 4 steps + resume for 4 more. The schedule is pinned to 8 steps in both
-    # (lr_decay_steps), and dropout is on, so the RNG state must be restored too.
-    common = dict(lr_decay_steps=8, checkpoint_interval=4, eval_interval=4)
+    # (lr_decay_steps), and dropout is on, so the RNG state must be restored too. Muon's momentum lives in
+    # the optimizer state like Adam's moments.
+    common = dict(lr_decay_steps=8, checkpoint_interval=4, eval_interval=4, optimizer=optimizer)
     full = pretrain(tiny(tmp_path, data_dir, name="full", max_steps=8, **common), progress=False)
     pretrain(tiny(tmp_path, data_dir, name="split", max_steps=4, **common), progress=False)
     resumed = pretrain(tiny(tmp_path, data_dir, name="split", max_steps=8, resume=True, **common), progress=False)
@@ -353,3 +355,86 @@ def test_quickstart_and_eval_via_the_cli(tmp_path: Path, capsys: pytest.CaptureF
     val_loss = float(line.split()[2])
     assert line.startswith("val loss") and "perplexity" in line and "bits/byte" in line
     assert 1.0 < val_loss < 4.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Muon and early stopping
+# --------------------------------------------------------------------------------------------------
+
+
+def test_newton_schulz_approximates_the_polar_factor() -> None:
+    # Reference: U V^T from torch's SVD. Muon's iteration is deliberately inexact (singular values land in
+    # roughly [0.7, 1.2]) but must point the same way as U V^T and keep the shape (tall and wide, batched).
+    from byollm.train.optim import newton_schulz
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(2, 96, 32), (32, 96), (48, 48)]:
+        m = torch.randn(*shape, generator=g)
+        u, _, vh = torch.linalg.svd(m, full_matrices=False)
+        polar = u @ vh
+        x = newton_schulz(m)
+        assert x.shape == m.shape
+        sv = torch.linalg.svdvals(x)
+        assert sv.min() > 0.6 and sv.max() < 1.25
+        cos = (x * polar).sum(dim=(-2, -1)) / (x.norm(dim=(-2, -1)) * polar.norm(dim=(-2, -1)))
+        assert (cos > 0.95).all()
+
+
+def test_muon_adamw_groups_match_torch_adamw_and_matrices_get_orthogonal_steps() -> None:
+    from byollm.train.optim import build_muon, is_hidden_matrix
+
+    torch.manual_seed(0)
+    model = GPT(preset("llama-tiny"))
+    reference = GPT(preset("llama-tiny"))
+    reference.load_state_dict(model.state_dict())
+    opt = build_muon(model, lr=1e-2, muon_lr=0.05, weight_decay=0.1, betas=(0.9, 0.95), momentum=0.0)
+    hidden = {n for n, p in model.named_parameters() if is_hidden_matrix(n, p, model)}
+    assert hidden and all(n.startswith("blocks.") and n.endswith(".weight") for n in hidden)
+    assert "tok_emb.weight" not in hidden and "lm_head.weight" not in hidden
+    others = [p for n, p in reference.named_parameters() if n not in hidden]
+    ref_opt = torch.optim.AdamW([{"params": [p for p in others if p.dim() >= 2], "weight_decay": 0.1},
+                                 {"params": [p for p in others if p.dim() < 2], "weight_decay": 0.0}],
+                                lr=1e-2, betas=(0.9, 0.95))
+    x = torch.randint(0, 128, (8, 48))  # 384 tokens: every gradient matrix has full rank
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for m, o in ((model, opt), (reference, ref_opt)):
+        m(x, x).loss.backward()
+        o.step()
+    ref = dict(reference.named_parameters())
+    for n, p in model.named_parameters():
+        if n in hidden:  # momentum 0: the step is -lr * scale * polar(grad), after decay
+            step = (before[n] * (1 - 0.05 * 0.1) - p.detach()) / 0.05
+            scale = max(1.0, p.shape[0] / p.shape[1]) ** 0.5
+            u, _, vh = torch.linalg.svd(p.grad, full_matrices=False)
+            polar = u @ vh  # what Newton-Schulz approximates (its small singular values grow less exactly)
+            def cos(a: torch.Tensor, b: torch.Tensor) -> float:
+                return float((a * b).sum() / (a.norm() * b.norm()))
+            # much closer to the polar factor than the raw gradient is, and no direction over ~1
+            assert cos(step, polar) > 0.8 and cos(step, polar) > cos(p.grad, polar) + 0.1
+            assert torch.linalg.svdvals(step).max() < 1.25 * scale
+        else:
+            torch.testing.assert_close(p, ref[n], rtol=1e-5, atol=1e-6)
+
+
+def test_muon_trains_faster_than_adamw_on_a_tiny_run(tmp_path: Path, data_dir: Path) -> None:
+    # The property the quickstart relies on, at toy scale: same steps, same data, lower loss.
+    common = dict(max_steps=40, eval_interval=40, checkpoint_interval=0, lr=3e-3, min_lr=0.0,
+                  **{"model.dropout": 0.0})
+    adam = pretrain(tiny(tmp_path, data_dir, name="adam", **common), progress=False)
+    muon = pretrain(tiny(tmp_path, data_dir, name="muon", optimizer="muon", muon_lr=0.02, **common),
+                    progress=False)
+    assert muon.val["loss"] < adam.val["loss"] - 0.05
+
+
+def test_stop_at_val_loss_ends_the_run_at_that_evaluation(tmp_path: Path, data_dir: Path) -> None:
+    first = pretrain(tiny(tmp_path, data_dir, name="probe", max_steps=9, eval_interval=3), progress=False)
+    events = [json.loads(line) for line in (first.run_dir / "metrics.jsonl").read_text().splitlines()]
+    val_at = {e["step"]: e["val_loss"] for e in events if e["event"] == "eval"}
+    # stop at the evaluation after step 6: a threshold between its loss and step 3's
+    threshold = (val_at[3] + val_at[6]) / 2
+    assert val_at[6] <= threshold < val_at[3]
+    stopped = pretrain(tiny(tmp_path, data_dir, name="stop", max_steps=9, eval_interval=3,
+                            stop_at_val_loss=threshold), progress=False)
+    assert stopped.steps == 6 and stopped.checkpoint is not None and stopped.checkpoint.name.endswith("6")
+    assert all(e["train_seconds"] > 0 for e in map(json.loads, (stopped.run_dir / "metrics.jsonl")
+                                                     .read_text().splitlines()) if e["event"] == "train")

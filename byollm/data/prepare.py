@@ -206,7 +206,7 @@ def hub_tokenizer(spec: str) -> Tokenizer:
 
 
 def prepare(
-    name_or_path: str | Path,
+    name_or_path: str | Path | Source,
     tokenizer: str | Path | Tokenizer,
     out_dir: str | Path,
     *,
@@ -219,13 +219,15 @@ def prepare(
 ) -> Path:
     """`byollm data prepare NAME --tokenizer SPEC --out DIR`: tokenise a dataset into DIR; return DIR.
 
-    name_or_path: a registry name or a local file/directory (`path` overrides where a named dataset is read).
+    name_or_path: a registry name or a local file/directory (`path` overrides where a named dataset is read),
+        or a `Source` already resolved.
     tokenizer: "char", "bpe:N", a tokenizer directory, or a Tokenizer. seed: the record split's seed
     (text datasets are split by position). allow_fallback: see load_text. DIR is replaced atomically.
     """
     from byollm import __version__
 
-    source = resolve(name_or_path, path=path, allow_download=allow_download, allow_fallback=allow_fallback)
+    source = name_or_path if isinstance(name_or_path, Source) else resolve(
+        name_or_path, path=path, allow_download=allow_download, allow_fallback=allow_fallback)
     splits = _split(source, val_fraction, seed)
     tok, trained_on = _tokenizer_for(tokenizer, splits)
     dtype = token_dtype(tok.vocab_size)

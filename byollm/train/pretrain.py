@@ -256,13 +256,13 @@ def prepare_data(data: DataConfig, dist: distributed.DistInfo | None = None) -> 
         return Path(data.dir)
     out = Path(data.dir) if data.dir is not None else None
     if dist.is_main:
+        source = resolve(data.name, allow_fallback=data.allow_fallback)  # resolved once: one notice, one try
         if out is None:
-            source = resolve(data.name, allow_fallback=data.allow_fallback)
             slug = f"{source.name}-{_tokenizer_slug(data.tokenizer)}-{source.sha256[:12]}"
             out = cache_dir().parent / "prepared" / slug
         if not (out / "meta.json").is_file():
-            print(f"[byollm] preparing {data.name} (tokenizer: {data.tokenizer}) -> {out}", file=sys.stderr)
-            prepare(data.name, data.tokenizer, out, allow_fallback=data.allow_fallback)
+            print(f"[byollm] preparing {source.name} (tokenizer: {data.tokenizer}) -> {out}", file=sys.stderr)
+            prepare(source, data.tokenizer, out)
     return Path(distributed.broadcast_object(str(out), dist))
 
 
