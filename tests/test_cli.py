@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,29 @@ def test_weights_from_another_architecture_are_refused(init_ckpt: Path, tmp_path
     (bad / "config.json").write_text(json.dumps(cfg))
     r = run_cli("generate", str(bad), "--max-new-tokens", "1")
     assert r.returncode == 2 and "do not fit the config" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("case", ["unknown name", "wrong checksum", "missing offline", "corrupt file"])
+def test_data_errors_are_one_clear_line(case: str, tmp_path: Path) -> None:
+    # The four ways data goes wrong for a user, through the real command (a fresh process, real registry).
+    mirror, cache = tmp_path / "mirror", tmp_path / "cache"
+    mirror.mkdir()
+    env = {**os.environ, "BYOLLM_DATA_MIRROR": str(mirror), "BYOLLM_CACHE": str(cache), "BYOLLM_OFFLINE": "1"}
+    name, message = "tinyshakespeare", ""
+    if case == "unknown name":
+        name, message = "tinyshakespear", "did you mean 'tinyshakespeare'"
+    elif case == "wrong checksum":
+        (mirror / "tinyshakespeare.txt").write_text("First Citizen:\nBefore we proceed any further, hear me")
+        message = "checksum"
+    elif case == "missing offline":
+        message = "put tinyshakespeare.txt in the local mirror"
+    else:
+        name = str(tmp_path / "broken.jsonl")
+        Path(name).write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c\n')
+        message = "line 3 is not valid JSON"
+    r = subprocess.run([sys.executable, "-m", "byollm.cli", "data", "prepare", name, "--tokenizer", "char",
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("byollm: error:"), r.stderr
+    assert message in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()  # nothing half-written
