@@ -1,7 +1,9 @@
 """Checkpoints on disk: save atomically, and resolve whatever path a user gives to a model.
 
 A checkpoint directory holds `model.safetensors` (weights), `config.json` (our `ModelConfig`),
-`meta.json` (who wrote it, when, with which versions) and `tokenizer/`. Every command that takes a
+`meta.json` (who wrote it, when, with which versions) and `tokenizer/`. A reward model's checkpoint is the
+same with `"kind": "reward"` in meta.json and its weights named `backbone.*` and `score.weight` (the head);
+`load_checkpoint(path, reward=True)` reads it back as a `RewardModel`. Every command that takes a
 CKPT accepts such a directory, a run directory (its latest checkpoint) or a Hugging Face model
 directory (converted on the fly), and says which it resolved to.
 """
@@ -20,7 +22,7 @@ from safetensors.torch import load_file, save_model
 
 from byollm.atomic import atomic_dir_write
 from byollm.errors import CheckpointError, ConfigError
-from byollm.model import GPT, ModelConfig
+from byollm.model import GPT, ModelConfig, RewardModel
 from byollm.tokenizer import Tokenizer, load_tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -34,7 +36,7 @@ CheckpointKind = Literal["checkpoint", "run", "hf"]
 
 @dataclass
 class Loaded:
-    model: GPT
+    model: GPT  # a RewardModel when loaded with reward=True
     tokenizer: Tokenizer | None
     path: Path  # the checkpoint directory actually read
     kind: CheckpointKind
@@ -62,11 +64,12 @@ def library_versions() -> dict[str, str]:
             "numpy": numpy.__version__, "safetensors": safetensors.__version__, "tokenizers": tokenizers.__version__}
 
 
-def save_checkpoint(model: GPT, path: str | Path, tokenizer: Tokenizer | None = None,
+def save_checkpoint(model: GPT | RewardModel, path: str | Path, tokenizer: Tokenizer | None = None,
                     meta: dict[str, Any] | None = None, extra: Callable[[Path], None] | None = None) -> Path:
     """Write model weights, config, tokenizer and metadata to `path` atomically.
 
-    `extra(tmp_dir)` may add files (a trainer's train_state.pt) inside the same atomic write."""
+    `extra(tmp_dir)` may add files (a trainer's train_state.pt) inside the same atomic write. A RewardModel
+    is marked "kind": "reward" in meta.json, so loading it as a language model fails clearly."""
 
     def write(tmp: Path) -> None:
         save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
@@ -75,6 +78,8 @@ def save_checkpoint(model: GPT, path: str | Path, tokenizer: Tokenizer | None = 
             tokenizer.save(tmp / TOKENIZER_DIR)
         info = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": library_versions(),
                 "num_params": model.num_params(), **(meta or {})}
+        if isinstance(model, RewardModel):
+            info["kind"] = "reward"
         (tmp / META).write_text(json.dumps(info, indent=2, default=str) + "\n")
         if extra is not None:
             extra(tmp)
@@ -168,9 +173,18 @@ def latest_checkpoint(checkpoints_dir: str | Path) -> Path:
     return candidates[-1]
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> Loaded:
-    """Load a model (and its tokenizer, when there is one) from any CKPT path a user may give."""
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                    *, reward: bool = False) -> Loaded:
+    """Load a model (and its tokenizer, when there is one) from any CKPT path a user may give.
+
+    reward=True: the checkpoint must be a reward model's, and `model` is a `RewardModel`."""
     kind, ckpt = resolve_checkpoint(path)
+    is_reward = kind != "hf" and checkpoint_kind(ckpt) == "reward"
+    if is_reward != reward:
+        raise CheckpointError(
+            f"'{ckpt}' is a reward model (a scalar head, no language model to generate with); use it where a "
+            "reward model is expected" if is_reward else
+            f"'{ckpt}' is a language model checkpoint, not a reward model; train one with `byollm reward`")
     if kind == "hf":
         from byollm.interop.hf import load_hf_dir
 
@@ -184,6 +198,29 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", dtype:
         state_dict = load_file(str(ckpt / WEIGHTS), device=str(device))
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise CheckpointError(f"cannot read {ckpt / WEIGHTS}: {e}") from e
-    model = build_model(config, state_dict, device=device, dtype=dtype)
+    if reward:
+        # The backbone's weights are checked and filled by build_model like any model's; then the head.
+        head = state_dict.pop("score.weight", None)
+        if head is None:
+            raise CheckpointError(f"{ckpt / WEIGHTS} has no score.weight: the reward head is missing")
+        backbone = {k.removeprefix("backbone."): v for k, v in state_dict.items()}
+        model = RewardModel(build_model(config, backbone, device=device, dtype=dtype))
+        model = model.to(device=device, dtype=dtype or next(model.backbone.parameters()).dtype)
+        if head.shape != model.score.weight.shape:
+            raise CheckpointError(f"score.weight has shape {tuple(head.shape)}, expected "
+                                  f"{tuple(model.score.weight.shape)}; is config.json from the same model?")
+        with torch.no_grad():
+            model.score.weight.copy_(head)
+    else:
+        model = build_model(config, state_dict, device=device, dtype=dtype)
     tokenizer = load_tokenizer(ckpt / TOKENIZER_DIR) if (ckpt / TOKENIZER_DIR).is_dir() else None
     return Loaded(model.eval(), tokenizer, ckpt, kind)
+
+
+def checkpoint_kind(ckpt: str | Path) -> str:
+    """"reward" or "lm" (the default: checkpoints written before kinds existed have none), from meta.json."""
+    meta = Path(ckpt) / META
+    try:
+        return json.loads(meta.read_text()).get("kind", "lm") if meta.is_file() else "lm"
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta} is not valid JSON ({e})") from e

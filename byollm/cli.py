@@ -68,6 +68,20 @@ def cmd_generate(a: Namespace) -> None:
         sys.stdout.write("\n")
 
 
+def cmd_chat(a: Namespace) -> None:
+    from byollm.chat import ChatSession, run_chat
+    from byollm.checkpoint import load_checkpoint
+    from byollm.generate import SamplingParams
+    from byollm.tokenizer.chat import require_chat_tokens
+
+    loaded = load_checkpoint(a.ckpt, device=a.device, dtype=_torch_dtype(a.dtype))
+    print(f"[byollm] loaded {loaded.describe()} ({loaded.model.num_params() / 1e6:.1f}M parameters)", file=sys.stderr)
+    require_chat_tokens(loaded.tokenizer)  # "this model was not trained with a chat template; run byollm sft first"
+    params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                            top_p=a.top_p, repetition_penalty=a.repetition_penalty, seed=a.seed)
+    run_chat(ChatSession(loaded.model, loaded.tokenizer, params, system=a.system))
+
+
 def cmd_export_hf(a: Namespace) -> None:
     from byollm.interop.hf import export_checkpoint_to_hf
 
@@ -280,6 +294,20 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--dtype", type=str, default="auto", help="float32, bfloat16, float16 or auto (as saved)")
     verbs.add_subcommand("generate", p, help="generate text from a checkpoint")
 
+    p = _sub("Chat with a model trained in byollm's chat format (after byollm sft): type a message, the reply "
+             "streams back; /reset forgets the conversation, /exit quits. Reads stdin line by line when piped.")
+    p.add_argument("ckpt", type=str, help="checkpoint dir, run dir or HF model dir")
+    p.add_argument("--system", type=Optional[str], default=None, help="system message")  # noqa: UP045
+    p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-k", "--top_k", type=Optional[int], default=None)  # noqa: UP045
+    p.add_argument("--top-p", "--top_p", type=Optional[float], default=None)  # noqa: UP045
+    p.add_argument("--repetition-penalty", "--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=Optional[int], default=None, help="seed sampling (reproducible replies)")  # noqa: UP045
+    p.add_argument("--device", type=str, default="cpu")
+    p.add_argument("--dtype", type=str, default="auto", help="float32, bfloat16, float16 or auto (as saved)")
+    verbs.add_subcommand("chat", p, help="chat with a model in the terminal (streaming)")
+
     export_verbs = _group(verbs, "export", "Export a checkpoint for other tools.",
                           "export to Hugging Face (and later GGUF)", "format")
     p = _sub("Write a Hugging Face model directory (config.json, model.safetensors, tokenizer).")
@@ -383,6 +411,7 @@ def build_parser() -> ArgumentParser:
 
 COMMANDS = {
     ("generate",): cmd_generate,
+    ("chat",): cmd_chat,
     ("export", "hf"): cmd_export_hf,
     ("convert", "from-hf"): cmd_convert_from_hf,
     ("tokenizer", "train"): cmd_tokenizer_train,

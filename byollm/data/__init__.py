@@ -11,6 +11,15 @@ default ~/.cache/byollm/data), then a verified download (sources.py). Datasets t
 `byollm.data` uses `tokenizer` and `errors` only.
 """
 
+from byollm.data.instruct import (
+    Conversation,
+    DataReport,
+    PreferencePair,
+    load_conversations,
+    load_pairs,
+    preference_examples,
+    sft_examples,
+)
 from byollm.data.prepare import (
     Prepared,
     bits_per_byte,
@@ -52,6 +61,13 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "Conversation",
+    "DataReport",
+    "PreferencePair",
+    "load_conversations",
+    "load_pairs",
+    "preference_examples",
+    "sft_examples",
     "CACHE_ENV",
     "MIRROR_ENV",
     "OFFLINE_ENV",

@@ -1,6 +1,8 @@
-"""Section 1: the Transformer. `GPT` is the model, `ModelConfig` describes it, presets name common shapes."""
+"""Section 1: the Transformer. `GPT` is the model, `ModelConfig` describes it, presets name common shapes;
+`RewardModel` puts a scalar head on it."""
 
 from byollm.model.config import PRESETS, ModelConfig, list_presets, preset
+from byollm.model.heads import RewardModel
 from byollm.model.model import GPT, KVCache, ModelOutput
 
-__all__ = ["GPT", "KVCache", "ModelConfig", "ModelOutput", "PRESETS", "list_presets", "preset"]
+__all__ = ["GPT", "KVCache", "ModelConfig", "ModelOutput", "PRESETS", "RewardModel", "list_presets", "preset"]

@@ -188,6 +188,10 @@ class Tokenizer(ABC):
         # PreTrainedTokenizerFast loads tokenizer.json as it is. Without clean_up_tokenization_spaces=False,
         # transformers' decode would remove spaces before punctuation and differ from ours.
         config.update({"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **roles})
+        # With byollm's chat tokens, the chat template that renders exactly as byollm.tokenizer.chat does.
+        from byollm.tokenizer.chat import hf_tokenizer_config
+
+        config.update(hf_tokenizer_config(self))
         write_json(directory / "tokenizer_config.json", config)
         write_json(directory / "special_tokens_map.json", {**roles, "additional_special_tokens": others})
 
