@@ -447,6 +447,8 @@ def _friendly(message: str, parser: ArgumentParser) -> str:
         for word in first.replace(":", " ").replace("'", " ").replace('"', " ").split():
             if word.startswith("--"):
                 close = difflib.get_close_matches(word.split("=")[0], known, n=1)
+                if close and close[0] == word.split("=")[0]:  # valid, but for another command
+                    return f"{first} (an option of another command, not this one)"
                 if close:
                     return f"{first} (did you mean {close[0]}?)"
     return " ".join(line.strip() for line in message.strip().splitlines())
