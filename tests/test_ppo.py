@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from byollm.checkpoint import load_checkpoint, save_checkpoint
+from byollm.errors import CheckpointError, ConfigError, DataError
 from byollm.generate import SamplingParams, generate
 from byollm.model import GPT, RewardModel, preset
 from byollm.tokenizer import CharTokenizer
@@ -33,6 +34,8 @@ from byollm.train.ppo import (
     plot_ppo_curves,
     ppo,
     ppo_losses,
+    prompt_encoder,
+    read_prompts,
     response_forward,
     response_mask,
     rloo_advantages,
@@ -306,8 +309,6 @@ def test_recipe_writes_a_gpt_checkpoint_and_resumes_bit_identically(tmp_path: Pa
 
 
 def test_recipe_errors_are_clear(tmp_path: Path) -> None:
-    from byollm.errors import CheckpointError, ConfigError, DataError
-
     with pytest.raises(ConfigError, match="multiple of mini_batch_size"):
         ppo(recipe(tmp_path, rollout=RolloutConfig(rollout_size=6, mini_batch_size=4)),
             reward_fn=token_fraction_reward(TARGET), prompts=[[1, 2]])
@@ -348,3 +349,23 @@ def test_recipe_with_text_prompts_a_tokenizer_and_held_out_prompts(tmp_path: Pat
     assert result.before["prompts"] == 4 and result.after["prompts"] == 4
     assert "=== step 2 ===" in (result.run_dir / "samples.txt").read_text()
     assert load_checkpoint(result.checkpoint).tokenizer.vocab_size == tok.vocab_size
+
+
+def test_prompts_from_files_and_the_chat_template(tmp_path: Path) -> None:
+    from byollm.tokenizer.chat import add_chat_tokens, encode_prompt
+
+    tok = CharTokenizer.train("abcdefghijklmnopqrstuvwxyz ?")
+    plain = prompt_encoder(tok)
+    assert plain("hi there") == tok.encode("hi there") and plain([1, 2, 3]) == [1, 2, 3]
+    add_chat_tokens(tok)  # after SFT: strings become a user turn + the assistant header
+    encode = prompt_encoder(tok)
+    user = [{"role": "user", "content": "hi there?"}]
+    assert encode("hi there?") == encode_prompt(tok, user)
+    assert encode([*user, {"role": "assistant", "content": "hello"}]) == encode_prompt(tok, user)  # reply dropped
+    assert prompt_encoder(tok, chat=False)("hi") == tok.encode("hi")
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "a b"}\n"c d"\n{"messages": [{"role": "user", "content": "e"}]}\n')
+    assert read_prompts(path) == ["a b", "c d", [{"role": "user", "content": "e"}]]
+    path.write_text('{"prompt": ""}\n')
+    with pytest.raises(DataError, match="record 0"):
+        read_prompts(path)

@@ -7,6 +7,7 @@
     distributed.py  torchrun / DDP set-up and the few collectives the loop needs
     perf.py         tokens/s and MFU (peak FLOP/s of GPUs, measured on CPUs)
     pretrain.py     the recipe: `pretrain(config)`, `evaluate_checkpoint`, `quickstart_config`
+    objectives.py   SFT, RewardBT, DPO, ORPO objectives; collators, ExampleSource, sequence_logprobs
 
 >>> from byollm.train import load_config, pretrain
 >>> pretrain(load_config("configs/quickstart.yaml", {"max_steps": 100}))

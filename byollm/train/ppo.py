@@ -338,6 +338,9 @@ class RolloutConfig:
     generation_batch_size: int | None = None  # prompts generated at once (None: the whole rollout)
     seed: int = 1337
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         for name in ("rollout_size", "mini_batch_size", "ppo_epochs", "max_new_tokens"):
             if getattr(self, name) < 1:
@@ -370,7 +373,8 @@ class RolloutSource:
     """The BatchSource of PPO: generates, scores and evaluates a rollout, then serves it as minibatches
     (dicts of tensors, see `make_rollout`) for ppo_epochs epochs in a seeded shuffled order.
 
-    policy: the PolicyWithValue being trained (the plain module; generation needs no DDP).
+    policy: the PolicyWithValue being trained (the plain module; generation needs no DDP), with dropout off
+        (`disable_dropout`): old log-probs are recorded in eval mode and must match the training forward.
     reference: the frozen GPT the KL is measured against.
     prompts: token ids; rank r of W takes rollout prompts from a seeded permutation per pass over them.
     stop_token_ids: where an answer ends (the tokenizer's eos, a chat template's end-of-turn).
@@ -727,7 +731,8 @@ class PPOConfig:
     prompts: str | None = None  # a file: .txt (one prompt a line), .jsonl / .json ("prompt" field or strings)
     val_prompts: int = 0  # prompts held out (a seeded choice) for evaluations; never trained on
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    stop_token_ids: list[int] | None = None  # where answers end; None: the tokenizer's eos
+    stop_token_ids: list[int] | None = None  # where answers end; None: the tokenizer's eos (<|end|> after SFT)
+    chat: bool | None = None  # render string prompts as a user turn of the chat template; None: if it has one
     clip_range: float = 0.2
     clip_range_value: float = 0.2
     vf_coef: float = 0.1
@@ -754,6 +759,7 @@ class PPOConfig:
         if isinstance(self.rollout, dict):
             self.rollout = RolloutConfig(**self.rollout)
         self.betas = tuple(self.betas)  # type: ignore[assignment]
+        self.validate()
 
     def validate(self) -> None:
         self.rollout.validate()
@@ -782,9 +788,10 @@ class PPOResult:
     plot: Path | None
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a file: .txt one per line (blank lines skipped), .jsonl one object ({"prompt": ...}) or
-    string per line, .json a list of those."""
+def read_prompts(path: str | Path) -> list[str | list[dict[str, str]]]:
+    """Prompts from a file: .txt one per line (blank lines skipped); .jsonl one record per line, .json a list
+    of records, each a string, {"prompt": str} or {"messages": [{"role", "content"}, ...]} (a final assistant
+    message, the reply of a dataset's conversation, is dropped when encoding)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"prompt file {p} does not exist")
@@ -795,11 +802,17 @@ def read_prompts(path: str | Path) -> list[str]:
         rows = json.loads(text) if p.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
     except json.JSONDecodeError as e:
         raise DataError(f"{p} is not valid JSON ({e})") from None
-    out = []
+    if not isinstance(rows, list):
+        raise DataError(f"{p} must hold a list of prompts")
+    out: list[str | list[dict[str, str]]] = []
     for i, row in enumerate(rows):
-        value = row.get("prompt") if isinstance(row, dict) else row
-        if not isinstance(value, str) or not value:
-            raise DataError(f"{p}, record {i}: expected a non-empty string or an object with a 'prompt' string")
+        value = row.get("prompt", row.get("messages")) if isinstance(row, dict) else row
+        ok = (isinstance(value, str) and value) or (isinstance(value, list) and value and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value))
+        if not ok:
+            raise DataError(f"{p}, record {i}: expected a non-empty string, {{'prompt': str}} or {{'messages': "
+                            "[{'role': ..., 'content': ...}, ...]}")
         out.append(value)
     return out
 
@@ -818,12 +831,12 @@ class PPORun(Run):
 def ppo(cfg: PPOConfig, *, reward_fn: RewardFn | None = None,
         prompts: Sequence[str] | Sequence[list[int]] | None = None,
         eval_prompts: Sequence[str] | Sequence[list[int]] | None = None,
-        encode: Callable[[str], list[int]] | None = None, progress: bool = True) -> PPOResult:
+        encode: Callable[[Any], list[int]] | None = None, progress: bool = True) -> PPOResult:
     """Run PPO: cfg.policy improved against reward_fn (or cfg.reward_model), written to runs/<name>/.
 
-    prompts / eval_prompts: strings or token ids (default: cfg.prompts, with cfg.val_prompts held out).
-    encode: how a prompt string becomes ids (a chat template's render of a user turn); default the policy's
-        tokenizer's encode. Prompts too long for the model are skipped and counted, never silently.
+    prompts / eval_prompts: strings, message lists or token ids (default: cfg.prompts, with cfg.val_prompts
+        held out), encoded by `encode` (default `prompt_encoder(tokenizer, cfg.chat)`: the chat template for
+        a chat model). Prompts too long for the model are skipped and counted, never silently.
     The checkpoints are ordinary GPT checkpoints of the policy (`byollm chat` / `generate` load them); the
     value head lives in their train_state.pt, used only to resume. metrics.jsonl holds "train" events (with
     the rollout's score and kl) and "ppo_eval" events (held-out score and kl); plots/ppo.png draws both."""
@@ -862,9 +875,10 @@ def ppo(cfg: PPOConfig, *, reward_fn: RewardFn | None = None,
             held = set(perm[:cfg.val_prompts].tolist())
             held_texts = [train_texts[i] for i in sorted(held)]
             train_texts = [t for i, t in enumerate(train_texts) if i not in held]
-        limit = gpt.config.block_size - cfg.rollout.max_new_tokens if gpt.config.pos_embedding == "learned" else None
-        train_ids = _encode_prompts(train_texts, encode, tokenizer, limit, "training", say)
-        held_ids = _encode_prompts(held_texts, encode, tokenizer, limit, "held-out", say) if held_texts else []
+        limit = gpt.config.block_size - cfg.rollout.max_new_tokens  # prompt + answer within the trained context
+        encode = encode or prompt_encoder(tokenizer, cfg.chat)
+        train_ids = _encode_prompts(train_texts, encode, limit, "training", say)
+        held_ids = _encode_prompts(held_texts, encode, limit, "held-out", say) if held_texts else []
         stop_ids = tuple(cfg.stop_token_ids) if cfg.stop_token_ids is not None else (
             (tokenizer.eos_id,) if tokenizer is not None and tokenizer.eos_id is not None else ())
         vocab_limit = vocab_limit_of(gpt.config, tokenizer)
@@ -879,6 +893,8 @@ def ppo(cfg: PPOConfig, *, reward_fn: RewardFn | None = None,
         run.write_config(json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n")
         seed_everything(cfg.seed)
         model = PolicyWithValue(gpt)
+        if cfg.rollout.advantage != "gae":  # no critic: frozen, so neither AdamW nor DDP waits for its gradient
+            model.value_head.requires_grad_(False)
         state = None
         if resume_from is not None:
             state = load_train_state(resume_from)
@@ -962,22 +978,38 @@ def _pad_id(tokenizer: Any) -> int:
     return pad if pad is not None else 0  # pads are masked everywhere, so any id in range works
 
 
-def _encode_prompts(texts: list[Any], encode: Callable[[str], list[int]] | None, tokenizer: Any, limit: int | None,
+def prompt_encoder(tokenizer: Any, chat: bool | None = None) -> Callable[[Any], list[int]]:
+    """How a prompt becomes ids. Token ids stay as they are; a list of messages goes through the chat template
+    (ending in the assistant header, so the policy writes the reply); a string is one user turn of the chat
+    template when `chat` (None: when the tokenizer has the chat tokens, i.e. after SFT), else plain text."""
+    from byollm.tokenizer.chat import encode_prompt, has_chat_tokens
+
+    use_chat = has_chat_tokens(tokenizer) if chat is None else chat
+
+    def encode(prompt: Any) -> list[int]:
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        if tokenizer is None:
+            raise CheckpointError("the policy checkpoint has no tokenizer/ to encode text prompts; pass token ids")
+        if isinstance(prompt, str) and not use_chat:
+            return tokenizer.encode(prompt)
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if messages and messages[-1].get("role") == "assistant":
+            messages = messages[:-1]  # a conversation with its reply: the prompt is everything before it
+        return encode_prompt(tokenizer, messages)
+
+    return encode
+
+
+def _encode_prompts(prompts: list[Any], encode: Callable[[Any], list[int]], limit: int,
                     what: str, say: Callable[[str], None]) -> list[list[int]]:
-    if texts and isinstance(texts[0], str):
-        if encode is None:
-            if tokenizer is None:
-                raise CheckpointError("the policy checkpoint has no tokenizer/ to encode prompts; pass token ids")
-            encode = tokenizer.encode
-        ids = [list(encode(t)) for t in texts]
-    else:
-        ids = [list(t) for t in texts]
+    ids = [list(encode(p)) for p in prompts]
     empty = sum(1 for x in ids if not x)
-    long = sum(1 for x in ids if x and limit is not None and len(x) > limit)
-    kept = [x for x in ids if x and (limit is None or len(x) <= limit)]
-    if empty or long:
+    long = sum(1 for x in ids if x and len(x) > limit)
+    kept = [x for x in ids if x and len(x) <= limit]
+    if empty or long:  # counted and reported, never dropped silently
         say(f"[byollm] skipped {empty + long} of {len(ids)} {what} prompts ({empty} empty, {long} longer than "
-            f"{limit} tokens, which leaves no room for max_new_tokens)")
+            f"{limit} tokens, which leaves no room for max_new_tokens in the model's block_size)")
     if not kept:
         raise DataError(f"no usable {what} prompts ({empty} empty, {long} too long of {len(ids)})")
     return kept
@@ -1002,6 +1034,6 @@ __all__ = [
     "PPOConfig", "PPOLosses", "PPOObjective", "PPOResult", "PPORun", "PolicyOutput", "PolicyWithValue", "RewardFn",
     "RewardModelScorer", "RolloutConfig", "RolloutSource", "disable_dropout", "evaluate_policy", "gae",
     "grpo_advantages", "kl_penalized_rewards", "load_reward_model", "masked_mean", "masked_whiten", "pack_sequences",
-    "plot_ppo_curves", "ppo", "ppo_losses", "read_prompts", "response_forward", "response_mask", "rloo_advantages",
-    "token_entropy", "token_fraction_reward", "token_logprobs", "vocab_limit_of",
+    "plot_ppo_curves", "ppo", "ppo_losses", "prompt_encoder", "read_prompts", "response_forward", "response_mask",
+    "rloo_advantages", "token_entropy", "token_fraction_reward", "token_logprobs", "vocab_limit_of",
 ]
