@@ -182,6 +182,35 @@ def cmd_pretrain(a: Namespace) -> None:
     pretrain(_train_config(a))
 
 
+def _align_config(a: Namespace):
+    from byollm.train.align import AlignTrainConfig
+
+    values = a.as_dict()
+    for key in ("config", "__path__"):
+        values.pop(key, None)
+    return AlignTrainConfig.from_dict(values)
+
+
+def _align_verb(recipe: str):
+    def cmd(a: Namespace) -> None:
+        from byollm.train.align import align
+
+        align(_align_config(a), recipe)
+
+    cmd.__name__ = f"cmd_{recipe}"
+    return cmd
+
+
+def cmd_ppo(a: Namespace) -> None:
+    from byollm.train.align import ppo_chat
+    from byollm.train.ppo import PPOConfig
+
+    values = a.as_dict()
+    for key in ("config", "__path__"):
+        values.pop(key, None)
+    ppo_chat(PPOConfig(**values))
+
+
 def cmd_quickstart(a: Namespace) -> None:
     import time
 
@@ -379,6 +408,30 @@ def build_parser() -> ArgumentParser:
     p.add_class_arguments(TrainConfig, None)
     verbs.add_subcommand("pretrain", p, help="pretrain a model from a config (YAML + overrides)")
 
+    from byollm.train.align import AlignTrainConfig
+
+    align_help = {
+        "sft": "Supervised fine-tuning on conversations (Alpaca, JSON/JSONL messages): loss on assistant tokens only.",
+        "reward": "Train a reward model (scalar head, Bradley-Terry loss) on preference pairs (HH-RLHF, JSON/JSONL).",
+        "dpo": "Direct Preference Optimisation on preference pairs, against the frozen starting (SFT) model.",
+        "orpo": "ORPO: SFT on the chosen replies plus an odds-ratio preference term, no reference model.",
+    }
+    for recipe, text in align_help.items():
+        p = _sub(f"{text} A YAML recipe (configs/{recipe}-*.yaml) plus dotted overrides (--align.base CKPT); "
+                 "writes runs/<name>/ with held_out.json, metrics and a checkpoint.")
+        p.add_argument("--config", action=ActionConfigFile)
+        p.add_class_arguments(AlignTrainConfig, None)
+        verbs.add_subcommand(recipe, p, help=text.split(":")[0].split(" (")[0].rstrip("."))
+
+    from byollm.train.ppo import PPOConfig
+
+    p = _sub("RLHF with PPO: the policy (an SFT model) answers prompts, a reward model scores them, PPO with a "
+             "KL penalty to the frozen starting policy. --prompts: a prompt file (one user turn a line / JSONL) "
+             "or a preference dataset (hh-rlhf), whose held-out split gives --val_prompts evaluation prompts.")
+    p.add_argument("--config", action=ActionConfigFile)
+    p.add_class_arguments(PPOConfig, None)
+    verbs.add_subcommand("ppo", p, help="RLHF with PPO against a reward model")
+
     p = _sub("Train a small Llama-style character model on Tiny Shakespeare on the CPU (a few minutes), then "
              "print where everything went and what to run next. Same as configs/quickstart.yaml.")
     p.add_argument("--max-steps", "--max_steps", type=Optional[int], default=None,  # noqa: UP045
@@ -422,6 +475,11 @@ COMMANDS = {
     ("data", "download"): cmd_data_download,
     ("data", "prepare"): cmd_data_prepare,
     ("pretrain",): cmd_pretrain,
+    ("sft",): _align_verb("sft"),
+    ("reward",): _align_verb("reward"),
+    ("dpo",): _align_verb("dpo"),
+    ("orpo",): _align_verb("orpo"),
+    ("ppo",): cmd_ppo,
     ("quickstart",): cmd_quickstart,
     ("eval",): cmd_eval,
 }

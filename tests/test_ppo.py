@@ -354,7 +354,7 @@ def test_recipe_with_text_prompts_a_tokenizer_and_held_out_prompts(tmp_path: Pat
 def test_prompts_from_files_and_the_chat_template(tmp_path: Path) -> None:
     from byollm.tokenizer.chat import add_chat_tokens, encode_prompt
 
-    tok = CharTokenizer.train("abcdefghijklmnopqrstuvwxyz ?")
+    tok = CharTokenizer.train("abcdefghijklmnopqrstuvwxyz ?\n")
     plain = prompt_encoder(tok)
     assert plain("hi there") == tok.encode("hi there") and plain([1, 2, 3]) == [1, 2, 3]
     add_chat_tokens(tok)  # after SFT: strings become a user turn + the assistant header

@@ -23,6 +23,7 @@ bf16 autocast on by default, and gradient checkpointing, which the tiny models h
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,13 +87,22 @@ def load_hf_pretrained(hf_dir: str | Path) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _common_args(out_dir: str | Path, steps: int, batch_size: int, lr: float, seed: int,
+def _context(model: Any) -> int:
+    """The model's context length (block_size): GPT-2 calls it n_positions, Llama max_position_embeddings."""
+    config = model.config
+    return getattr(config, "max_position_embeddings", None) or config.n_positions
+
+
+def _common_args(config_cls: type, out_dir: str | Path, steps: int, batch_size: int, lr: float, seed: int,
                  overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """TrainingArguments shared by both trainers: CPU-friendly, fp32, no hub, no saving mid-run."""
+    """TrainingArguments shared by both trainers: fp32, no checkpointing, no hub, no saving mid-run, a log per step."""
+    # transformers >= 5.2x renamed gradient_checkpointing to activation_checkpointing (the old name warns).
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     return {"output_dir": str(out_dir), "max_steps": steps, "per_device_train_batch_size": batch_size,
-            "learning_rate": lr, "seed": seed, "logging_steps": 1, "report_to": "none", "save_strategy": "no",
-            "bf16": False, "fp16": False, "gradient_checkpointing": False, "lr_scheduler_type": "constant",
-            "dataloader_num_workers": 0, "disable_tqdm": True, **overrides}
+            "learning_rate": lr, "lr_scheduler_type": "constant", "seed": seed, "logging_steps": 1,
+            "report_to": "none", "save_strategy": "no", "bf16": False, "fp16": False, checkpointing: False,
+            "dataloader_num_workers": 0, "dataloader_pin_memory": False, "disable_tqdm": True, **overrides}
 
 
 def sft_trainer(hf_dir: str | Path, conversations: Iterable[Conversation | Messages], out_dir: str | Path, *,
@@ -106,10 +116,9 @@ def sft_trainer(hf_dir: str | Path, conversations: Iterable[Conversation | Messa
     """
     trl = require("trl", "align")
     model, tokenizer = load_hf_pretrained(hf_dir)
-    max_length = max_length or model.config.max_position_embeddings if hasattr(
-        model.config, "max_position_embeddings") else max_length or model.config.n_positions
-    args = trl.SFTConfig(**_common_args(out_dir, steps, batch_size, lr, seed, config),
-                         max_length=max_length, assistant_only_loss=assistant_only_loss, packing=False)
+    args = trl.SFTConfig(**_common_args(trl.SFTConfig, out_dir, steps, batch_size, lr, seed, config),
+                         max_length=max_length or _context(model), assistant_only_loss=assistant_only_loss,
+                         packing=False)
     return trl.SFTTrainer(model=model, args=args, train_dataset=sft_dataset(conversations),
                           processing_class=tokenizer)
 
@@ -124,8 +133,8 @@ def dpo_trainer(hf_dir: str | Path, pairs: Iterable[PreferencePair], out_dir: st
     trl = require("trl", "align")
     model, tokenizer = load_hf_pretrained(hf_dir)
     reference, _ = load_hf_pretrained(hf_dir)
-    args = trl.DPOConfig(**_common_args(out_dir, steps, batch_size, lr, seed, config), beta=beta,
-                         max_length=max_length)
+    args = trl.DPOConfig(**_common_args(trl.DPOConfig, out_dir, steps, batch_size, lr, seed, config), beta=beta,
+                         max_length=max_length or _context(model))
     return trl.DPOTrainer(model=model, ref_model=reference.eval(), args=args,
                           train_dataset=preference_dataset(pairs), processing_class=tokenizer)
 

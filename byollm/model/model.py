@@ -10,6 +10,7 @@ Shapes: B batch, T new tokens, S keys (cached + new), C width, H query heads, G 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -407,3 +408,37 @@ class GPT(nn.Module):
             matmul_params += self.lm_head.weight.numel()  # tied: the table is used as a matmul once per token
         return 6 * matmul_params + 12 * c.n_layer * c.n_head * c.head_dim * t
 
+
+
+@torch.no_grad()
+def resize_token_embeddings(model: GPT, vocab_size: int) -> GPT:
+    """Give `model` a vocabulary of `vocab_size` ids, in place (and return it): what adding tokens to its
+    tokenizer (the chat control tokens) needs. Existing rows are kept; new rows of the embedding (and of an
+    untied LM head) start at the mean of the existing rows, so a new token starts as an "average" token
+    (a random row would put arbitrary logits on the new ids); removing rows cuts the table. A tied LM head
+    stays tied to the embedding; config.vocab_size follows."""
+    old = model.config.vocab_size
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be at least 1, got {vocab_size}")
+    if vocab_size == old:
+        return model
+
+    def resized(weight: torch.Tensor) -> torch.Tensor:
+        out = weight.new_empty(vocab_size, weight.shape[1])
+        keep = min(old, vocab_size)
+        out[:keep] = weight[:keep]
+        if vocab_size > old:
+            out[old:] = weight.float().mean(dim=0).to(weight.dtype)
+        return out
+
+    emb = model.tok_emb.weight
+    model.tok_emb = nn.Embedding(vocab_size, emb.shape[1], device=emb.device, dtype=emb.dtype)
+    model.tok_emb.weight.copy_(resized(emb))
+    head = model.lm_head.weight
+    model.lm_head = nn.Linear(head.shape[1], vocab_size, bias=False, device=head.device, dtype=head.dtype)
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    else:
+        model.lm_head.weight.copy_(resized(head))
+    model.config = dataclasses.replace(model.config, vocab_size=vocab_size)
+    return model

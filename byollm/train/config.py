@@ -213,6 +213,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             return value
         if tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+        if get_origin(tp) is list and isinstance(value, (list, tuple)):
+            return [_coerce(v, args[0], name) for v in value]
         if get_origin(tp) is tuple and isinstance(value, (list, tuple)):
             return tuple(_coerce(v, t, name) for v, t in zip(value, args, strict=True))
         if get_origin(tp) is Literal and value in args:

@@ -856,6 +856,7 @@ def ppo(cfg: PPOConfig, *, reward_fn: RewardFn | None = None,
         reference = disable_dropout(copy.deepcopy(gpt)).eval().requires_grad_(False)
 
         # 2. The reward.
+        reward_source = cfg.reward_model if reward_fn is None else getattr(reward_fn, "__qualname__", "reward_fn")
         if reward_fn is None:
             if cfg.reward_model is None:
                 raise ConfigError("ppo needs a reward: --reward_model CKPT, or reward_fn= from Python")
@@ -942,9 +943,10 @@ def ppo(cfg: PPOConfig, *, reward_fn: RewardFn | None = None,
             trainer.load_state_dict(state)
             run.rewind(trainer.step)
             say(f"[byollm] resumed from {resume_from} (step {trainer.step})")
-        run.write_meta(run_meta(cfg.seed, device, {"run": name, "recipe": "ppo", "policy": str(loaded.path),
-                                                   "prompts": len(train_ids), "held_out_prompts": len(held_ids),
-                                                   "resumed_from": str(resume_from) if resume_from else None}))
+        run.write_meta(run_meta(cfg.seed, device, {
+            "run": name, "recipe": "ppo", "policy": str(loaded.path), "reward": reward_source,
+            "prompts": len(train_ids), "held_out_prompts": len(held_ids),
+            "resumed_from": str(resume_from) if resume_from else None}))
         per_rollout = source.minibatches_per_rollout / cfg.grad_accum
         say(f"[byollm] run {run.path}: {len(train_ids)} prompts, {cfg.rollout.rollout_size} per rollout, "
             f"{per_rollout:g} steps per rollout, {cfg.max_steps} steps")

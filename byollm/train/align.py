@@ -1,0 +1,513 @@
+"""The alignment recipes: SFT, reward model, DPO and ORPO (and PPO with chat prompts). Each reads top to bottom.
+
+    byollm sft    --config configs/sft-alpaca-cpu.yaml --align.base runs/base
+    byollm reward --config configs/reward-hh-cpu.yaml  --align.base runs/sft
+    byollm dpo    --config configs/dpo-hh-cpu.yaml     --align.base runs/sft
+    byollm orpo   --config configs/orpo-hh-cpu.yaml    --align.base runs/base
+    byollm ppo    --config configs/ppo-hh-cpu.yaml     --policy runs/sft --reward_model runs/reward
+
+Every recipe does the same seven things, and differs only in the objective and the held-out metric:
+
+1. load the starting checkpoint (`align.base`: ours, a run folder, or a Hugging Face directory);
+2. make sure its tokenizer has the chat control tokens (`add_chat_tokens`), growing the model's embedding
+   and LM head to the new vocabulary (`resize_token_embeddings`: new rows start at the mean embedding);
+3. build examples from a named dataset (alpaca, hh-rlhf, through the mirror) or a local JSON/JSONL file,
+   split into train and held-out by record BEFORE tokenising (`byollm.data.instruct`), and print the
+   DataReport line: every skipped record is counted and reported, never dropped silently;
+4. measure the held-out metric of the starting model;
+5. run the one `Trainer` with the objective (metrics.jsonl, plots/loss.png, samples.txt in runs/<name>/);
+6. measure the held-out metric again, and sample answers to a fixed prompt set;
+7. save a normal checkpoint (a reward model's is marked "kind": "reward") and print a summary.
+
+    SFT     held-out assistant-token loss (every reply token once), before and after
+    reward  held-out pairwise accuracy: share of pairs with r(chosen) > r(rejected)
+    DPO     held-out implicit-reward accuracy and margin, beta * [log pi/ref (chosen) - log pi/ref (rejected)],
+            with the starting model as reference; and, for the starting and the trained model alike, the
+            reference-free ranking accuracy (log pi(chosen) > log pi(rejected)), which compares the two fairly
+            (the starting model's implicit rewards are all exactly 0)
+    ORPO    held-out accuracy (mean token log-prob of chosen > rejected) and log odds ratio, before and after
+
+The config is a `TrainConfig` (the loop's fields: batch_size, max_steps, lr, ...) plus `align`
+(`AlignConfig`); `model.*` and `data.*` are pretraining settings and must stay unset here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from byollm.checkpoint import load_checkpoint
+from byollm.data.instruct import (
+    SPLIT_SEED,
+    VAL_FRACTION,
+    DataReport,
+    preference_examples,
+    sft_examples,
+    to_conversations,
+    to_pairs,
+)
+from byollm.data.readers import load_records, split_records
+from byollm.errors import ConfigError, DataError
+from byollm.generate import SamplingParams, generate
+from byollm.model import GPT, RewardModel, resize_token_embeddings
+from byollm.model.config import ModelChoice
+from byollm.tokenizer import Tokenizer
+from byollm.tokenizer.chat import add_chat_tokens, encode_prompt, end_id, has_chat_tokens
+from byollm.train import distributed
+from byollm.train.config import DataConfig, TrainConfig, _from_dict
+from byollm.train.loop import Trainer, evaluate, seed_everything
+from byollm.train.objectives import (
+    DPO,
+    ORPO,
+    SFT,
+    ExampleSource,
+    RewardBT,
+    collate_preference,
+    collate_sft,
+    evaluate_pairs,
+    example_batches,
+    precompute_reference_logprobs,
+)
+from byollm.train.optim import build_optimizer, build_scheduler, lr_at
+from byollm.train.pretrain import find_resume_checkpoint, resolve_dtype
+from byollm.train.run import Run, load_train_state, run_meta
+
+RECIPES = ("sft", "reward", "dpo", "orpo")
+
+# The fixed prompt set every recipe answers at the end of training (samples.txt and the result).
+SAMPLE_PROMPTS = [
+    "Give three tips for staying healthy.",
+    "What is the capital of France?",
+    "How can I be a better friend?",
+    "Write a short poem about the sea.",
+]
+
+
+@dataclass
+class AlignConfig:
+    """What an alignment run starts from and trains on (the loop's settings are the TrainConfig fields)."""
+
+    base: str | None = None  # CKPT to start from: a checkpoint, a run folder (its latest) or a Hugging Face dir
+    dataset: str = "alpaca"  # a registry name (alpaca, hh-rlhf) or a local .json / .jsonl file
+    val_fraction: float = VAL_FRACTION  # records held out (split by record, before tokenising)
+    split_seed: int = SPLIT_SEED
+    max_train: int | None = None  # use only the first N training records (None: all)
+    max_val: int | None = None  # evaluate on only the first N held-out records (None: all)
+    max_len: int = 256  # tokens per example (prompt + reply); longer: counted skip (pairs: prompt cut first)
+    min_prompt_len: int | None = None  # pairs: the least prompt tokens to keep when cutting (None: max_len // 4)
+    strict: bool = False  # every skipped record is an error instead of a counted skip
+    beta: float = 0.1  # DPO's beta (strength of the KL constraint)
+    orpo_lambda: float = 0.1  # ORPO's weight of the odds-ratio term
+    reference: str | None = None  # DPO's reference CKPT; None: the base (the usual choice: the SFT model)
+    eval_batch_size: int = 16
+    sample_prompts: list[str] = field(default_factory=lambda: list(SAMPLE_PROMPTS))
+    sample_temperature: float = 0.0  # 0: greedy
+
+    def validate(self) -> None:
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"align.val_fraction must be in (0, 1), got {self.val_fraction}")
+        for name in ("max_len", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"align.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_train", "max_val"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"align.{name} must be at least 1 (or null for all), got {getattr(self, name)}")
+        if self.beta <= 0 or self.orpo_lambda < 0 or self.sample_temperature < 0:
+            raise ConfigError(f"need align.beta > 0, align.orpo_lambda >= 0 and align.sample_temperature >= 0, got "
+                              f"{self.beta}, {self.orpo_lambda}, {self.sample_temperature}")
+
+
+@dataclass
+class AlignTrainConfig(TrainConfig):
+    """One alignment run: the loop's fields of TrainConfig plus `align`. model.* and data.* stay unset (the
+    model and its tokenizer come from align.base, the examples from align.dataset)."""
+
+    align: AlignConfig = field(default_factory=AlignConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.align, dict):
+            self.align = _from_dict(AlignConfig, self.align, "align.")
+        super().__post_init__()
+
+    def validate(self) -> None:
+        super().validate()
+        if self.model != ModelChoice() or self.data != DataConfig():
+            raise ConfigError("alignment recipes take the model and tokenizer from align.base and the data from "
+                              "align.dataset; remove the model.* / data.* settings")
+        if self.optimizer != "adamw":
+            raise ConfigError("alignment recipes use AdamW (optimizer: adamw); Muon is for pretraining here")
+        self.align.validate()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AlignTrainConfig:
+        return _from_dict(cls, d, "")
+
+
+def load_align_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> AlignTrainConfig:
+    """An AlignTrainConfig from a YAML recipe (configs/*-cpu.yaml) and dotted overrides ({"align.beta": 0.2})."""
+    import yaml
+
+    d: dict[str, Any] = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        d = yaml.safe_load(Path(path).read_text()) or {}
+    for dotted, value in (overrides or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = d
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return AlignTrainConfig.from_dict(d)
+
+
+@dataclass
+class AlignResult:
+    recipe: str
+    run_dir: Path
+    checkpoint: Path | None
+    steps: int
+    before: dict[str, float]  # the held-out metrics of the starting model
+    after: dict[str, float]  # ... and of the trained one
+    data: dict[str, str]  # the DataReport lines of the train and held-out sets
+    samples: list[str]  # answers to align.sample_prompts (empty for a reward model)
+    seconds: float
+
+
+# --------------------------------------------------------------------------------------------------
+# The recipes
+# --------------------------------------------------------------------------------------------------
+
+
+def sft(cfg: AlignTrainConfig, *, progress: bool = True) -> AlignResult:
+    """Supervised fine-tuning on conversations: the loss on assistant tokens only."""
+    return align(cfg, "sft", progress=progress)
+
+
+def reward(cfg: AlignTrainConfig, *, progress: bool = True) -> AlignResult:
+    """A reward model (scalar head on the base) trained with the Bradley-Terry loss on preference pairs."""
+    return align(cfg, "reward", progress=progress)
+
+
+def dpo(cfg: AlignTrainConfig, *, progress: bool = True) -> AlignResult:
+    """Direct Preference Optimisation against a frozen reference (the base, normally the SFT model)."""
+    return align(cfg, "dpo", progress=progress)
+
+
+def orpo(cfg: AlignTrainConfig, *, progress: bool = True) -> AlignResult:
+    """ORPO: SFT on the chosen replies plus an odds-ratio preference term; no reference model."""
+    return align(cfg, "orpo", progress=progress)
+
+
+def align(cfg: AlignTrainConfig, recipe: str, *, progress: bool = True) -> AlignResult:
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}; one of {', '.join(RECIPES)}")
+    cfg.validate()
+    a = cfg.align
+    if a.base is None:
+        raise ConfigError(f"{recipe} needs a model to start from: --align.base CKPT (a checkpoint, run folder or "
+                          "Hugging Face directory)")
+    dist = distributed.setup(cfg.device)
+    device = dist.device
+    say = _printer(dist.is_main and progress)
+    autocast_dtype = resolve_dtype(cfg.dtype, device)
+    t_start = time.perf_counter()
+    try:
+        # 1-2. The starting model, with the chat tokens in its tokenizer and rows for them in its embedding.
+        loaded = load_checkpoint(a.base, device=device)
+        say(f"[byollm] {recipe}: starting from {loaded.describe()} ({loaded.model.num_params() / 1e6:.2f}M parameters)")
+        tok = loaded.tokenizer
+        gpt = prepare_chat_model(loaded.model, tok, say)
+
+        # 3. Examples, split by record before tokenising; every skip counted and printed.
+        max_len = a.max_len
+        if gpt.config.pos_embedding == "learned" and max_len > gpt.config.block_size:
+            raise ConfigError(f"align.max_len={max_len} is longer than the model's block_size "
+                              f"({gpt.config.block_size}), which a learned-position model cannot exceed")
+        train, train_report = build_examples(recipe, tok, a, "train")
+        val, val_report = build_examples(recipe, tok, a, "val")
+        say(f"[byollm] data train: {train_report}")
+        say(f"[byollm] data held-out: {val_report}")
+        if not val:
+            raise DataError(f"no held-out examples left ({val_report})")
+
+        # The run folder (new, or the one to resume).
+        if cfg.resume and cfg.name is None:
+            raise ConfigError("resume needs the run's --name (the folder under out_dir to continue)")
+        name = distributed.broadcast_object(cfg.name or f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}", dist)
+        cfg = dataclasses.replace(cfg, name=name)
+        run = Run(Path(cfg.out_dir) / name, enabled=dist.is_main, tensorboard=cfg.tensorboard)
+        resume_from = find_resume_checkpoint(run, cfg.resume)
+        run.remove_partial_checkpoints()
+        run.write_config(cfg.to_yaml())
+        seed_everything(cfg.seed)
+
+        # The model the objective trains, and the objective.
+        pad_id = tok.pad_id if tok.pad_id is not None else 0
+        model: nn.Module = RewardModel(gpt) if recipe == "reward" else gpt
+        if resume_from is not None:
+            state = load_checkpoint(resume_from, device=device, reward=recipe == "reward").model.state_dict()
+            model.load_state_dict(state)
+        objective: Any
+        if recipe == "sft":
+            objective, collate = SFT(), partial(collate_sft, pad_id=pad_id, max_length=max_len)
+        else:
+            collate = partial(collate_preference, pad_id=pad_id, max_length=max_len)
+            objective = {"reward": RewardBT(), "orpo": ORPO(a.orpo_lambda), "dpo": DPO(a.beta)}[recipe]
+        if recipe == "dpo":  # the frozen reference's log-probs, once per example (then it leaves memory)
+            reference = gpt if a.reference is None else prepare_chat_model(
+                load_checkpoint(a.reference, device=device).model, tok, say)
+            if resume_from is not None and a.reference is None:
+                reference = prepare_chat_model(load_checkpoint(a.base, device=device).model, tok, lambda m: None)
+            say(f"[byollm] reference log-probs of {len(train) + len(val)} pairs "
+                f"({'the base' if a.reference is None else a.reference})")
+            ref = partial(precompute_reference_logprobs, reference, batch_size=a.eval_batch_size, pad_id=pad_id,
+                          max_length=max_len, device=device, autocast_dtype=autocast_dtype)
+            train, val = ref(train), ref(val)
+            del reference
+
+        def val_batches():
+            return example_batches(val, a.eval_batch_size, collate, rank=dist.rank, world_size=dist.world_size)
+
+        def held_out(m: nn.Module) -> dict[str, float]:
+            return held_out_metrics(recipe, m, objective, val, collate, a.eval_batch_size, device, autocast_dtype,
+                                    dist)
+
+        # 4. The starting model on the held-out set.
+        before = held_out(model) if resume_from is None else {}
+        if before:
+            say(f"[byollm] held-out before: {_fmt(before)}")
+
+        # 5. Train with the one loop.
+        source = ExampleSource(train, cfg.batch_size, collate, seed=cfg.seed, rank=dist.rank,
+                               world_size=dist.world_size)
+        optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.decay_embeddings, device.type)
+        decay_steps = cfg.lr_decay_steps or cfg.max_steps
+        scheduler = build_scheduler(optimizer, lambda step: lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr,
+                                                                  warmup_steps=cfg.warmup_steps,
+                                                                  decay_steps=decay_steps, schedule=cfg.schedule),
+                                    cfg.lr)
+        samples: list[str] = []
+
+        def sample(m: nn.Module) -> str:
+            samples[:] = answer_prompts(m, tok, a.sample_prompts, cfg.sample_tokens, a.sample_temperature, cfg.seed)
+            return "\n---\n".join(f"{p}\n=> {s}" for p, s in zip(a.sample_prompts, samples, strict=True))
+
+        meta = {"run": name, "recipe": recipe, "base": str(loaded.path), "dataset": a.dataset}
+        trainer = Trainer(model, objective, source, optimizer, scheduler, cfg, device=device, dist=dist,
+                          autocast_dtype=autocast_dtype, run=run, tokenizer=tok, eval_data=val_batches,
+                          sample=None if recipe == "reward" or not a.sample_prompts else sample,
+                          checkpoint_meta=meta, progress=progress)
+        if resume_from is not None:
+            trainer.load_state_dict(load_train_state(resume_from))
+            run.rewind(trainer.step)
+            say(f"[byollm] resumed from {resume_from} (step {trainer.step})")
+        run.write_meta(run_meta(cfg.seed, device, {**meta, "world_size": dist.world_size,
+                                                   "train_examples": len(train), "val_examples": len(val),
+                                                   "data_train": str(train_report), "data_val": str(val_report),
+                                                   "resumed_from": str(resume_from) if resume_from else None}))
+        say(f"[byollm] run {run.path}: {len(train)} train / {len(val)} held-out examples, batch {cfg.batch_size} "
+            f"x {cfg.grad_accum} accum x {dist.world_size}, {cfg.max_steps} steps ({cfg.max_steps / max(1, source.steps_per_epoch):.2f} epochs)")
+        t0 = time.perf_counter()
+        trainer.fit()
+        seconds = time.perf_counter() - t0
+
+        # 6. The trained model on the held-out set.
+        after = held_out(model)
+        run.log({"event": "held_out", "step": trainer.step, **{f"before_{k}": v for k, v in before.items()},
+                 **{f"after_{k}": v for k, v in after.items()}})
+        run.close()
+        checkpoint = trainer.last_checkpoint or resume_from
+        result = AlignResult(recipe, run.path, checkpoint, trainer.step, before, after,
+                             {"train": str(train_report), "val": str(val_report)}, list(samples),
+                             time.perf_counter() - t_start)
+        if dist.is_main and run.enabled:
+            (run.path / "held_out.json").write_text(json.dumps(
+                {"recipe": recipe, "steps": trainer.step, "before": before, "after": after, "data": result.data,
+                 "samples": dict(zip(a.sample_prompts, samples, strict=False))}, indent=2) + "\n")
+
+        # 7. Summary.
+        say(f"[byollm] {recipe}: {trainer.step} steps in {_duration(seconds)}")
+        say(f"[byollm] held-out {'before ' + _fmt(before) + ' -> ' if before else ''}after {_fmt(after)}")
+        for p, s in zip(a.sample_prompts[:2], samples, strict=False):
+            say(f"[byollm] sample: {p!r} => {s[:120]!r}")
+        files = ["config.yaml", "meta.json", "metrics.jsonl", "held_out.json", "plots/loss.png", "samples.txt"]
+        say(f"[byollm] wrote {run.path}/: {', '.join(f for f in files if (run.path / f).exists())}")
+        if checkpoint is not None:
+            say(f"[byollm] checkpoint{' (reward model)' if recipe == 'reward' else ''}: {checkpoint}")
+        return result
+    finally:
+        if dist.enabled:
+            distributed.teardown()
+
+
+# --------------------------------------------------------------------------------------------------
+# The pieces the recipes use
+# --------------------------------------------------------------------------------------------------
+
+
+def prepare_chat_model(model: GPT, tok: Tokenizer | None, say: Any = None) -> GPT:
+    """Add the chat control tokens to `tok` when missing (in place) and make the model's vocabulary cover
+    them (`resize_token_embeddings`; a table already larger than the tokenizer is left alone)."""
+    if tok is None:
+        raise ConfigError("the base checkpoint has no tokenizer/; alignment needs one to render conversations")
+    if not has_chat_tokens(tok):
+        add_chat_tokens(tok)
+        if say is not None:
+            say(f"[byollm] added the chat tokens to the tokenizer ({tok.vocab_size} ids)")
+    if tok.vocab_size > model.config.vocab_size:
+        if say is not None:
+            say(f"[byollm] resized the embedding{'' if model.config.tie_embeddings else ' and LM head'} "
+                f"{model.config.vocab_size} -> {tok.vocab_size} rows (new rows: the mean embedding)")
+        resize_token_embeddings(model, tok.vocab_size)
+    return model
+
+
+def build_examples(recipe: str, tok: Tokenizer, a: AlignConfig, split: str) -> tuple[list[dict], DataReport]:
+    """The train or held-out examples of a recipe: SFT examples for sft, preference examples otherwise.
+    Records are split before conversion (`split_records`); max_train / max_val keep the first N of a split."""
+    records = load_records(a.dataset)
+    train_idx, val_idx = split_records(len(records), a.val_fraction, a.split_seed)
+    idx = (train_idx if split == "train" else val_idx).tolist()
+    limit = a.max_train if split == "train" else a.max_val
+    idx = idx[:limit] if limit is not None else idx
+    source = f"{Path(a.dataset).name} ({split})"
+    if recipe == "sft":
+        convs, report = to_conversations(records, indices=idx, source=source, strict=a.strict)
+        return sft_examples(tok, convs, a.max_len, report=report, strict=a.strict)
+    pairs, report = to_pairs(records, indices=idx, source=source, strict=a.strict)
+    return preference_examples(tok, pairs, a.max_len, min_prompt_len=a.min_prompt_len, report=report,
+                               strict=a.strict)
+
+
+def held_out_metrics(recipe: str, model: nn.Module, objective: Any, val: list[dict], collate: Any, batch_size: int,
+                     device: torch.device, autocast_dtype: torch.dtype | None,
+                     dist: distributed.DistInfo | None = None) -> dict[str, float]:
+    """The recipe's held-out numbers (see the module docstring), each an exact mean over the held-out set."""
+    def batches(examples: list[dict]) -> Any:
+        rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+        return example_batches(examples, batch_size, collate, rank=rank, world_size=world)
+
+    if recipe == "sft":
+        r = evaluate(model, objective, batches(val), device=device, autocast_dtype=autocast_dtype, dist=dist)
+        return {"loss": r["loss"], "tokens": r["tokens"], "examples": len(val)}
+    r = evaluate_pairs(model, objective, batches(val), device=device, autocast_dtype=autocast_dtype, dist=dist)
+    if recipe == "reward":
+        return {"accuracy": r["accuracy"], "margin": r["margin"], "loss": r["loss"], "pairs": r["pairs"]}
+    if recipe == "orpo":
+        return {"accuracy": r["accuracy"], "log_odds_ratio": r["log_odds_ratio"], "nll": r["nll"],
+                "pairs": r["pairs"]}
+    out = {"accuracy": r["accuracy"], "margin": r["margin"], "loss": r["loss"], "pairs": r["pairs"]}
+    out["ranking_accuracy"] = ranking_accuracy(model, val, collate, batch_size, device, autocast_dtype, dist)
+    return out
+
+
+def ranking_accuracy(model: nn.Module, pairs: list[dict], collate: Any, batch_size: int, device: torch.device,
+                     autocast_dtype: torch.dtype | None = None, dist: distributed.DistInfo | None = None) -> float:
+    """Share of pairs with log pi(chosen | prompt) > log pi(rejected | prompt): DPO's implicit-reward accuracy
+    with a uniform reference, so it compares any two models (the SFT model and the DPO model) on equal terms."""
+    zeroed = [{**e, "ref_chosen_logp": 0.0, "ref_rejected_logp": 0.0} for e in pairs]
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    r = evaluate_pairs(model, DPO(1.0), example_batches(zeroed, batch_size, collate, rank=rank, world_size=world),
+                       device=device, autocast_dtype=autocast_dtype, dist=dist)
+    return r["accuracy"]
+
+
+@torch.no_grad()
+def answer_prompts(model: nn.Module, tok: Tokenizer, prompts: list[str] | list[list[dict]], max_new_tokens: int = 64,
+                   temperature: float = 0.0, seed: int = 0) -> list[str]:
+    """The model's replies to user prompts (strings, or conversations as message lists), in the chat format,
+    stopping at <|end|>; greedy with temperature 0, else seeded sampling."""
+    ids = [encode_prompt(tok, [{"role": "user", "content": p}] if isinstance(p, str) else p) for p in prompts]
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop_token_ids=(end_id(tok),),
+                            seed=seed)
+    was_training = model.training
+    model.eval()
+    try:
+        return [t.strip() for t in generate(model, ids, params, tokenizer=tok).texts]
+    finally:
+        model.train(was_training)
+
+
+def ppo_chat(cfg: Any, *, prompts: list[list[int]] | None = None, eval_prompts: list[list[int]] | None = None,
+             max_prompt_len: int = 128, progress: bool = True) -> Any:
+    """`byollm ppo`: PPO (`byollm.train.ppo.ppo`) on chat prompts. cfg.prompts may be a prompt file (each line
+    a user turn, rendered with the chat template) or a preference dataset (hh-rlhf, or a local JSON/JSONL of
+    pairs): its training split's prompts are trained on and, with cfg.val_prompts > 0, that many of its
+    HELD-OUT split's prompts are the evaluation set (never the training pairs). Prompts longer than
+    max_prompt_len tokens are skipped and counted."""
+    from byollm.data.registry import find_spec
+    from byollm.train.ppo import ppo, read_prompts
+
+    if cfg.policy is None:
+        raise ConfigError("ppo needs a policy checkpoint (--policy CKPT), normally an SFT model")
+    tok = load_checkpoint(cfg.policy).tokenizer
+    if tok is None or not has_chat_tokens(tok):
+        raise ConfigError(f"the policy {cfg.policy} has no chat template; train it with `byollm sft` first")
+    if prompts is None and cfg.prompts is not None:
+        is_dataset = find_spec(cfg.prompts) is not None or Path(cfg.prompts).suffix in (".json", ".jsonl") and \
+            _looks_like_pairs(cfg.prompts)
+        if is_dataset:
+            prompts = prompt_ids(tok, cfg.prompts, "train", max_prompt_len)
+            if cfg.val_prompts and eval_prompts is None:
+                eval_prompts = prompt_ids(tok, cfg.prompts, "val", max_prompt_len)[:cfg.val_prompts]
+        else:
+            prompts = [encode_prompt(tok, [{"role": "user", "content": t}]) for t in read_prompts(cfg.prompts)]
+    if eval_prompts is not None:
+        cfg = dataclasses.replace(cfg, val_prompts=0)
+    return ppo(cfg, prompts=prompts, eval_prompts=eval_prompts, progress=progress)
+
+
+def _looks_like_pairs(path: str) -> bool:
+    try:
+        first = load_records(path)[:1]
+    except DataError:
+        return False
+    return bool(first) and isinstance(first[0], dict) and "chosen" in first[0]
+
+
+def prompt_ids(tok: Tokenizer, dataset: str, split: str, max_prompt_len: int, *,
+               val_fraction: float = VAL_FRACTION, seed: int = SPLIT_SEED) -> list[list[int]]:
+    """The chat-rendered prompts (ending with <|assistant|>) of a preference dataset's split, at most
+    max_prompt_len tokens each (longer ones are skipped, and the count is printed)."""
+    records = load_records(dataset)
+    train_idx, val_idx = split_records(len(records), val_fraction, seed)
+    pairs, report = to_pairs(records, indices=(train_idx if split == "train" else val_idx).tolist(),
+                             source=f"{Path(dataset).name} ({split})")
+    ids = [encode_prompt(tok, p.prompt) for p in pairs]
+    kept = [x for x in ids if len(x) <= max_prompt_len]
+    print(f"[byollm] prompts {split}: {len(kept)} of {report.total} records ({report.n_skipped} unusable, "
+          f"{len(ids) - len(kept)} longer than {max_prompt_len} tokens skipped)", file=sys.stderr)
+    return kept
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) and k not in ("pairs", "tokens") else f"{k} {v:g}"
+                     for k, v in metrics.items())
+
+
+def _printer(enabled: bool):
+    def say(message: str) -> None:
+        if enabled:
+            print(message, file=sys.stderr, flush=True)
+
+    return say
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
+
+
+__all__ = ["RECIPES", "SAMPLE_PROMPTS", "AlignConfig", "AlignResult", "AlignTrainConfig", "align", "answer_prompts",
+           "build_examples", "dpo", "held_out_metrics", "load_align_config", "orpo", "ppo_chat",
+           "prepare_chat_model", "prompt_ids", "ranking_accuracy", "reward", "sft"]
