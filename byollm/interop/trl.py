@@ -12,13 +12,17 @@ The data goes over in TRL's *conversational* formats, so TRL renders it with our
 tokenizer's `chat_template`, written by `export_hf`):
 - SFT: one column "messages" (a list of {"role", "content"}). With `assistant_only_loss=True` (the default
   here) TRL trains only on the tokens inside the template's `{% generation %}` blocks: each assistant reply
-  and its closing <|end|>, exactly the tokens our `encode_chat` labels.
+  and its closing <|end|>, exactly the tokens our `encode_chat` labels. Our template carries those blocks
+  already (they change no ids), so TRL uses it as is instead of swapping in a "training template", and its
+  check that the end-of-turn token is trained passes. The loss is the mean over trained tokens of the batch.
 - DPO: "prompt" (the messages before the reply), "chosen" and "rejected" (each one assistant message).
   TRL renders the prompt with the generation prompt (ending with <|assistant|>) and takes the completion as
   what follows it in the rendered prompt + reply: our `encode_prompt` + `encode_response`.
 
-Everything runs from local directories (nothing is downloaded) and in fp32 by default: TRL's configs turn
-bf16 autocast on by default, and gradient checkpointing, which the tiny models here do not need.
+Everything runs from local directories (nothing is downloaded) and in fp32: TRL's configs turn bf16 autocast
+and activation checkpointing on by default; here both are off (pass bf16=True etc. to turn them back on).
+TRL probes the chat template with its own text ("dummy"), so the tokenizer must encode any text: a
+byte-level BPE tokenizer does; a `CharTokenizer` fails unless its alphabet has those letters.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from byollm.data.instruct import Conversation, PreferencePair
-from byollm.errors import DataError, require
+from byollm.errors import DataError, TokenizerError, require
 from byollm.tokenizer.chat import check_messages
 
 Messages = Sequence[Mapping[str, str]]
@@ -74,7 +78,6 @@ def preference_dataset(pairs: Iterable[PreferencePair]) -> Any:
 
 def load_hf_pretrained(hf_dir: str | Path) -> tuple[Any, Any]:
     """(transformers model in fp32, tokenizer) from a local Hugging Face directory; never downloads."""
-    require("trl", "align")
     transformers = require("transformers", "hf")
     import torch
 
@@ -82,8 +85,8 @@ def load_hf_pretrained(hf_dir: str | Path) -> tuple[Any, Any]:
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
     if not tokenizer.chat_template:
-        raise DataError(f"the tokenizer in '{hf_dir}' has no chat template; add_chat_tokens before training, "
-                        "then export_hf")
+        raise TokenizerError(f"the tokenizer in '{hf_dir}' has no chat template; call add_chat_tokens on the "
+                             "tokenizer before training the model, then export_hf")
     return model, tokenizer
 
 
@@ -93,16 +96,18 @@ def _context(model: Any) -> int:
     return getattr(config, "max_position_embeddings", None) or config.n_positions
 
 
-def _common_args(config_cls: type, out_dir: str | Path, steps: int, batch_size: int, lr: float, seed: int,
-                 overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """TrainingArguments shared by both trainers: fp32, no checkpointing, no hub, no saving mid-run, a log per step."""
+def _config(config_cls: type, out_dir: str | Path, steps: int, batch_size: int, lr: float, seed: int,
+            overrides: Mapping[str, Any]) -> Any:
+    """A TRL config: fp32, no activation checkpointing, no hub, no saving mid-run, a log every step; then
+    `overrides` (the trainer's own fields and the caller's)."""
     # transformers >= 5.2x renamed gradient_checkpointing to activation_checkpointing (the old name warns).
     names = {f.name for f in dataclasses.fields(config_cls)}
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-    return {"output_dir": str(out_dir), "max_steps": steps, "per_device_train_batch_size": batch_size,
+    args = {"output_dir": str(out_dir), "max_steps": steps, "per_device_train_batch_size": batch_size,
             "learning_rate": lr, "lr_scheduler_type": "constant", "seed": seed, "logging_steps": 1,
             "report_to": "none", "save_strategy": "no", "bf16": False, "fp16": False, checkpointing: False,
             "dataloader_num_workers": 0, "dataloader_pin_memory": False, "disable_tqdm": True, **overrides}
+    return config_cls(**args)
 
 
 def sft_trainer(hf_dir: str | Path, conversations: Iterable[Conversation | Messages], out_dir: str | Path, *,
@@ -116,9 +121,9 @@ def sft_trainer(hf_dir: str | Path, conversations: Iterable[Conversation | Messa
     """
     trl = require("trl", "align")
     model, tokenizer = load_hf_pretrained(hf_dir)
-    args = trl.SFTConfig(**_common_args(trl.SFTConfig, out_dir, steps, batch_size, lr, seed, config),
-                         max_length=max_length or _context(model), assistant_only_loss=assistant_only_loss,
-                         packing=False)
+    args = _config(trl.SFTConfig, out_dir, steps, batch_size, lr, seed,
+                   {"max_length": max_length or _context(model), "assistant_only_loss": assistant_only_loss,
+                    "packing": False, **config})
     return trl.SFTTrainer(model=model, args=args, train_dataset=sft_dataset(conversations),
                           processing_class=tokenizer)
 
@@ -133,8 +138,8 @@ def dpo_trainer(hf_dir: str | Path, pairs: Iterable[PreferencePair], out_dir: st
     trl = require("trl", "align")
     model, tokenizer = load_hf_pretrained(hf_dir)
     reference, _ = load_hf_pretrained(hf_dir)
-    args = trl.DPOConfig(**_common_args(trl.DPOConfig, out_dir, steps, batch_size, lr, seed, config), beta=beta,
-                         max_length=max_length or _context(model))
+    args = _config(trl.DPOConfig, out_dir, steps, batch_size, lr, seed,
+                   {"beta": beta, "max_length": max_length or _context(model), **config})
     return trl.DPOTrainer(model=model, ref_model=reference.eval(), args=args,
                           train_dataset=preference_dataset(pairs), processing_class=tokenizer)
 
