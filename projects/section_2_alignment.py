@@ -56,17 +56,17 @@ class Sizes:
     preset: str = "llama-nano"  # 4 layers x 128 wide
     vocab: int = 2048
     block: int = 256
-    pretrain_steps: int = 200
-    pretrain_batch: int = 12
+    pretrain_steps: int = 500
+    pretrain_batch: int = 16
     max_len: int = 256
-    sft_steps: int = 120
-    pref_steps: int = 100
+    sft_steps: int = 300
+    pref_steps: int = 200
     batch: int = 8
-    max_train_pairs: int | None = 800
+    max_train_pairs: int | None = None  # all 1,800 training pairs
     max_val: int | None = None  # all held-out records (450 Alpaca, 200 HH)
     win_prompts: int = 100
     answer_tokens: int = 48
-    ppo_steps: int = 24
+    ppo_steps: int = 32
     ppo_rollout: int = 16
     ppo_eval_prompts: int = 32
     shakespeare_chars: int | None = None
@@ -151,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. SFT on Alpaca.
     t0 = time.perf_counter()
-    pref_common = {**common, "batch_size": s.batch, "max_steps": s.pref_steps, "warmup_steps": max(1, s.pref_steps // 10),
-                   "align.dataset": "hh-rlhf", "align.max_train": s.max_train_pairs}
+    pref_common = {**common, "batch_size": s.batch, "max_steps": s.pref_steps,
+                   "warmup_steps": max(1, s.pref_steps // 10), "align.dataset": "hh-rlhf",
+                   "align.max_train": s.max_train_pairs}
     sft = run_sft(load_align_config(None, {
         **common, "name": "sft", "align.base": str(base.run_dir), "align.dataset": "alpaca", "batch_size": s.batch,
         "max_steps": s.sft_steps, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": max(1, s.sft_steps // 10)}),
@@ -194,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     orpo_run = orpo(load_align_config(None, {**pref_common, "name": "orpo", "align.base": str(base.run_dir),
                                              "lr": 1e-3, "min_lr": 1e-4, "align.orpo_lambda": 0.5}),
                     progress=progress)
-    stage("orpo", t0, held_out_accuracy_base=orpo_run.before["accuracy"], held_out_accuracy_orpo=orpo_run.after["accuracy"],
-          log_odds_ratio_before=orpo_run.before["log_odds_ratio"], log_odds_ratio_after=orpo_run.after["log_odds_ratio"],
+    ob, oa = orpo_run.before, orpo_run.after
+    stage("orpo", t0, held_out_accuracy_base=ob["accuracy"], held_out_accuracy_orpo=oa["accuracy"],
+          log_odds_ratio_before=ob["log_odds_ratio"], log_odds_ratio_after=oa["log_odds_ratio"],
           pairs=orpo_run.after["pairs"], data=orpo_run.data)
 
     # 8. PPO from the SFT model against the reward model; held-out prompts for the curves.
@@ -224,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         "reward_accuracy_above_50": st["reward"]["held_out_accuracy"] > 0.5,
         "dpo_ranking_accuracy_above_sft": st["dpo"]["ranking_accuracy_dpo"] > st["dpo"]["ranking_accuracy_sft"],
         "dpo_win_rate_above_50": st["win_rate_dpo_vs_sft"]["win_rate"] > 0.5,
-        "ppo_raises_held_out_reward": (st["ppo"]["held_out_score_after"] or 0) > (st["ppo"]["held_out_score_before"] or 0),
+        "ppo_raises_held_out_reward": (st["ppo"]["held_out_score_after"] or 0)
+        > (st["ppo"]["held_out_score_before"] or 0),
     }
     report["total_seconds"] = round(time.perf_counter() - t_all, 1)
     report["load_after"] = os.getloadavg()

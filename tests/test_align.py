@@ -109,7 +109,7 @@ def test_config_errors() -> None:
     with pytest.raises(ConfigError, match="align.base"):
         sft(AlignTrainConfig())
     with pytest.raises(ConfigError, match="model.*data"):
-        load_align_config(None, {"model.preset": "gpt-tiny"})
+        load_align_config(None, {"model.preset": "llama-nano"})
     with pytest.raises(ConfigError, match="unknown config key 'align.bta'.*align.beta"):
         load_align_config(None, {"align.bta": 0.1})
 

@@ -184,6 +184,14 @@ SMALL_RUNS = {
     "pretrain": ["--max_steps", "4", "--model.preset", "gpt-tiny", "--block_size", "32", "--batch_size", "8",
                  "--eval_batches", "2", "--sample_tokens", "8"],
     "eval": ["--max-batches", "2"],
+    # The alignment verbs: 2 steps on 16 training records, 4 held-out ones, 4-token samples.
+    **{verb: ["--max_steps", "2", "--batch_size", "2", "--warmup_steps", "1", "--align.max_train", "16",
+              "--align.max_val", "4", "--align.eval_batch_size", "4", "--sample_tokens", "4"]
+       for verb in ("sft", "reward", "dpo", "orpo")},
+    # PPO: one rollout of 4 answers of 8 tokens (2 minibatches of 2, 1 epoch), 2 held-out prompts.
+    "ppo": ["--max_steps", "2", "--rollout.rollout_size", "4", "--rollout.mini_batch_size", "2",
+            "--rollout.ppo_epochs", "1", "--rollout.max_new_tokens", "8", "--val_prompts", "2", "--eval_interval", "2"],
+    "chat": ["--max-new-tokens", "8"],
 }
 
 
@@ -208,6 +216,10 @@ def test_docs_exist_and_show_the_cli():
     assert any("configs/nanogpt-shakespeare-char-cpu.yaml" in c and c.startswith("byollm ") for c in section2)
     assert any("--resume true" in c for c in section2)
     assert any(c.startswith("torchrun ") and "configs/gpt2-124m-fineweb.yaml" in c for c in section2)
+    # ... and, in its second half, every alignment verb with its recipe, and the chat.
+    for verb in ("sft", "reward", "dpo", "orpo", "ppo"):
+        assert any(c.startswith(f"byollm {verb} --config configs/{verb}-") for c in section2), verb
+    assert any(c.startswith("byollm chat ") for c in section2)
 
 
 @pytest.mark.parametrize(("doc", "command"), doc_byollm_commands())
@@ -269,19 +281,53 @@ def test_docs_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: py
     assert ran >= 9
 
 
+SECTION_2_DATA = ("tinyshakespeare.txt", "alpaca_4500.json", "hh_rlhf_harmless_2000.jsonl")
+PROJECT_2_BASE = Path("out") / "section2-align" / "runs" / "base"  # where the section 2 project leaves its base
+
+
+def stand_in_base(path: Path) -> Path:
+    """A tiny random Llama-style checkpoint with a byte-level BPE tokenizer (no chat tokens yet), standing in for
+    the base model the section 2 project pretrains (the project itself is tested in test_align.py)."""
+    import dataclasses
+
+    import torch
+
+    from byollm.checkpoint import save_checkpoint
+    from byollm.data.readers import load_records
+    from byollm.model import GPT, preset
+    from byollm.tokenizer import train_bpe_fast
+
+    alpaca, hh = load_records("alpaca")[:300], load_records("hh-rlhf")[:300]
+    text = "\n\n".join([f"{r['instruction']} {r['input']} {r['output']}" for r in alpaca] + [r["chosen"] for r in hh])
+    tok = train_bpe_fast(text, 512)
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(preset("llama-tiny"), vocab_size=tok.vocab_size, block_size=256))
+    return save_checkpoint(model, path, tok)
+
+
 def test_section2_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
-    """Section 2: prepare, quickstart, resume, eval, generate and the nanoGPT recipe, each a few steps long.
-    Its commands name the dataset (checked against the registry's sha256), so they need the real file."""
-    if not (mirror() / "tinyshakespeare.txt").is_file():
-        pytest.skip("needs tinyshakespeare.txt in the data mirror ($BYOLLM_DATA_MIRROR)")
+    """Section 2: prepare, quickstart, resume, eval, generate and the nanoGPT recipe, then the alignment verbs
+    (sft, reward, dpo, orpo, ppo, chat), each a few steps long. Its commands name the datasets (checked against
+    the registry's sha256), so they need the real files. The alignment verbs start from the section 2 project's
+    base model; a tiny stand-in takes its place, and `byollm chat` reads one question from stdin."""
+    import io
+
+    missing = [name for name in SECTION_2_DATA if not (mirror() / name).is_file()]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} in the data mirror ($BYOLLM_DATA_MIRROR)")
     monkeypatch.setenv("BYOLLM_DATA_MIRROR", str(mirror()))
     monkeypatch.setenv("BYOLLM_CACHE", str(tmp_path / "cache"))  # prepared data goes here, not in ~/.cache
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs").symlink_to(REPO / "configs")  # the page runs from the repo root
-    assert run_page(SECTION_2, capsys) >= 10
-    for run in ("shakespeare", "nanogpt-shakespeare-char-cpu"):
+    stand_in_base(tmp_path / PROJECT_2_BASE)
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n"))
+    assert run_page(SECTION_2, capsys) >= 16
+    for run in ("shakespeare", "nanogpt-shakespeare-char-cpu", "sft", "reward", "dpo", "orpo", "ppo"):
         assert (tmp_path / "runs" / run / "checkpoints" / "latest").is_file(), run
     assert (tmp_path / "runs" / "shakespeare" / "checkpoints" / "latest").read_text().strip() == "step-6"
+    for run in ("sft", "reward", "dpo", "orpo"):
+        held_out = json.loads((tmp_path / "runs" / run / "held_out.json").read_text())
+        assert held_out["before"] and held_out["after"], run
 
 
 def python_excerpts() -> list[tuple[str, str, str]]:
@@ -304,6 +350,9 @@ def test_docs_have_code_excerpts():
                    "byollm/train/loop.py", "byollm/train/optim.py", "byollm/atomic.py", "byollm/train/run.py",
                    "byollm/train/distributed.py"):
         assert needed in sources, f"section 2 should show code from {needed}"
+    for needed in ("byollm/tokenizer/chat.py", "byollm/data/instruct.py", "byollm/train/objectives.py",
+                   "byollm/model/heads.py", "byollm/train/ppo.py", "byollm/interop/trl.py"):
+        assert needed in sources, f"section 2 (second half) should show code from {needed}"
 
 
 def test_docs_figures_exist():

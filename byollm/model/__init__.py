@@ -5,4 +5,5 @@ from byollm.model.config import PRESETS, ModelConfig, list_presets, preset
 from byollm.model.heads import RewardModel
 from byollm.model.model import GPT, KVCache, ModelOutput, resize_token_embeddings
 
-__all__ = ["GPT", "KVCache", "ModelConfig", "ModelOutput", "PRESETS", "RewardModel", "list_presets", "preset", "resize_token_embeddings"]
+__all__ = ["GPT", "KVCache", "ModelConfig", "ModelOutput", "PRESETS", "RewardModel", "list_presets", "preset",
+           "resize_token_embeddings"]

@@ -316,7 +316,8 @@ def align(cfg: AlignTrainConfig, recipe: str, *, progress: bool = True) -> Align
                                                    "data_train": str(train_report), "data_val": str(val_report),
                                                    "resumed_from": str(resume_from) if resume_from else None}))
         say(f"[byollm] run {run.path}: {len(train)} train / {len(val)} held-out examples, batch {cfg.batch_size} "
-            f"x {cfg.grad_accum} accum x {dist.world_size}, {cfg.max_steps} steps ({cfg.max_steps / max(1, source.steps_per_epoch):.2f} epochs)")
+            f"x {cfg.grad_accum} accum x {dist.world_size}, {cfg.max_steps} steps "
+            f"({cfg.max_steps / max(1, source.steps_per_epoch):.2f} epochs)")
         t0 = time.perf_counter()
         trainer.fit()
         seconds = time.perf_counter() - t0
