@@ -224,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     report["targets"] = {
         "sft_lowers_held_out_loss": st["sft"]["held_out_loss_sft"] < st["sft"]["held_out_loss_base"],
         "reward_accuracy_above_50": st["reward"]["held_out_accuracy"] > 0.5,
+        # The SFT model's implicit rewards (against itself) are all exactly 0: ties, i.e. chance (50%).
+        "dpo_implicit_reward_accuracy_above_sft": st["dpo"]["implicit_reward_accuracy_dpo"] > 0.5,
+        # The reference-free comparison (log pi(chosen) > log pi(rejected)) of the two models.
         "dpo_ranking_accuracy_above_sft": st["dpo"]["ranking_accuracy_dpo"] > st["dpo"]["ranking_accuracy_sft"],
         "dpo_win_rate_above_50": st["win_rate_dpo_vs_sft"]["win_rate"] > 0.5,
         "ppo_raises_held_out_reward": (st["ppo"]["held_out_score_after"] or 0)
