@@ -297,7 +297,10 @@ def test_config_files_parse_and_match_their_sources() -> None:
     from byollm.cli import _train_config, build_parser
 
     assert load_config(REPO / "configs/quickstart.yaml") == load_config(None, QUICKSTART)
-    for f in sorted((REPO / "configs").glob("*.yaml")):  # the CLI's parser reads each file the same way
+    alignment = ("sft-", "reward-", "dpo-", "orpo-", "ppo-")  # their own verbs; tests/test_align.py parses them
+    pretraining = [f for f in sorted((REPO / "configs").glob("*.yaml")) if not f.name.startswith(alignment)]
+    assert len(pretraining) >= 3
+    for f in pretraining:  # the CLI's parser reads each file the same way
         ns = build_parser().parse_args(["pretrain", "--config", str(f)])
         assert _train_config(ns.pretrain) == load_config(f), f.name
     nano = load_config(REPO / "configs/nanogpt-shakespeare-char-cpu.yaml")
