@@ -201,6 +201,28 @@ def _align_verb(recipe: str):
     return cmd
 
 
+def cmd_finetune(a: Namespace) -> None:
+    from byollm.finetune.recipe import FinetuneTrainConfig, finetune
+
+    values = a.as_dict()
+    ckpt, data = values.pop("ckpt", None), values.pop("data", None)
+    for key in ("config", "__path__"):
+        values.pop(key, None)
+    if ckpt is not None:
+        values.setdefault("align", {})["base"] = ckpt
+    if data is not None:
+        values.setdefault("align", {})["dataset"] = data
+    finetune(FinetuneTrainConfig.from_dict(values))
+
+
+def cmd_merge(a: Namespace) -> None:
+    from byollm.finetune.recipe import merge
+
+    out = merge(a.ckpt, a.adapter, a.out)
+    print(f"[byollm] merged {a.adapter} into {a.ckpt}: {out}")
+    print(f"  export it with: byollm export hf {out} OUT_DIR")
+
+
 def cmd_ppo(a: Namespace) -> None:
     from byollm.train.align import ppo_chat
     from byollm.train.ppo import PPOConfig
@@ -423,6 +445,25 @@ def build_parser() -> ArgumentParser:
         p.add_class_arguments(AlignTrainConfig, None)
         verbs.add_subcommand(recipe, p, help=text.split(":")[0].split(" (")[0].rstrip("."))
 
+    from byollm.finetune.recipe import FinetuneTrainConfig
+
+    p = _sub("Fine-tune a model with the SFT objective: --method full (all weights), lora, dora or qlora (the base "
+             "read straight into NF4). Adapters are saved in PEFT format in runs/<name>/adapter/; "
+             "`byollm merge` folds them into the base.")
+    p.add_argument("ckpt", type=Optional[str], default=None, nargs="?",  # noqa: UP045
+                   help="the model to start from (checkpoint, run dir or HF dir)")
+    p.add_argument("--data", type=Optional[str], default=None,  # noqa: UP045
+                   help="dataset name (alpaca) or local .json/.jsonl (same as --align.dataset)")
+    p.add_argument("--config", action=ActionConfigFile)
+    p.add_class_arguments(FinetuneTrainConfig, None, skip={"data", "model"})  # data: the --data above
+    verbs.add_subcommand("finetune", p, help="fine-tune: full, LoRA, QLoRA or DoRA")
+
+    p = _sub("Fold a LoRA/DoRA/QLoRA adapter (PEFT format) into its base model and write a normal checkpoint.")
+    p.add_argument("ckpt", type=str, help="the base model the adapter was trained on")
+    p.add_argument("adapter", type=str, help="the adapter folder (runs/<name>/adapter)")
+    p.add_argument("out", type=str, help="output checkpoint directory")
+    verbs.add_subcommand("merge", p, help="merge an adapter into its base model")
+
     from byollm.train.ppo import PPOConfig
 
     p = _sub("RLHF with PPO: the policy (an SFT model) answers prompts, a reward model scores them, PPO with a "
@@ -479,6 +520,8 @@ COMMANDS = {
     ("reward",): _align_verb("reward"),
     ("dpo",): _align_verb("dpo"),
     ("orpo",): _align_verb("orpo"),
+    ("finetune",): cmd_finetune,
+    ("merge",): cmd_merge,
     ("ppo",): cmd_ppo,
     ("quickstart",): cmd_quickstart,
     ("eval",): cmd_eval,

@@ -297,7 +297,7 @@ def test_config_files_parse_and_match_their_sources() -> None:
     from byollm.cli import _train_config, build_parser
 
     assert load_config(REPO / "configs/quickstart.yaml") == load_config(None, QUICKSTART)
-    alignment = ("sft-", "reward-", "dpo-", "orpo-", "ppo-")  # their own verbs; tests/test_align.py parses them
+    alignment = ("sft-", "reward-", "dpo-", "orpo-", "ppo-", "finetune-")  # their own verbs (test_align, test_finetune)
     pretraining = [f for f in sorted((REPO / "configs").glob("*.yaml")) if not f.name.startswith(alignment)]
     assert len(pretraining) >= 3
     for f in pretraining:  # the CLI's parser reads each file the same way

@@ -232,12 +232,13 @@ _HF_CLASSES = {"llama": ("LlamaForCausalLM", "MistralForCausalLM"), "qwen2": ("Q
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
-    """Write the model's adapters as a PEFT adapter directory (atomically); `PeftModel.from_pretrained` on the
-    model exported with `export_hf`/`to_hf_model` loads it."""
+    """Write the model's adapters (LoRA/DoRA, or QLoRA's on 4-bit layers) as a PEFT adapter directory
+    (atomically); `PeftModel.from_pretrained` on the model exported with `export_hf`/`to_hf_model` loads it."""
     from byollm.atomic import atomic_dir_write
+    from byollm.finetune.nf4 import QLoRALinear
 
     arch = _llama_only(model)
-    modules = lora_modules(model)
+    modules: dict[str, Any] = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear | QLoRALinear)}
     if not modules:
         raise ByollmError("the model has no LoRA adapters to save; apply_lora first")
     if any(m.merged for m in modules.values()):
@@ -250,7 +251,8 @@ def save_adapter(model: nn.Module, out_dir: str | Path) -> Path:
     hf_names = {name: _hf_module(name) for name in modules}
     # Name targets by suffix (PEFT's usual "q_proj") when that selects exactly these modules, else in full.
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in modules})
-    by_suffix = {n for n, m in model.named_modules() if isinstance(m, nn.Linear | LoRALinear) and _selects(n, suffixes)}
+    by_suffix = {n for n, m in model.named_modules() if isinstance(m, nn.Linear | LoRALinear | QLoRALinear)
+                and _selects(n, suffixes)}
     target_modules = suffixes if by_suffix == set(modules) else sorted(hf_names.values())
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
     config = {

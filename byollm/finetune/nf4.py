@@ -280,6 +280,7 @@ class QLoRALinear(nn.Module):
         if r < 1:
             raise ByollmError(f"LoRA rank must be at least 1, got r={r}")
         self.base, self.r, self.scaling, self.compute_dtype = base, r, alpha / r, compute_dtype
+        self.alpha, self.use_dora, self.merged = alpha, False, False  # what save_adapter writes (PEFT format)
         for p in base.parameters():
             p.requires_grad_(False)
         device = next(iter(base.buffers()), next(iter(base.parameters()), torch.zeros(()))).device

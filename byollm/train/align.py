@@ -171,6 +171,19 @@ def load_align_config(path: str | Path | None = None, overrides: dict[str, Any] 
 
 
 @dataclass
+class ModelHooks:
+    """How `byollm finetune` changes the SFT recipe (byollm.finetune.recipe): `load(base, device)` reads the
+    starting model (e.g. straight into NF4), `adapt(model)` turns the chat-ready model into the one to train
+    (adapters on, base frozen), `save(model, run_dir, tokenizer)` writes the result instead of the Trainer's
+    checkpoints."""
+
+    load: Any = None  # (base: str, device) -> Loaded; default load_checkpoint
+    adapt: Any = None  # (model: GPT) -> nn.Module
+    save: Any = None  # (model: nn.Module, run_dir: Path, tokenizer) -> Path; set: no Trainer checkpoints, no resume
+    label: str | None = None  # the recipe's name in messages and the run folder (default: the recipe)
+
+
+@dataclass
 class AlignResult:
     recipe: str
     run_dir: Path
@@ -208,7 +221,9 @@ def orpo(cfg: AlignTrainConfig, *, progress: bool = True) -> AlignResult:
     return align(cfg, "orpo", progress=progress)
 
 
-def align(cfg: AlignTrainConfig, recipe: str, *, progress: bool = True) -> AlignResult:
+def align(cfg: AlignTrainConfig, recipe: str, *, progress: bool = True,
+          hooks: ModelHooks | None = None) -> AlignResult:
+    hooks = hooks or ModelHooks()
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}; one of {', '.join(RECIPES)}")
     cfg.validate()
@@ -223,10 +238,13 @@ def align(cfg: AlignTrainConfig, recipe: str, *, progress: bool = True) -> Align
     t_start = time.perf_counter()
     try:
         # 1-2. The starting model, with the chat tokens in its tokenizer and rows for them in its embedding.
-        loaded = load_checkpoint(a.base, device=device)
-        say(f"[byollm] {recipe}: starting from {loaded.describe()} ({loaded.model.num_params() / 1e6:.2f}M parameters)")
+        loaded = (hooks.load or load_checkpoint)(a.base, device=device)
+        label = hooks.label or recipe
+        say(f"[byollm] {label}: starting from {loaded.describe()} ({loaded.model.num_params() / 1e6:.2f}M parameters)")
         tok = loaded.tokenizer
         gpt = prepare_chat_model(loaded.model, tok, say)
+        if hooks.adapt is not None:
+            gpt = hooks.adapt(gpt)
 
         # 3. Examples, split by record before tokenising; every skip counted and printed.
         max_len = a.max_len
@@ -241,9 +259,11 @@ def align(cfg: AlignTrainConfig, recipe: str, *, progress: bool = True) -> Align
             raise DataError(f"no held-out examples left ({val_report})")
 
         # The run folder (new, or the one to resume).
+        if cfg.resume and hooks.save is not None:
+            raise ConfigError(f"{label} runs save adapters, not resumable checkpoints; start a new run (no resume)")
         if cfg.resume and cfg.name is None:
             raise ConfigError("resume needs the run's --name (the folder under out_dir to continue)")
-        name = distributed.broadcast_object(cfg.name or f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}", dist)
+        name = distributed.broadcast_object(cfg.name or f"{label}-{time.strftime('%Y%m%d-%H%M%S')}", dist)
         cfg = dataclasses.replace(cfg, name=name)
         run = Run(Path(cfg.out_dir) / name, enabled=dist.is_main, tensorboard=cfg.tensorboard)
         resume_from = find_resume_checkpoint(run, cfg.resume)
@@ -302,11 +322,11 @@ def align(cfg: AlignTrainConfig, recipe: str, *, progress: bool = True) -> Align
             samples[:] = answer_prompts(m, tok, a.sample_prompts, cfg.sample_tokens, a.sample_temperature, cfg.seed)
             return "\n---\n".join(f"{p}\n=> {s}" for p, s in zip(a.sample_prompts, samples, strict=True))
 
-        meta = {"run": name, "recipe": recipe, "base": str(loaded.path), "dataset": a.dataset}
+        meta = {"run": name, "recipe": label, "base": str(loaded.path), "dataset": a.dataset}
         trainer = Trainer(model, objective, source, optimizer, scheduler, cfg, device=device, dist=dist,
                           autocast_dtype=autocast_dtype, run=run, tokenizer=tok, eval_data=val_batches,
                           sample=None if recipe == "reward" or not a.sample_prompts else sample,
-                          checkpoint_meta=meta, progress=progress)
+                          checkpoint_meta=meta, progress=progress, checkpoints=hooks.save is None)
         if resume_from is not None:
             trainer.load_state_dict(load_train_state(resume_from))
             run.rewind(trainer.step)
@@ -328,6 +348,8 @@ def align(cfg: AlignTrainConfig, recipe: str, *, progress: bool = True) -> Align
                  **{f"after_{k}": v for k, v in after.items()}})
         run.close()
         checkpoint = trainer.last_checkpoint or resume_from
+        if hooks.save is not None and dist.is_main and run.enabled:
+            checkpoint = hooks.save(model, run.path, tok)
         result = AlignResult(recipe, run.path, checkpoint, trainer.step, before, after,
                              {"train": str(train_report), "val": str(val_report)}, list(samples),
                              time.perf_counter() - t_start)
@@ -337,7 +359,7 @@ def align(cfg: AlignTrainConfig, recipe: str, *, progress: bool = True) -> Align
                  "samples": dict(zip(a.sample_prompts, samples, strict=False))}, indent=2) + "\n")
 
         # 7. Summary.
-        say(f"[byollm] {recipe}: {trainer.step} steps in {_duration(seconds)}")
+        say(f"[byollm] {label}: {trainer.step} steps in {_duration(seconds)}")
         say(f"[byollm] held-out {'before ' + _fmt(before) + ' -> ' if before else ''}after {_fmt(after)}")
         for p, s in zip(a.sample_prompts[:2], samples, strict=False):
             say(f"[byollm] sample: {p!r} => {s[:120]!r}")
@@ -509,6 +531,6 @@ def _duration(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
 
 
-__all__ = ["RECIPES", "SAMPLE_PROMPTS", "AlignConfig", "AlignResult", "AlignTrainConfig", "align", "answer_prompts",
-           "build_examples", "dpo", "held_out_metrics", "load_align_config", "orpo", "ppo_chat",
+__all__ = ["RECIPES", "SAMPLE_PROMPTS", "AlignConfig", "AlignResult", "AlignTrainConfig", "ModelHooks", "align",
+           "answer_prompts", "build_examples", "dpo", "held_out_metrics", "load_align_config", "orpo", "ppo_chat",
            "prepare_chat_model", "prompt_ids", "ranking_accuracy", "reward", "sft"]

@@ -190,6 +190,7 @@ class Trainer:
                  eval_extras: Callable[[float], dict[str, float]] | None = None,
                  sample: Callable[[nn.Module], str] | None = None, flops_per_token: float | None = None,
                  peak_flops: float | None = None, checkpoint_meta: dict[str, Any] | None = None,
+                 checkpoints: bool = True,
                  progress: bool = True) -> None:
         self.model, self.objective, self.train_data = model, objective, train_data
         self.optimizer, self.scheduler, self.config = optimizer, scheduler, config
@@ -198,6 +199,7 @@ class Trainer:
         self.eval_data, self.eval_extras, self.sample = eval_data, eval_extras, sample
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.checkpoint_meta = checkpoint_meta or {}
+        self.checkpoints = checkpoints  # False: the caller saves the result itself (adapters), no checkpoints
         self.progress = progress
         self.step = 0  # optimizer steps taken
         self.tokens_seen = 0  # training tokens over all ranks
@@ -363,6 +365,8 @@ class Trainer:
             seed_everything(self.config.seed + 1000 * self.step + self.dist.rank)
 
     def save_checkpoint(self) -> None:
+        if not self.checkpoints:
+            return
         state = self.state_dict()  # a collective (gathers RNG states): every rank calls it
         if self.run is not None:
             meta = {**self.checkpoint_meta, "tokens_seen": self.tokens_seen,

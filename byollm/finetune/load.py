@@ -1,0 +1,159 @@
+"""Load a checkpoint straight into NF4, one tensor at a time: the full-precision model never exists in memory.
+
+`quantize_model(load_checkpoint(path).model)` first builds the whole fp32 model and then quantises it, so its
+peak is the fp32 model. `load_quantized` instead builds the model on the meta device (no memory), then reads the
+weights file tensor by tensor with `safetensors.safe_open`: each target linear weight is quantised to NF4 as soon
+as it is read and its fp32 copy dropped; every other parameter (embeddings, norms, the LM head) is loaded as is.
+The peak is the NF4 model plus the non-target weights plus one fp32 matrix. The result is the same model, bit for
+bit, as `quantize_model(load_checkpoint(path).model, targets)` (tested).
+
+Works for byollm checkpoints (or run folders) and for Llama-style Hugging Face directories (llama, mistral, qwen2;
+`model.safetensors` or its sharded form), whose tensors are renamed one by one. A Hugging Face GPT-2 directory
+(fused, transposed q/k/v) or one with pytorch .bin weights is loaded whole and then quantised, with a note.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from byollm.checkpoint import CONFIG, TOKENIZER_DIR, WEIGHTS, Loaded, load_checkpoint, resolve_checkpoint
+from byollm.errors import CheckpointError
+from byollm.finetune.nf4 import DEFAULT_TARGETS, NF4Linear, quantize_model
+from byollm.model import GPT, ModelConfig
+from byollm.tokenizer import load_tokenizer
+
+
+def _our_source(ckpt: Path, stack: ExitStack) -> tuple[ModelConfig, dict[str, Callable[[], torch.Tensor]]]:
+    config = ModelConfig.load(ckpt / CONFIG)
+    f = stack.enter_context(safe_open(str(ckpt / WEIGHTS), framework="pt", device="cpu"))
+    getters = {k: (lambda k=k: f.get_tensor(k)) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    if config.tie_embeddings and "tok_emb.weight" not in getters and "lm_head.weight" in getters:
+        getters["tok_emb.weight"] = getters["lm_head.weight"]  # save_model kept the shared tensor under this name
+    if config.tie_embeddings:
+        getters.pop("lm_head.weight", None)
+    return config, getters
+
+
+def _hf_source(path: Path, stack: ExitStack) -> tuple[ModelConfig, dict[str, Callable[[], torch.Tensor]]] | None:
+    """Our names -> lazy readers for a Llama-style HF directory with safetensors weights; None if not that."""
+    from byollm.interop.hf import (
+        _IGNORED_HF_KEYS,
+        HF_CONFIG,
+        HF_WEIGHTS,
+        HF_WEIGHTS_INDEX,
+        LLAMA_NAMES,
+        _rename,
+        config_from_hf,
+        hf_architecture,
+    )
+
+    config = config_from_hf(json.loads((path / HF_CONFIG).read_text()))
+    if hf_architecture(config) == "gpt2":
+        return None
+    if (path / HF_WEIGHTS).is_file():
+        files = [path / HF_WEIGHTS]
+    elif (path / HF_WEIGHTS_INDEX).is_file():
+        weight_map = json.loads((path / HF_WEIGHTS_INDEX).read_text())["weight_map"]
+        files = [path / n for n in sorted(set(weight_map.values()))]
+    else:
+        return None
+    getters: dict[str, Callable[[], torch.Tensor]] = {}
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"weight shard {file} is missing; download all files listed in the index")
+        f = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+        for key in f.keys():  # noqa: SIM118
+            if _IGNORED_HF_KEYS.search(key):
+                continue
+            hf_key = key if key.startswith(("model.", "lm_head.")) else "model." + key
+            ours = _rename(hf_key, LLAMA_NAMES, to_hf=False)
+            if ours is None:
+                raise CheckpointError(f"unexpected weight '{key}' in the Hugging Face checkpoint {path}: byollm has "
+                                      "no parameter for it; is config.json from the same model as the weights?")
+            getters[ours] = lambda f=f, key=key: f.get_tensor(key)
+    if config.tie_embeddings:
+        getters.pop("lm_head.weight", None)
+    return config, getters
+
+
+@torch.no_grad()
+def load_quantized(path: str | Path, targets: Iterable[str] = DEFAULT_TARGETS, *, double_quant: bool = True,
+                   compute_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Loaded:
+    """The model of any CKPT path with its target linear layers (name suffixes or regular expressions, as in
+    `quantize_model`) as frozen `NF4Linear` layers, materialised tensor by tensor from the weights file; all other
+    parameters are loaded normally and frozen too. Returns a `Loaded` (model in eval mode, tokenizer)."""
+    kind, ckpt = resolve_checkpoint(path)
+    with ExitStack() as stack:
+        source = _our_source(ckpt, stack) if kind != "hf" else _hf_source(ckpt, stack)
+        if source is None:
+            print(f"[byollm] {ckpt}: GPT-2 or .bin Hugging Face weights are loaded whole, then quantised",
+                  file=sys.stderr)
+            loaded = load_checkpoint(ckpt, device=device)
+            quantize_model(loaded.model, targets, double_quant=double_quant, compute_dtype=compute_dtype)
+            return loaded
+        config, getters = source
+        with torch.device("meta"):
+            model = GPT(config)
+        patterns = list(targets)
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+                 and any(n.split(".")[-1] == p or re.fullmatch(p, n) for p in patterns)]
+        if not names:
+            raise CheckpointError(f"no linear layer matches the targets {patterns}")
+        expected = {k for k in model.state_dict() if not (config.tie_embeddings and k == "lm_head.weight")}
+        missing, unexpected = sorted(expected - set(getters)), sorted(set(getters) - expected)
+        if missing or unexpected:
+            raise CheckpointError(f"weights in {ckpt} do not fit its config: missing {missing[:3]}, unexpected "
+                                  f"{unexpected[:3]}; is config.json from the same model as the weights?")
+
+        def read(name: str, like: torch.Tensor) -> torch.Tensor:
+            t = getters[name]()
+            if t.shape != like.shape:
+                raise CheckpointError(f"weight {name} in {ckpt} has shape {tuple(t.shape)} but the config needs "
+                                      f"{tuple(like.shape)}; is config.json from the same model?")
+            return t.to(device=device, dtype=torch.float32 if t.is_floating_point() else t.dtype)
+
+        for name in names:  # quantise each target weight as it is read; its fp32 copy is dropped right after
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            meta: nn.Linear = getattr(parent, child)
+            linear = nn.Linear(meta.in_features, meta.out_features, bias=meta.bias is not None, device="meta")
+            linear.weight = nn.Parameter(read(name + ".weight", meta.weight), requires_grad=False)
+            if meta.bias is not None:
+                linear.bias = nn.Parameter(read(name + ".bias", meta.bias), requires_grad=False)
+            setattr(parent, child, NF4Linear.from_linear(linear, double_quant=double_quant,
+                                                         compute_dtype=compute_dtype))
+            del linear
+        for name, param in list(model.named_parameters()):
+            if param.device.type != "meta" or (config.tie_embeddings and name == "lm_head.weight"):
+                continue
+            module_name, _, leaf = name.rpartition(".")
+            module = model.get_submodule(module_name) if module_name else model
+            setattr(module, leaf, nn.Parameter(read(name, param), requires_grad=False))
+        for name, buf in list(model.named_buffers()):
+            if buf.device.type == "meta":
+                module_name, _, leaf = name.rpartition(".")
+                module = model.get_submodule(module_name) if module_name else model
+                module._buffers[leaf] = torch.empty_like(buf, device=device)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.tok_emb.weight
+        model.init_buffers()
+    tokenizer = None
+    if kind == "hf":
+        from byollm.interop.hf import has_hf_tokenizer
+
+        tokenizer = load_tokenizer(ckpt) if has_hf_tokenizer(ckpt) else None
+    elif (ckpt / TOKENIZER_DIR).is_dir():
+        tokenizer = load_tokenizer(ckpt / TOKENIZER_DIR)
+    return Loaded(model.eval(), tokenizer, ckpt, kind)
+
+
+__all__ = ["load_quantized"]

@@ -1,0 +1,154 @@
+"""`byollm finetune` and `byollm merge`: the SFT recipe (byollm.train.align) with a full, LoRA, QLoRA or DoRA model.
+
+    byollm finetune runs/base --method lora  --data alpaca --config configs/finetune-alpaca-cpu.yaml
+    byollm finetune runs/base --method qlora --data alpaca --lora.r 8
+    byollm merge runs/base runs/finetune-.../adapter runs/merged      # a normal checkpoint again
+    byollm export hf runs/merged hf-merged
+
+The recipe is SFT's (load, chat tokens, examples, held-out loss before/after, the one Trainer, samples); only the
+model changes, through `ModelHooks`:
+
+    full   every parameter trains; the run saves normal checkpoints (as `byollm sft`)
+    lora   apply_lora on `lora.targets`, base frozen; the run saves the adapter (PEFT format) in <run>/adapter/
+    dora   the same with use_dora (a trained magnitude per output feature)
+    qlora  the base is read straight into NF4 (`load_quantized`, never in fp32 as a whole) and QLoRA adapters go
+           on the 4-bit layers; the adapter is saved the same way and merges into the fp32 base
+
+The adapter folder also holds the run's tokenizer (the base's plus the chat tokens) and finetune.json (method,
+base, trainable parameters). `merge` grows the base's embedding to that tokenizer exactly as training did (new rows:
+the mean embedding), puts the adapter on and folds it in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from byollm.checkpoint import TOKENIZER_DIR, load_checkpoint, save_checkpoint
+from byollm.errors import ConfigError
+from byollm.finetune.lora import (
+    ATTENTION,
+    MLP,
+    apply_lora,
+    load_adapter,
+    merge_and_unload,
+    save_adapter,
+    trainable_parameters,
+)
+from byollm.finetune.nf4 import NF4Linear, QLoRALinear
+from byollm.model import GPT, resize_token_embeddings
+from byollm.tokenizer import load_tokenizer
+from byollm.train.align import AlignResult, AlignTrainConfig, ModelHooks, align
+from byollm.train.config import _from_dict
+
+METHODS = ("full", "lora", "qlora", "dora")
+FINETUNE_META = "finetune.json"
+
+
+@dataclass
+class LoRASettings:
+    """The adapter of lora, dora and qlora (ignored by full)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(ATTENTION + MLP))  # module-name suffixes
+    double_quant: bool = True  # qlora: 8-bit absmax scales
+
+
+@dataclass
+class FinetuneTrainConfig(AlignTrainConfig):
+    """An SFT run (AlignTrainConfig) plus the fine-tuning method and its adapter settings."""
+
+    method: str = "lora"
+    lora: LoRASettings = field(default_factory=LoRASettings)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = _from_dict(LoRASettings, self.lora, "lora.")
+        super().__post_init__()
+
+    def validate(self) -> None:
+        super().validate()
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.lora.r < 1 or self.lora.alpha <= 0 or not 0 <= self.lora.dropout < 1:
+            raise ConfigError(f"need lora.r >= 1, lora.alpha > 0 and 0 <= lora.dropout < 1, got {self.lora.r}, "
+                              f"{self.lora.alpha}, {self.lora.dropout}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FinetuneTrainConfig:
+        return _from_dict(cls, d, "")
+
+
+def _report(method: str, model: nn.Module) -> dict[str, Any]:
+    trainable, total = trainable_parameters(model)
+    print(f"[byollm] finetune {method}: training {trainable:,} of {total:,} parameters "
+          f"({100 * trainable / total:.2f}%)", file=sys.stderr, flush=True)
+    return {"trainable_params": trainable, "total_params": total, "trainable_fraction": trainable / total}
+
+
+def finetune(cfg: FinetuneTrainConfig, *, progress: bool = True) -> AlignResult:
+    """SFT with the chosen method (see the module docstring). Returns the SFT recipe's result; its `checkpoint`
+    is the adapter folder for lora/dora/qlora, the run's checkpoint for full."""
+    cfg.validate()
+    s, method = cfg.lora, cfg.method
+    info: dict[str, Any] = {}
+
+    def adapt(model: GPT) -> nn.Module:
+        if method in ("lora", "dora"):
+            apply_lora(model, s.r, s.alpha, s.dropout, targets=s.targets, use_dora=method == "dora")
+        elif method == "qlora":  # the layers are NF4 already (load_quantized); adapters on top, all else frozen
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for name, m in list(model.named_modules()):
+                if isinstance(m, NF4Linear):
+                    parent_name, _, child = name.rpartition(".")
+                    setattr(model.get_submodule(parent_name), child,
+                            QLoRALinear(m, m.in_features, m.out_features, r=s.r, alpha=s.alpha, dropout=s.dropout,
+                                        compute_dtype=m.compute_dtype))
+        info.update(_report(method, model))
+        return model
+
+    def load(base: str, device: Any) -> Any:
+        from byollm.finetune.load import load_quantized
+
+        return load_quantized(base, s.targets, double_quant=s.double_quant, device=device)
+
+    def save(model: nn.Module, run_dir: Path, tokenizer: Any) -> Path:
+        out = save_adapter(model, run_dir / "adapter")
+        tokenizer.save(out / TOKENIZER_DIR)
+        (out / FINETUNE_META).write_text(json.dumps(
+            {"method": method, "base": cfg.align.base, "dataset": cfg.align.dataset, "steps": cfg.max_steps,
+             "lora": dataclasses.asdict(s), **info}, indent=2) + "\n")
+        return out
+
+    hooks = ModelHooks(load=load if method == "qlora" else None, adapt=adapt,
+                       save=None if method == "full" else save, label="finetune")
+    return align(cfg, "sft", progress=progress, hooks=hooks)
+
+
+def merge(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
+    """The base model (fp32) with the adapter folded into its weights, written as a normal checkpoint."""
+    loaded = load_checkpoint(base)
+    model, tok = loaded.model, loaded.tokenizer
+    adapter = Path(adapter)
+    if (adapter / TOKENIZER_DIR).is_dir():  # the run's tokenizer: the base's plus the chat tokens
+        tok = load_tokenizer(adapter / TOKENIZER_DIR)
+        if tok.vocab_size > model.config.vocab_size:
+            resize_token_embeddings(model, tok.vocab_size)
+    load_adapter(model, adapter)
+    with torch.no_grad():
+        merge_and_unload(model)
+    return save_checkpoint(model, out, tok, meta={"created_by": "byollm merge", "base": str(loaded.path),
+                                                  "adapter": str(adapter)})
+
+
+__all__ = ["FINETUNE_META", "METHODS", "FinetuneTrainConfig", "LoRASettings", "finetune", "merge"]

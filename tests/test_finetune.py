@@ -1,0 +1,140 @@
+"""`byollm finetune` (full, LoRA, DoRA, QLoRA on the SFT recipe), `byollm merge`, and `load_quantized` (a checkpoint
+read straight into NF4) on a tiny Llama-style model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from byollm.checkpoint import load_checkpoint, save_checkpoint
+from byollm.cli import main
+from byollm.finetune import load_adapter, quantize_model
+from byollm.finetune.load import load_quantized
+from byollm.finetune.recipe import FinetuneTrainConfig, finetune
+from byollm.interop.hf import export_hf
+from byollm.model import GPT, preset, resize_token_embeddings
+from byollm.tokenizer import load_tokenizer, train_bpe_fast
+
+TEXT = ("Human: how do I bake bread? Assistant: Mix flour, water, salt and yeast, knead, let it rise, bake. "
+        "The quick brown fox jumps over the lazy dog. Tell me a joke about cats, please. ") * 8
+
+
+def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama-style checkpoint whose tokenizer has no chat tokens yet, and an Alpaca-style file."""
+    d = tmp_path_factory.mktemp("finetune")
+    tok = train_bpe_fast(TEXT, vocab_size=300)
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(preset("llama-tiny"), vocab_size=tok.vocab_size, block_size=128))
+    records = [{"instruction": f"Say the word number {i}.", "input": "", "output": f"Word {i} is bread."}
+               for i in range(40)]
+    (d / "sft.json").write_text(json.dumps(records))
+    return save_checkpoint(model, d / "base", tok)
+
+
+def _args(out: Path, name: str) -> list[str]:
+    return ["--max_steps", "2", "--batch_size", "4", "--device", "cpu", "--dtype", "fp32", "--out_dir", str(out),
+            "--name", name, "--lr", "1e-2", "--warmup_steps", "1", "--eval_interval", "0", "--log_interval", "1",
+            "--align.max_len", "96", "--align.eval_batch_size", "8", "--align.max_val", "4",
+            "--align.sample_prompts", "[]"]
+
+
+def test_load_quantized_equals_quantize_model(base: Path, tmp_path: Path) -> None:
+    x = torch.randint(0, 300, (2, 12))
+    expected = _logits(quantize_model(load_checkpoint(base).model), x)
+    loaded = load_quantized(base)
+    assert loaded.tokenizer is not None and not any(p.requires_grad for p in loaded.model.parameters())
+    assert torch.equal(_logits(loaded.model, x), expected)  # the same NF4 codes and fp32 weights, bit for bit
+    hf = export_hf(load_checkpoint(base).model, tmp_path / "hf", load_checkpoint(base).tokenizer)
+    assert torch.equal(_logits(load_quantized(hf).model, x), expected)  # an imported HF directory too
+
+
+def test_lora_finetune_merge_export(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = base.parent / "sft.json"
+    assert main(["finetune", str(base), "--method", "lora", "--data", str(data), "--lora.r", "4",
+                 *_args(tmp_path, "lora")]) == 0
+    err = capsys.readouterr().err
+    assert "finetune lora: training" in err and "%)" in err
+    adapter = tmp_path / "lora" / "adapter"
+    meta = json.loads((adapter / "finetune.json").read_text())
+    assert meta["method"] == "lora" and meta["lora"]["r"] == 4 and 0 < meta["trainable_fraction"] < 0.2
+    assert (adapter / "adapter_config.json").is_file() and not list((tmp_path / "lora").glob("checkpoints/step-*"))
+
+    assert main(["merge", str(base), str(adapter), str(tmp_path / "merged")]) == 0
+    merged = load_checkpoint(tmp_path / "merged").model
+    # The reference: the base with the run's vocabulary and the adapter on top, unmerged.
+    model = load_checkpoint(base).model
+    resize_token_embeddings(model, load_tokenizer(adapter / "tokenizer").vocab_size)
+    load_adapter(model, adapter)
+    assert any(m.lora_B.abs().sum() > 0 for n, m in model.named_modules() if n.endswith("q_proj"))  # it trained
+    x = torch.randint(0, 300, (2, 12))
+    torch.testing.assert_close(_logits(merged, x), _logits(model.eval(), x), atol=1e-5, rtol=1e-5)
+    assert main(["export", "hf", str(tmp_path / "merged"), str(tmp_path / "merged-hf")]) == 0
+
+
+@pytest.mark.parametrize("method", ["qlora", "dora", "full"])
+def test_other_methods(method: str, base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = _args(tmp_path, method)
+    overrides = {k.removeprefix("--"): v for k, v in zip(a[::2], a[1::2], strict=True)}
+    overrides["align.sample_prompts"] = []
+    if method == "full":
+        overrides["lr"] = "1e-3"  # every weight moves: a smaller step
+    cfg = FinetuneTrainConfig.from_dict({**_nested(overrides), "method": method, "lora": {"r": 4},
+                                         "align": {**_nested(overrides)["align"], "base": str(base),
+                                                   "dataset": str(base.parent / "sft.json")}})
+    result = finetune(cfg, progress=False)
+    assert result.steps == 2 and result.after["loss"] < result.before["loss"]
+    err = capsys.readouterr().err
+    assert f"finetune {method}: training" in err
+    if method == "full":
+        assert "(100.00%)" in err and load_checkpoint(result.run_dir).model.num_params() > 0
+    else:
+        meta = json.loads((result.checkpoint / "finetune.json").read_text())
+        assert result.checkpoint == result.run_dir / "adapter" and meta["trainable_fraction"] < 0.2
+        config = json.loads((result.checkpoint / "adapter_config.json").read_text())
+        assert config["use_dora"] == (method == "dora") and config["r"] == 4
+
+
+def _nested(flat: dict[str, object]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})  # type: ignore[assignment]
+        node[leaf] = value  # type: ignore[index]
+    return out
+
+
+def test_merge_onto_the_wrong_base_is_one_clear_line(base: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    data = base.parent / "sft.json"
+    assert main(["finetune", str(base), "--method", "lora", "--data", str(data), *_args(tmp_path, "run")]) == 0
+    loaded = load_checkpoint(base)
+    small = GPT(dataclasses.replace(loaded.model.config, n_layer=1))
+    other = save_checkpoint(small, tmp_path / "other", loaded.tokenizer)
+    capsys.readouterr()
+    assert main(["merge", str(other), str(tmp_path / "run" / "adapter"), str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not have" in err and "n_layer=1" in err
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "dora"])
+def test_the_shipped_finetune_recipe_parses_for_every_method(method: str) -> None:
+    from byollm.cli import build_parser
+
+    repo = Path(__file__).resolve().parents[1]
+    ns = build_parser().parse_args(["finetune", "base/ckpt", "--config", str(repo / "configs/finetune-alpaca-cpu.yaml"),
+                                    "--method", method])
+    assert ns.finetune.method == method
