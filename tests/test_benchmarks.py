@@ -71,3 +71,30 @@ def test_bench_train_falls_back_to_eager_when_compile_fails(monkeypatch):
     assert results["ours"]["compiled"] and results["ours"]["compile_error"] is None
     assert not results["hf"]["compiled"] and "simulated compile failure" in results["hf"]["compile_error"]
     assert results["hf"]["tokens_per_s"] > 0 and results["hf_class"] == "GPT2LMHeadModel"
+
+
+def test_bench_finetune_runs_every_method(capsys):
+    """Full / LoRA / QLoRA, ours and the transformers + PEFT + bitsandbytes peer, one step each, in-process
+    (the real run starts a fresh process per case; here only the code paths are exercised)."""
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    bench = load_script("bench_finetune")
+    results = bench.main(["--presets", "gpt-tiny", "--steps", "1", "--in-process"])
+    rows = {(r["stack"], r["method"]): r for r in results["presets"]["gpt-tiny"]["cases"]}
+    has_load = importlib.util.find_spec("byollm.finetune.load") is not None  # loading straight into NF4
+    methods = [m for m in bench.METHODS if has_load or m != "qlora-load"]
+    assert set(rows) == {(s, m) for s in bench.STACKS for m in methods} - {("peer", "qlora-load")}
+    for (_stack, method), r in rows.items():
+        assert "error" not in r, r
+        assert r["step_s_median"] > 0 and r["peak_rss"] > 0
+        assert abs(r["first_loss"] - math.log(128)) < 0.5  # the same fresh model on both sides
+        assert (r["trainable_frac"] == 1.0) == (method == "full")
+    assert rows[("ours", "qlora")]["model_bytes"] < rows[("ours", "full")]["model_bytes"] / 2
+    # Straight into NF4 or quantised after loading: the same model, the same adapters, the same first loss.
+    for key in ("model_bytes", "trainable", "first_loss") if has_load else ():
+        assert rows[("ours", "qlora-load")][key] == pytest.approx(rows[("ours", "qlora")][key], rel=1e-6)
+    assert rows[("peer", "qlora")]["model_class"] == "GPT2LMHeadModel"
+    ratios = results["presets"]["gpt-tiny"]["ratios"]
+    assert set(ratios) == {f"{s}_{m}_over_full_peak_rss" for s in bench.STACKS for m in ("lora", "qlora")} | (
+        {"ours_qlora-load_over_full_peak_rss"} if has_load else set())
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == results["summary"]
