@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_model
 from byollm.atomic import atomic_dir_write
 from byollm.errors import CheckpointError, ConfigError
 from byollm.model import GPT, ModelConfig, RewardModel
+from byollm.model.model import rope_inverse_frequencies
 from byollm.tokenizer import Tokenizer, load_tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -100,10 +101,10 @@ def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor] | None 
     (or randomly initialised when there is none)."""
     with torch.device("meta"):
         model = GPT(config)
-    model = model.to_empty(device=device)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
     if state_dict is None:
+        model = model.to_empty(device=device)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.tok_emb.weight
         model.reset_parameters()
     else:
         state_dict = dict(state_dict)
@@ -125,11 +126,30 @@ def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor] | None 
             if name in state_dict and state_dict[name].shape != tensor.shape:
                 raise CheckpointError(f"weight {name} has shape {tuple(state_dict[name].shape)} but the config "
                                       f"needs {tuple(tensor.shape)}; is config.json from the same model?")
-        model.load_state_dict(state_dict, strict=False)
-        model.init_buffers()
+        # assign=True: the loaded tensors BECOME the parameters (no second copy of the weights in memory),
+        # in the model's dtype (fp32 unless asked) as a plain model would hold them.
+        want = dtype or torch.float32
+        state_dict = {k: _own_storage(v.to(device=device, dtype=want) if v.is_floating_point() else v.to(device))
+                      for k, v in state_dict.items()}
+        model.load_state_dict(state_dict, strict=False, assign=True)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.tok_emb.weight
+        if config.pos_embedding == "rope":  # a non-persistent buffer, still on the meta device
+            model.rope_inv_freq = rope_inverse_frequencies(config).to(device)
+        still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if still_meta:
+            raise CheckpointError(f"weights do not fit the config: no values for {still_meta[:5]}")
     if dtype is not None:
         model = model.to(dtype=dtype)
     return model
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when it is a whole, contiguous tensor; else a compact copy. Converted HF weights can be
+    transposed views or slices of a fused tensor (GPT-2's c_attn); as parameters those would break .view()
+    and safetensors' shared-storage check."""
+    whole = t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    return t if whole else t.clone(memory_format=torch.contiguous_format)
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[CheckpointKind, Path]:
