@@ -29,3 +29,20 @@ def shakespeare_text() -> str:
     from pydoc_data.topics import topics
 
     return "\n".join(topics[k] for k in sorted(topics))
+
+
+def tiny_chat_base(directory: Path) -> Path:
+    """A tiny random Llama-style checkpoint whose byte-level BPE tokenizer (300 ids) has no chat tokens yet:
+    the starting point of the alignment and fine-tuning recipe tests."""
+    import dataclasses
+
+    from byollm.checkpoint import save_checkpoint
+    from byollm.model import GPT, preset
+    from byollm.tokenizer import train_bpe_fast
+
+    text = ("Human: how do I bake bread? Assistant: Mix flour, water, salt and yeast, knead, let it rise, bake. "
+            "The quick brown fox jumps over the lazy dog. Tell me a joke about cats, please. ") * 8
+    tok = train_bpe_fast(text, vocab_size=300)
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(preset("llama-tiny"), vocab_size=tok.vocab_size, block_size=128))
+    return save_checkpoint(model, directory / "base", tok)

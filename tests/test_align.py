@@ -13,28 +13,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_chat_base
 
-from byollm.checkpoint import checkpoint_kind, load_checkpoint, save_checkpoint
+from byollm.checkpoint import checkpoint_kind, load_checkpoint
 from byollm.cli import _align_config, build_parser, main
 from byollm.errors import ConfigError, DataError
 from byollm.model import GPT, preset, resize_token_embeddings
-from byollm.tokenizer import train_bpe_fast
 from byollm.tokenizer.chat import CHAT_TOKENS, has_chat_tokens
 from byollm.train.align import AlignTrainConfig, dpo, load_align_config, orpo, reward, sft
 
 REPO = Path(__file__).resolve().parents[1]
-TEXT = ("Human: how do I bake bread? Assistant: Mix flour, water, salt and yeast, knead, let it rise, bake. "
-        "The quick brown fox jumps over the lazy dog. Tell me a joke about cats, please. ") * 8
-
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama-style checkpoint whose BPE tokenizer has no chat tokens yet."""
-    d = tmp_path_factory.mktemp("align")
-    tok = train_bpe_fast(TEXT, vocab_size=300)
-    torch.manual_seed(0)
-    model = GPT(dataclasses.replace(preset("llama-tiny"), vocab_size=tok.vocab_size, block_size=128))
-    return save_checkpoint(model, d / "base", tok)
+    return tiny_chat_base(tmp_path_factory.mktemp("align"))
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_chat_base
 
 from byollm.checkpoint import load_checkpoint, save_checkpoint
 from byollm.cli import main
@@ -16,11 +17,8 @@ from byollm.finetune import load_adapter, quantize_model
 from byollm.finetune.load import load_quantized
 from byollm.finetune.recipe import FinetuneTrainConfig, finetune
 from byollm.interop.hf import export_hf
-from byollm.model import GPT, preset, resize_token_embeddings
-from byollm.tokenizer import load_tokenizer, train_bpe_fast
-
-TEXT = ("Human: how do I bake bread? Assistant: Mix flour, water, salt and yeast, knead, let it rise, bake. "
-        "The quick brown fox jumps over the lazy dog. Tell me a joke about cats, please. ") * 8
+from byollm.model import GPT, resize_token_embeddings
+from byollm.tokenizer import load_tokenizer
 
 
 def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -33,13 +31,10 @@ def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama-style checkpoint whose tokenizer has no chat tokens yet, and an Alpaca-style file."""
     d = tmp_path_factory.mktemp("finetune")
-    tok = train_bpe_fast(TEXT, vocab_size=300)
-    torch.manual_seed(0)
-    model = GPT(dataclasses.replace(preset("llama-tiny"), vocab_size=tok.vocab_size, block_size=128))
     records = [{"instruction": f"Say the word number {i}.", "input": "", "output": f"Word {i} is bread."}
                for i in range(40)]
     (d / "sft.json").write_text(json.dumps(records))
-    return save_checkpoint(model, d / "base", tok)
+    return tiny_chat_base(d)
 
 
 def _args(out: Path, name: str) -> list[str]:

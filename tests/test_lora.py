@@ -30,14 +30,6 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_base(seed: int = 0, **overrides) -> GPT:
     """llama-tiny with weights large enough that every layer matters (N(0, 0.15), norms 1 + N(0, 0.2))."""
     torch.manual_seed(seed)

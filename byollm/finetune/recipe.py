@@ -70,11 +70,6 @@ class FinetuneTrainConfig(AlignTrainConfig):
     method: str = "lora"
     lora: LoRASettings = field(default_factory=LoRASettings)
 
-    def __post_init__(self) -> None:
-        if isinstance(self.lora, dict):
-            self.lora = _from_dict(LoRASettings, self.lora, "lora.")
-        super().__post_init__()
-
     def validate(self) -> None:
         super().validate()
         if self.method not in METHODS:

@@ -78,7 +78,7 @@ from byollm.train.objectives import (
     precompute_reference_logprobs,
 )
 from byollm.train.optim import build_optimizer, build_scheduler, lr_at
-from byollm.train.pretrain import find_resume_checkpoint, resolve_dtype
+from byollm.train.pretrain import _duration, _printer, find_resume_checkpoint, resolve_dtype
 from byollm.train.run import Run, load_train_state, run_meta
 
 RECIPES = ("sft", "reward", "dpo", "orpo")
@@ -132,11 +132,6 @@ class AlignTrainConfig(TrainConfig):
     model and its tokenizer come from align.base, the examples from align.dataset)."""
 
     align: AlignConfig = field(default_factory=AlignConfig)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.align, dict):
-            self.align = _from_dict(AlignConfig, self.align, "align.")
-        super().__post_init__()
 
     def validate(self) -> None:
         super().validate()
@@ -251,8 +246,9 @@ def align(cfg: AlignTrainConfig, recipe: str, *, progress: bool = True,
         if gpt.config.pos_embedding == "learned" and max_len > gpt.config.block_size:
             raise ConfigError(f"align.max_len={max_len} is longer than the model's block_size "
                               f"({gpt.config.block_size}), which a learned-position model cannot exceed")
-        train, train_report = build_examples(recipe, tok, a, "train")
-        val, val_report = build_examples(recipe, tok, a, "val")
+        records = load_records(a.dataset)  # read (and resolved, with its notice) once for both splits
+        train, train_report = build_examples(recipe, tok, a, "train", records)
+        val, val_report = build_examples(recipe, tok, a, "val", records)
         say(f"[byollm] data train: {train_report}")
         say(f"[byollm] data held-out: {val_report}")
         if not val:
@@ -395,10 +391,12 @@ def prepare_chat_model(model: GPT, tok: Tokenizer | None, say: Any = None) -> GP
     return model
 
 
-def build_examples(recipe: str, tok: Tokenizer, a: AlignConfig, split: str) -> tuple[list[dict], DataReport]:
+def build_examples(recipe: str, tok: Tokenizer, a: AlignConfig, split: str,
+                   records: list[dict] | None = None) -> tuple[list[dict], DataReport]:
     """The train or held-out examples of a recipe: SFT examples for sft, preference examples otherwise.
-    Records are split before conversion (`split_records`); max_train / max_val keep the first N of a split."""
-    records = load_records(a.dataset)
+    Records are split before conversion (`split_records`); max_train / max_val keep the first N of a split.
+    `records`: the dataset's records when the caller has read them already (both splits come from one read)."""
+    records = load_records(a.dataset) if records is None else records
     train_idx, val_idx = split_records(len(records), a.val_fraction, a.split_seed)
     idx = (train_idx if split == "train" else val_idx).tolist()
     limit = a.max_train if split == "train" else a.max_val
@@ -516,19 +514,6 @@ def prompt_ids(tok: Tokenizer, dataset: str, split: str, max_prompt_len: int, *,
 def _fmt(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) and k not in ("pairs", "tokens") else f"{k} {v:g}"
                      for k, v in metrics.items())
-
-
-def _printer(enabled: bool):
-    def say(message: str) -> None:
-        if enabled:
-            print(message, file=sys.stderr, flush=True)
-
-    return say
-
-
-def _duration(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
 
 
 __all__ = ["RECIPES", "SAMPLE_PROMPTS", "AlignConfig", "AlignResult", "AlignTrainConfig", "ModelHooks", "align",

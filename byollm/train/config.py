@@ -85,10 +85,12 @@ class TrainConfig:
     resume: bool = False  # continue runs/<name>/ from its latest checkpoint
 
     def __post_init__(self) -> None:
-        if isinstance(self.model, dict):
-            self.model = _from_dict(ModelChoice, self.model, "model.")
-        if isinstance(self.data, dict):
-            self.data = _from_dict(DataConfig, self.data, "data.")
+        # Sections given as dicts (model, data, and a subclass's own: align, lora, ...) become their dataclass.
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(hints[f.name]) and isinstance(value, dict):
+                setattr(self, f.name, _from_dict(hints[f.name], value, f"{f.name}."))
         self.betas = tuple(self.betas)  # type: ignore[assignment]
         self.validate()
 
