@@ -8,6 +8,9 @@ Every (stack, method) runs in a FRESH Python process, so its peak RSS (the child
 of /proc/self/status; not `getrusage().ru_maxrss`, which Linux carries over from the parent across fork + exec)
 is what that method alone needs. Nothing is subtracted; the RSS of a
 process that only imported torch (and one that imported the peer stack) is reported next to it as the floor.
+Every child, ours and the peer's, runs with the same allocator setting: MALLOC_MMAP_THRESHOLD_=131072 by default
+(what `byollm finetune` sets in-process: glibc's dynamic threshold otherwise lets freed per-step temporaries pile
+up in the heap), or glibc's default with --malloc-mmap-threshold 0.
 
 The parent builds one random-weight model per preset (seeded), saves it twice: as a byollm checkpoint
 (`save_checkpoint`) and as a Hugging Face directory (`export_hf`), so both stacks start from the same weights on
@@ -75,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4, help="training steps per case (the first is not timed)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--malloc-mmap-threshold", type=int, default=128 * 1024, metavar="BYTES",
+                   help="MALLOC_MMAP_THRESHOLD_ for EVERY child, ours and the peer alike (glibc then returns each "
+                   "freed block of this size or more to the OS at once; `byollm finetune` sets the same in-process). "
+                   "0: glibc's default (a dynamic threshold, freed step temporaries stay in the heap)")
     p.add_argument("--in-process", action="store_true", help="run every case in this process (tests: exercises "
                    "the code, but the RSS numbers then mean nothing)")
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write all results to this JSON file")
@@ -218,17 +225,21 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
             "peak_rss": peak_rss_bytes(), "maxrss_getrusage": maxrss_getrusage()}
 
 
-def baseline(imports: str) -> dict[str, Any]:
+def baseline(imports: str, mmap_threshold: int = 0) -> dict[str, Any]:
     """Peak RSS of a fresh process that only imports `imports`: the floor under every case."""
     code = f"import json, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); {imports}; " \
            "import bench_finetune as b; print(json.dumps({'peak_rss': b.peak_rss_bytes(), " \
            "'maxrss_getrusage': b.maxrss_getrusage()}))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=_child_env())
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=_child_env(mmap_threshold))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(mmap_threshold: int = 0) -> dict[str, str]:
     env = dict(os.environ)
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(Path(__file__).resolve().parents[1]),
                                                     env.get("PYTHONPATH", "")] if p)
@@ -237,7 +248,7 @@ def _child_env() -> dict[str, str]:
 
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-                         capture_output=True, text=True, env=_child_env())
+                         capture_output=True, text=True, env=_child_env(spec.get("malloc_mmap_threshold", 0)))
     if out.returncode != 0:
         tail = (out.stderr or out.stdout).strip().splitlines()[-5:]
         return {"stack": spec["stack"], "method": spec["method"], "error": " | ".join(tail)}
@@ -284,8 +295,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{m['transformers']}, peft {m['peft']}, bitsandbytes {m['bitsandbytes']}; {m['date']}")
     warn_if_busy(torch.get_num_threads())
     if not args.in_process:
-        results["baseline_torch"] = baseline("import torch")
-        results["baseline_peer"] = baseline("import torch, transformers, peft, bitsandbytes")
+        t = args.malloc_mmap_threshold
+        print(f"allocator: MALLOC_MMAP_THRESHOLD_={t} for every child" if t else "allocator: glibc default")
+        results["baseline_torch"] = baseline("import torch", t)
+        results["baseline_peer"] = baseline("import torch, transformers, peft, bitsandbytes", t)
         print(f"baseline peak RSS: import torch {_mb(results['baseline_torch']['peak_rss']):.0f} MB, "
               f"+ transformers/peft/bitsandbytes {_mb(results['baseline_peer']['peak_rss']):.0f} MB", flush=True)
 
@@ -317,7 +330,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         continue  # transformers already quantises while it loads (from_pretrained + bnb)
                     spec = dict(stack=stack, method=method, ckpt=str(ckpt), hf_dir=str(hf_dir), arch=arch,
                                 rank=args.rank, seed=args.seed, batch_size=args.batch_size, seq_len=seq_len,
-                                steps=args.steps, vocab_size=cfg.vocab_size, base_params=base_params)
+                                steps=args.steps, vocab_size=cfg.vocab_size, base_params=base_params,
+                                malloc_mmap_threshold=args.malloc_mmap_threshold)
                     r = run_case(spec) if args.in_process else run_child(spec)
                     rows.append(r)
                     print(f"  {stack:4s} {method:5s} " + (f"ERROR {r['error']}" if "error" in r else

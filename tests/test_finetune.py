@@ -77,14 +77,16 @@ def test_lora_finetune_merge_export(base: Path, tmp_path: Path, capsys: pytest.C
     assert main(["export", "hf", str(tmp_path / "merged"), str(tmp_path / "merged-hf")]) == 0
 
 
-@pytest.mark.parametrize("method", ["qlora", "dora", "full"])
-def test_other_methods(method: str, base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("variant", ["qlora", "qlora-bitsandbytes", "dora", "full"])
+def test_other_methods(variant: str, base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    method, _, backend = variant.partition("-")
     a = _args(tmp_path, method)
     overrides = {k.removeprefix("--"): v for k, v in zip(a[::2], a[1::2], strict=True)}
     overrides["align.sample_prompts"] = []
     if method == "full":
         overrides["lr"] = "1e-3"  # every weight moves: a smaller step
-    cfg = FinetuneTrainConfig.from_dict({**_nested(overrides), "method": method, "lora": {"r": 4},
+    lora = {"r": 4, "quant_backend": backend} if backend else {"r": 4}
+    cfg = FinetuneTrainConfig.from_dict({**_nested(overrides), "method": method, "lora": lora,
                                          "align": {**_nested(overrides)["align"], "base": str(base),
                                                    "dataset": str(base.parent / "sft.json")}})
     result = finetune(cfg, progress=False)

@@ -2,8 +2,9 @@
 
 `quantize_model(load_checkpoint(path).model)` first builds the whole fp32 model and then quantises it, so its
 peak is the fp32 model. `load_quantized` instead builds the model on the meta device (no memory), then reads the
-weights file tensor by tensor with `safetensors.safe_open`: each target linear weight is quantised to NF4 as soon
-as it is read and its fp32 copy dropped; every other parameter (embeddings, norms, the LM head) is loaded as is.
+weights file tensor by tensor (`SafetensorsReader`: plain reads, no memory map): each target linear weight is
+quantised to NF4 as soon as it is read and its fp32 copy dropped; every other parameter (embeddings, norms, the
+LM head) is loaded as is.
 The peak is the NF4 model plus the non-target weights plus one fp32 matrix. The result is the same model, bit for
 bit, as `quantize_model(load_checkpoint(path).model, targets)` (tested).
 
@@ -16,13 +17,13 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import sys
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from byollm.checkpoint import CONFIG, TOKENIZER_DIR, WEIGHTS, Loaded, load_checkpoint, resolve_checkpoint
@@ -31,11 +32,68 @@ from byollm.finetune.nf4 import DEFAULT_TARGETS, NF4Linear, quantize_model
 from byollm.model import GPT, ModelConfig
 from byollm.tokenizer import load_tokenizer
 
+# safetensors dtype names -> torch dtypes (the ones a model checkpoint holds).
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+class SafetensorsReader:
+    """Reads one tensor at a time from a .safetensors file with plain file reads.
+
+    Why not `safetensors.safe_open`: its tensors are views of a memory map of the whole file, and every page
+    read through a map stays in this process's resident memory while any tensor from it lives (a kept
+    embedding keeps the map, and with it the fp32 weights we already quantised). Reading into a fresh tensor
+    leaves the file in the page cache only. The format: 8 bytes (little-endian header length), a JSON header
+    {name: {dtype, shape, data_offsets: [begin, end]}} (offsets relative to the end of the header), the data."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file = open(self.path, "rb")  # noqa: SIM115 - closed by __exit__/close
+        try:
+            (n,) = struct.unpack("<Q", self._file.read(8))
+            header = json.loads(self._file.read(n))
+        except (struct.error, ValueError) as e:
+            self._file.close()
+            raise CheckpointError(f"cannot read {self.path}: not a safetensors file ({e})") from e
+        header.pop("__metadata__", None)
+        self._entries, self._data_start = header, 8 + n
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        entry = self._entries[name]
+        dtype = _ST_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{self.path}: tensor {name} has dtype {entry['dtype']}, which byollm cannot load")
+        begin, end = entry["data_offsets"]
+        t = torch.empty(entry["shape"], dtype=dtype)
+        raw = t.view(-1).view(torch.uint8).numpy() if t.numel() else None  # the tensor's own bytes, writable
+        if raw is None or raw.nbytes != end - begin:
+            if t.numel() == 0 and end == begin:
+                return t
+            raise CheckpointError(f"{self.path}: tensor {name} is {end - begin} bytes on disk, expected "
+                                  f"{t.numel() * t.element_size()}; the file is damaged")
+        self._file.seek(self._data_start + begin)
+        if self._file.readinto(raw) != raw.nbytes:
+            raise CheckpointError(f"{self.path} ends inside tensor {name}: the file is truncated")
+        return t
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def _our_source(ckpt: Path, stack: ExitStack) -> tuple[ModelConfig, dict[str, Callable[[], torch.Tensor]]]:
     config = ModelConfig.load(ckpt / CONFIG)
-    f = stack.enter_context(safe_open(str(ckpt / WEIGHTS), framework="pt", device="cpu"))
-    getters = {k: (lambda k=k: f.get_tensor(k)) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    f = stack.enter_context(SafetensorsReader(ckpt / WEIGHTS))
+    getters = {k: (lambda k=k: f.get_tensor(k)) for k in f.keys()}
     if config.tie_embeddings and "tok_emb.weight" not in getters and "lm_head.weight" in getters:
         getters["tok_emb.weight"] = getters["lm_head.weight"]  # save_model kept the shared tensor under this name
     if config.tie_embeddings:
@@ -70,8 +128,8 @@ def _hf_source(path: Path, stack: ExitStack) -> tuple[ModelConfig, dict[str, Cal
     for file in files:
         if not file.is_file():
             raise CheckpointError(f"weight shard {file} is missing; download all files listed in the index")
-        f = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
-        for key in f.keys():  # noqa: SIM118
+        f = stack.enter_context(SafetensorsReader(file))
+        for key in f.keys():
             if _IGNORED_HF_KEYS.search(key):
                 continue
             hf_key = key if key.startswith(("model.", "lm_head.")) else "model." + key

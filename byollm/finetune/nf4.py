@@ -102,14 +102,14 @@ def _nearest_code(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """Index of the nearest value of the sorted `code` for each x: compare against the midpoints between
     neighbours (a value exactly on a midpoint goes to the lower level)."""
     midpoints = (code[:-1] + code[1:]) / 2
-    return torch.bucketize(x, midpoints)
+    return torch.bucketize(x, midpoints, out_int32=True)
 
 
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flatten x, cut it into blocks of `blocksize` (the last may be shorter), scale each block by
     1/absmax into [-1, 1] and store the index of the nearest code value.
 
-    Returns (indices as int64, same number of elements as x, flat; absmax per block, fp32)."""
+    Returns (indices as int32, same number of elements as x, flat; absmax per block, fp32)."""
     flat = x.detach().reshape(-1).float()
     n = flat.numel()
     n_blocks = -(-n // blocksize)
@@ -157,8 +157,17 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = NF4_BLOCKSIZE,
     - with it, "absmax": uint8 (8-bit index into `dynamic_map_8bit`, one per block), "absmax_scale":
       fp32 (one per 256 blocks) and "absmax_offset": fp32 scalar (the mean subtracted before quantising).
     """
-    indices, absmax = quantize_blockwise(weight, NF4_LEVELS.to(weight.device), blocksize)
-    out = {"codes": pack_4bit(indices)}
+    # A chunk of whole blocks at a time: the temporaries (fp32 copies, indices) stay a few MB whatever the
+    # weight's size, instead of several times the matrix. Chunks hold an even count, so packing is per chunk.
+    flat, levels = weight.detach().reshape(-1), NF4_LEVELS.to(weight.device)
+    chunk = blocksize * 4096
+    codes, scales = [], []
+    for start in range(0, flat.numel(), chunk):
+        indices, absmax = quantize_blockwise(flat[start:start + chunk], levels, blocksize)
+        codes.append(pack_4bit(indices))
+        scales.append(absmax)
+    codes_t, absmax = torch.cat(codes), torch.cat(scales)
+    out = {"codes": codes_t}
     if not double_quant:
         out["absmax"] = absmax
         return out
@@ -185,8 +194,25 @@ def dequantize_nf4(codes: torch.Tensor, absmax: torch.Tensor, shape: torch.Size 
     (computed in fp32, rounded once at the end as bitsandbytes does)."""
     n = math.prod(shape)
     scales = nf4_absmax(absmax, absmax_scale, absmax_offset)
-    flat = dequantize_blockwise(unpack_4bit(codes, n), scales, NF4_LEVELS.to(codes.device), blocksize)
-    return flat.view(*shape).to(dtype)
+    if n % blocksize or blocksize % 2:  # a short last block: the general (slower, bigger) path
+        flat = dequantize_blockwise(unpack_4bit(codes, n), scales, NF4_LEVELS.to(codes.device), blocksize)
+        return flat.view(*shape).to(dtype)
+    # Each byte holds two codes, so a 256-row table gives both levels of a byte in one lookup: no unpacked
+    # int64 indices (8 bytes a weight) and no per-weight copy of the scales, just the fp32 result, scaled in place.
+    pairs = _byte_to_level_pair(codes.device)[codes.int()]  # (n/2, 2): levels of the high, low nibble
+    weight = pairs.view(-1, blocksize).mul_(scales[:, None])  # each row is one block; times its absmax
+    return weight.view(*shape).to(dtype)
+
+
+_LEVEL_PAIRS: dict[torch.device, torch.Tensor] = {}
+
+
+def _byte_to_level_pair(device: torch.device) -> torch.Tensor:
+    """(256, 2) fp32: for each byte value, the NF4 levels of its high and its low nibble."""
+    if device not in _LEVEL_PAIRS:
+        byte = torch.arange(256)
+        _LEVEL_PAIRS[device] = torch.stack([NF4_LEVELS[byte >> 4], NF4_LEVELS[byte & 0x0F]], dim=1).to(device)
+    return _LEVEL_PAIRS[device]
 
 
 # --------------------------------------------------------------------------------------------------

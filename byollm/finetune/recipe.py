@@ -42,11 +42,12 @@ from byollm.finetune.lora import (
     save_adapter,
     trainable_parameters,
 )
-from byollm.finetune.nf4 import NF4Linear, QLoRALinear
+from byollm.finetune.nf4 import NF4Linear, QLoRALinear, quantize_model
 from byollm.model import GPT, resize_token_embeddings
 from byollm.tokenizer import load_tokenizer
 from byollm.train.align import AlignResult, AlignTrainConfig, ModelHooks, align
 from byollm.train.config import _from_dict
+from byollm.train.perf import return_large_frees_to_os
 
 METHODS = ("full", "lora", "qlora", "dora")
 FINETUNE_META = "finetune.json"
@@ -61,6 +62,7 @@ class LoRASettings:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(ATTENTION + MLP))  # module-name suffixes
     double_quant: bool = True  # qlora: 8-bit absmax scales
+    quant_backend: str = "byollm"  # qlora: "byollm" (our NF4Linear) or "bitsandbytes" (its Linear4bit, nf4)
 
 
 @dataclass
@@ -74,6 +76,8 @@ class FinetuneTrainConfig(AlignTrainConfig):
         super().validate()
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.lora.quant_backend not in ("byollm", "bitsandbytes"):
+            raise ConfigError(f"unknown lora.quant_backend {self.lora.quant_backend!r}; choose byollm or bitsandbytes")
         if self.lora.r < 1 or self.lora.alpha <= 0 or not 0 <= self.lora.dropout < 1:
             raise ConfigError(f"need lora.r >= 1, lora.alpha > 0 and 0 <= lora.dropout < 1, got {self.lora.r}, "
                               f"{self.lora.alpha}, {self.lora.dropout}")
@@ -85,6 +89,8 @@ class FinetuneTrainConfig(AlignTrainConfig):
 
 def _report(method: str, model: nn.Module) -> dict[str, Any]:
     trainable, total = trainable_parameters(model)
+    # NF4 weights are buffers, not parameters: count them as the weights they stand for (the fp32 model's count).
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
     print(f"[byollm] finetune {method}: training {trainable:,} of {total:,} parameters "
           f"({100 * trainable / total:.2f}%)", file=sys.stderr, flush=True)
     return {"trainable_params": trainable, "total_params": total, "trainable_fraction": trainable / total}
@@ -96,6 +102,7 @@ def finetune(cfg: FinetuneTrainConfig, *, progress: bool = True) -> AlignResult:
     cfg.validate()
     s, method = cfg.lora, cfg.method
     info: dict[str, Any] = {}
+    return_large_frees_to_os()  # per-step temporaries would otherwise ratchet the heap up (see its docstring)
 
     def adapt(model: GPT) -> nn.Module:
         if method in ("lora", "dora"):
@@ -104,7 +111,7 @@ def finetune(cfg: FinetuneTrainConfig, *, progress: bool = True) -> AlignResult:
             for p in model.parameters():
                 p.requires_grad_(False)
             for name, m in list(model.named_modules()):
-                if isinstance(m, NF4Linear):
+                if isinstance(m, NF4Linear) or type(m).__name__ == "Linear4bit":  # ours or bitsandbytes'
                     parent_name, _, child = name.rpartition(".")
                     setattr(model.get_submodule(parent_name), child,
                             QLoRALinear(m, m.in_features, m.out_features, r=s.r, alpha=s.alpha, dropout=s.dropout,
@@ -113,6 +120,10 @@ def finetune(cfg: FinetuneTrainConfig, *, progress: bool = True) -> AlignResult:
         return model
 
     def load(base: str, device: Any) -> Any:
+        if s.quant_backend == "bitsandbytes":  # bitsandbytes quantises a loaded fp32 model (Params4bit.to)
+            loaded = load_checkpoint(base, device=device)
+            quantize_model(loaded.model, s.targets, backend="bitsandbytes", double_quant=s.double_quant)
+            return loaded
         from byollm.finetune.load import load_quantized
 
         return load_quantized(base, s.targets, double_quant=s.double_quant, device=device)
