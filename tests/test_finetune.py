@@ -54,6 +54,31 @@ def test_load_quantized_equals_quantize_model(base: Path, tmp_path: Path) -> Non
     assert torch.equal(_logits(load_quantized(hf).model, x), expected)  # an imported HF directory too
 
 
+def test_safetensors_reader_matches_the_library_and_refuses_damaged_files(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from byollm.errors import CheckpointError
+    from byollm.finetune.load import SafetensorsReader
+
+    tensors = {"w": torch.randn(3, 5), "h": torch.randn(4).to(torch.bfloat16), "i": torch.arange(6).view(2, 3),
+               "e": torch.zeros(0, 2), "s": torch.tensor(2.5)}
+    save_file(tensors, tmp_path / "t.safetensors")
+    reference = load_file(tmp_path / "t.safetensors")
+    with SafetensorsReader(tmp_path / "t.safetensors") as f:
+        assert sorted(f.keys()) == sorted(tensors)
+        for k in tensors:
+            got = f.get_tensor(k)
+            assert got.dtype == reference[k].dtype and torch.equal(got, reference[k])
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-8])
+    with SafetensorsReader(tmp_path / "cut.safetensors") as f, pytest.raises(CheckpointError, match="truncated"):
+        for k in f.keys():
+            f.get_tensor(k)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        SafetensorsReader(tmp_path / "junk.safetensors")
+
+
 def test_lora_finetune_merge_export(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = base.parent / "sft.json"
     assert main(["finetune", str(base), "--method", "lora", "--data", str(data), "--lora.r", "4",
