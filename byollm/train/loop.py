@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
@@ -257,7 +258,9 @@ class Trainer:
         if self.step >= cfg.max_steps:
             self._print(f"already at step {self.step} of max_steps={cfg.max_steps}: nothing to train")
             return
+        # Into a file or pipe (CI, nohup) every refresh is a new line: refresh every 30 s there, not 10 times a second.
         self._bar = bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                               mininterval=0.1 if sys.stderr.isatty() else 30.0,
                                disable=not (self.progress and self.dist.is_main))
         if self.step == 0 and cfg.eval_interval and self.eval_data is not None:
             self.run_eval()  # the loss before any training: about ln(vocab_size) for a fresh model
