@@ -132,6 +132,21 @@ def test_double_quantisation_saves_memory_and_stays_close():
 # ---- layers ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scratch_dequantisation_equals_a_fresh_one_and_reuses_its_buffer(dtype):
+    w1, w2 = torch.randn(40, 96), torch.randn(40, 96)
+    q1, q2 = quantize_nf4(w1), quantize_nf4(w2)
+
+    def deq(q, scratch):
+        return dequantize_nf4(q["codes"], q["absmax"], w1.shape, q["absmax_scale"], q["absmax_offset"], dtype=dtype,
+                              scratch=scratch)
+
+    a = deq(q1, True)
+    assert torch.equal(a, deq(q1, False)) and a.dtype == dtype
+    b = deq(q2, True)
+    assert b.data_ptr() == a.data_ptr() and torch.equal(b, deq(q2, False))  # same buffer, second weight's values
+
+
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_nf4_linear_forward_and_input_gradient(double_quant):
     torch.manual_seed(0)

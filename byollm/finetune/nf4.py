@@ -189,9 +189,14 @@ def nf4_absmax(absmax: torch.Tensor, absmax_scale: torch.Tensor | None = None,
 
 def dequantize_nf4(codes: torch.Tensor, absmax: torch.Tensor, shape: torch.Size | tuple[int, ...],
                    absmax_scale: torch.Tensor | None = None, absmax_offset: torch.Tensor | None = None,
-                   blocksize: int = NF4_BLOCKSIZE, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                   blocksize: int = NF4_BLOCKSIZE, dtype: torch.dtype = torch.float32, *,
+                   scratch: bool = False) -> torch.Tensor:
     """NF4 level of each packed index times the absmax of its block, reshaped to `shape`, in `dtype`
-    (computed in fp32, rounded once at the end as bitsandbytes does)."""
+    (computed in fp32, rounded once at the end as bitsandbytes does).
+
+    scratch=True writes into a buffer shared by every call of the same size and dtype (valid until the next
+    such call): what a training step wants, since it needs one dequantised weight at a time, and allocating
+    (and page-faulting) a fresh multi-MB matrix twice per layer per step costs both time and heap."""
     n = math.prod(shape)
     scales = nf4_absmax(absmax, absmax_scale, absmax_offset)
     if n % blocksize or blocksize % 2:  # a short last block: the general (slower, bigger) path
@@ -199,9 +204,27 @@ def dequantize_nf4(codes: torch.Tensor, absmax: torch.Tensor, shape: torch.Size 
         return flat.view(*shape).to(dtype)
     # Each byte holds two codes, so a 256-row table gives both levels of a byte in one lookup: no unpacked
     # int64 indices (8 bytes a weight) and no per-weight copy of the scales, just the fp32 result, scaled in place.
-    pairs = _byte_to_level_pair(codes.device)[codes.int()]  # (n/2, 2): levels of the high, low nibble
-    weight = pairs.view(-1, blocksize).mul_(scales[:, None])  # each row is one block; times its absmax
-    return weight.view(*shape).to(dtype)
+    table = _byte_to_level_pair(codes.device)
+    if scratch:
+        index = _scratch("index", codes.numel(), torch.int32, codes.device).copy_(codes)
+        pairs = torch.index_select(table, 0, index, out=_scratch("fp32", n, torch.float32, codes.device).view(-1, 2))
+    else:
+        pairs = table[codes.int()]  # (n/2, 2): levels of the high, low nibble
+    weight = pairs.view(-1, blocksize).mul_(scales[:, None]).view(*shape)  # each row is one block; times its absmax
+    if dtype == torch.float32:
+        return weight
+    return _scratch("out", n, dtype, codes.device).view(*shape).copy_(weight) if scratch else weight.to(dtype)
+
+
+_SCRATCH: dict[tuple[str, int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _scratch(role: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat buffer per (role, size, dtype, device), made once and reused (see `dequantize_nf4(scratch=True)`)."""
+    key = (role, numel, dtype, torch.device(device))
+    if key not in _SCRATCH:
+        _SCRATCH[key] = torch.empty(numel, dtype=dtype, device=device)
+    return _SCRATCH[key]
 
 
 _LEVEL_PAIRS: dict[torch.device, torch.Tensor] = {}
@@ -227,13 +250,13 @@ class _DequantizedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:  # noqa: ANN001
         ctx.layer = layer
-        return x @ layer.dequantized_weight(x.dtype).t()
+        return x @ layer.dequantized_weight(x.dtype, scratch=True).t()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:  # noqa: ANN001
         if not ctx.needs_input_grad[0]:
             return None, None
-        return grad @ ctx.layer.dequantized_weight(grad.dtype), None  # the weight itself is frozen
+        return grad @ ctx.layer.dequantized_weight(grad.dtype, scratch=True), None  # the weight itself is frozen
 
 
 class NF4Linear(nn.Module):
@@ -279,9 +302,10 @@ class NF4Linear(nn.Module):
             layer.bias.data.copy_(linear.bias.detach())
         return layer
 
-    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def dequantized_weight(self, dtype: torch.dtype | None = None, *, scratch: bool = False) -> torch.Tensor:
+        """The full-precision weight (out, in); scratch=True: in a shared buffer, valid until the next call."""
         return dequantize_nf4(self.codes, self.absmax, (self.out_features, self.in_features), self.absmax_scale,
-                              self.absmax_offset, self.blocksize, dtype or self.compute_dtype)
+                              self.absmax_offset, self.blocksize, dtype or self.compute_dtype, scratch=scratch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _DequantizedMatmul.apply(x.to(self.compute_dtype), self)
