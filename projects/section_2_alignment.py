@@ -41,7 +41,7 @@ from byollm.data import resolve
 from byollm.data.instruct import SPLIT_SEED, VAL_FRACTION, to_pairs
 from byollm.data.readers import load_records, record_to_text, source_text, split_records
 from byollm.tokenizer.chat import encode_prompt
-from byollm.train import load_config, pretrain
+from byollm.train import PretrainResult, load_config, pretrain
 from byollm.train.align import answer_prompts, load_align_config, orpo, prompt_ids
 from byollm.train.align import dpo as run_dpo
 from byollm.train.align import reward as run_reward
@@ -94,6 +94,21 @@ def write_mix(out: Path, s: Sizes, records_limit: int | None = None) -> dict[str
     return {k: len(v) for k, v in parts.items()}
 
 
+def pretrain_base(out: Path, s: Sizes, quick: bool, progress: bool) -> tuple[PretrainResult, dict[str, Any]]:
+    """Stages 1-2: the mix (`write_mix`) and a small Llama-style base pretrained on it, in OUT/runs/base.
+    Returns `pretrain`'s result and the characters of each part of the mix. Section 4's project reuses it."""
+    mix = out / "mix.txt"
+    chars = write_mix(mix, s, records_limit=200 if quick else None)
+    base = pretrain(load_config(None, {
+        "model.preset": s.preset, "data.name": str(mix), "data.tokenizer": f"bpe:{s.vocab}", "block_size": s.block,
+        "batch_size": s.pretrain_batch, "max_steps": s.pretrain_steps, "lr": 3e-3, "min_lr": 3e-4,
+        "warmup_steps": max(1, s.pretrain_steps // 20), "eval_batches": 4 if quick else 20, "eval_interval": 0,
+        "sample_tokens": 16 if quick else 100, "sample_prompt": "\n\nHuman:", "device": "cpu", "dtype": "fp32",
+        "out_dir": str(out / "runs"), "name": "base", "log_interval": 10, "checkpoint_interval": 100_000,
+        "keep_last": 1}), progress=progress)
+    return base, chars
+
+
 def win_rate(rm_scorer: RewardModelScorer, tok: Any, a: Any, b: Any, prompts: list[list[dict]], tokens: int,
              seed: int) -> dict[str, Any]:
     """The reward model's verdict on greedy answers of model a vs model b to the same held-out prompts."""
@@ -138,15 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1-2. Pretraining text and the base model.
     t0 = time.perf_counter()
-    mix = out / "mix.txt"
-    chars = write_mix(mix, s, records_limit=200 if args.quick else None)
-    base = pretrain(load_config(None, {
-        "model.preset": s.preset, "data.name": str(mix), "data.tokenizer": f"bpe:{s.vocab}", "block_size": s.block,
-        "batch_size": s.pretrain_batch, "max_steps": s.pretrain_steps, "lr": 3e-3, "min_lr": 3e-4,
-        "warmup_steps": max(1, s.pretrain_steps // 20), "eval_batches": 4 if args.quick else 20, "eval_interval": 0,
-        "sample_tokens": 16 if args.quick else 100, "sample_prompt": "\n\nHuman:", "device": "cpu", "dtype": "fp32",
-        "out_dir": str(runs), "name": "base", "log_interval": 10, "checkpoint_interval": 100_000, "keep_last": 1}),
-        progress=progress)
+    base, chars = pretrain_base(out, s, args.quick, progress)
     stage("pretrain", t0, val_loss=base.val.get("loss"), tokens_per_s=round(base.tokens_per_s), mix_chars=chars)
 
     # 3. SFT on Alpaca.

@@ -123,6 +123,11 @@ def test_other_methods(variant: str, base: Path, tmp_path: Path, capsys: pytest.
     else:
         meta = json.loads((result.checkpoint / "finetune.json").read_text())
         assert result.checkpoint == result.run_dir / "adapter" and meta["trainable_fraction"] < 0.2
+        # The total is the base model's parameter count (resized to the chat vocabulary) plus the adapters,
+        # however the base is stored (fp32, our NF4, bitsandbytes' packed Linear4bit).
+        vocab = load_tokenizer(result.checkpoint / "tokenizer").vocab_size
+        base_model = resize_token_embeddings(load_checkpoint(base).model, vocab)
+        assert meta["total_params"] == base_model.num_params() + meta["trainable_params"]
         config = json.loads((result.checkpoint / "adapter_config.json").read_text())
         assert config["use_dora"] == (method == "dora") and config["r"] == 4
 

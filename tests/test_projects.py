@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
@@ -25,9 +26,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "docs" / "section_0_introduction.md", REPO / "docs" / "section_1_transformer.md",
-        REPO / "docs" / "section_2_training.md"]
-SECTION_2 = DOCS[2]
+        REPO / "docs" / "section_2_training.md", REPO / "docs" / "section_4_finetuning.md"]
+SECTION_2, SECTION_4 = DOCS[2], DOCS[3]
 PROJECT_1 = REPO / "projects" / "section_1_transformer.py"
+PROJECT_4 = REPO / "projects" / "section_4_finetuning.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -113,6 +115,62 @@ def test_section1_figures_written_to_out_and_figures_dir(section1):
 
 
 # --------------------------------------------------------------------------------------------------
+# Section 4 project
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def section4(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run the project once, --small: a tiny pretrained base, 4 steps of each method, merge, export, PEFT."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    missing = [name for name in SECTION_2_DATA if not (mirror() / name).is_file()]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} in the data mirror ($BYOLLM_DATA_MIRROR)")
+    tmp = tmp_path_factory.mktemp("section4")
+    env = {**os.environ, "BYOLLM_DATA_MIRROR": str(mirror()), "BYOLLM_CACHE": str(tmp / "cache")}
+    proc = subprocess.run([sys.executable, str(PROJECT_4), "--small", "--out", str(tmp / "out"), "--threads", "1"],
+                          capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, json.loads((tmp / "out" / "report.json").read_text())
+
+
+def test_section4_project_trains_every_method(section4):
+    proc, report = section4
+    st = report["stages"]
+    assert "| method | trainable params" in proc.stdout and "checks met" in proc.stdout
+    for method in ("full", "lora", "qlora", "dora"):
+        before, after = st[method]["held_out_loss_before"], st[method]["held_out_loss_after"]
+        assert math.isfinite(after) and after < before, method
+        assert st[method]["step_ms"] > 0
+    # Adapters: the same trainable count for LoRA and QLoRA (same layers, same r), a small fraction of the model;
+    # QLoRA's fraction counts the NF4 weights as the weights they stand for.
+    assert st["lora"]["trainable_params"] == st["qlora"]["trainable_params"] < st["dora"]["trainable_params"]
+    assert st["lora"]["params"] == st["qlora"]["params"]
+    assert st["lora"]["trainable_fraction"] < 0.1 and st["full"]["trainable_fraction"] == 1
+    # QLoRA starts from the NF4 base (a different held-out loss from the fp32 base's) and ends near LoRA.
+    assert st["qlora"]["held_out_loss_before"] != st["lora"]["held_out_loss_before"]
+    assert report["qlora_vs_lora_relative"] < 0.02
+
+
+def test_section4_project_sizes_and_interop(section4):
+    _, report = section4
+    size, io = report["stages"]["size"], report["stages"]["interop"]
+    # 4 bits + an 8-bit scale per 64 weights + second-level scales: ~4.13 bits, over 7x smaller than fp32.
+    assert 4.12 < size["bits_per_quantised_weight"] < 4.2 and size["quantised_ratio"] > 7
+    assert size["nf4_file_bytes"] < size["fp32_file_bytes"]
+    # PEFT loads the unmerged adapter and gives our logits, on the fp32 base and on the dequantised NF4 base;
+    # the adapter does change the logits, so the agreement is not trivial.
+    assert io["adapter_effect_max_abs"] > 1e-4
+    assert io["peft_vs_ours_max_abs_diff"] < 1e-4 and io["peft_vs_ours_on_nf4_base_max_abs_diff"] < 1e-4
+    assert io["merged_vs_unmerged_max_abs_diff"] < 1e-4
+    assert abs(io["held_out_loss_on_nf4_base"] - io["held_out_loss_qlora_run"]) < 1e-4
+    assert io["greedy_tokens_match"] and io["transformers_tokens"] > 0
+    assert (Path(io["hf_dir"]) / "config.json").is_file()
+    assert all(report["checks"].values()), report["checks"]
+
+
+# --------------------------------------------------------------------------------------------------
 # Docs are code
 # --------------------------------------------------------------------------------------------------
 
@@ -187,7 +245,7 @@ SMALL_RUNS = {
     # The alignment verbs: 2 steps on 16 training records, 4 held-out ones, 4-token samples.
     **{verb: ["--max_steps", "2", "--batch_size", "2", "--warmup_steps", "1", "--align.max_train", "16",
               "--align.max_val", "4", "--align.eval_batch_size", "4", "--sample_tokens", "4"]
-       for verb in ("sft", "reward", "dpo", "orpo")},
+       for verb in ("sft", "reward", "dpo", "orpo", "finetune")},
     # PPO: one rollout of 4 answers of 8 tokens (2 minibatches of 2, 1 epoch), 2 held-out prompts.
     "ppo": ["--max_steps", "2", "--rollout.rollout_size", "4", "--rollout.mini_batch_size", "2",
             "--rollout.ppo_epochs", "1", "--rollout.max_new_tokens", "8", "--val_prompts", "2", "--eval_interval", "2"],
@@ -220,6 +278,12 @@ def test_docs_exist_and_show_the_cli():
     for verb in ("sft", "reward", "dpo", "orpo", "ppo"):
         assert any(c.startswith(f"byollm {verb} --config configs/{verb}-") for c in section2), verb
     assert any(c.startswith("byollm chat ") for c in section2)
+    # Section 4: fine-tuning with each method on the shipped recipe, merge and export.
+    section4 = [c for doc, c in doc_byollm_commands() if doc == SECTION_4.name]
+    for method in ("full", "lora", "qlora", "dora"):
+        assert any(c.startswith("byollm finetune ") and f"--method {method}" in c for c in section4), method
+    assert any(c.startswith("byollm merge ") for c in section4)
+    assert any(c.startswith("byollm export hf ") for c in section4)
 
 
 @pytest.mark.parametrize(("doc", "command"), doc_byollm_commands())
@@ -277,7 +341,7 @@ def test_docs_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: py
         (data / "tinyshakespeare.txt").write_text("\n".join(topics[k] for k in sorted(topics)), encoding="utf-8")
     monkeypatch.setenv("BYOLLM_DATA_MIRROR", str(data))
     monkeypatch.chdir(tmp_path)
-    ran = sum(run_page(path, capsys) for path in DOCS if path != SECTION_2)
+    ran = sum(run_page(path, capsys) for path in DOCS if path not in (SECTION_2, SECTION_4))
     assert ran >= 9
 
 
@@ -330,6 +394,25 @@ def test_section2_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch
         assert held_out["before"] and held_out["after"], run
 
 
+def test_section4_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    """Section 4: `byollm finetune` with each method, merge, export, and the page's Python snippets, each a few
+    steps long, from a tiny stand-in for the base model that the section 2 project pretrains."""
+    pytest.importorskip("transformers")
+    missing = [name for name in SECTION_2_DATA if not (mirror() / name).is_file()]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} in the data mirror ($BYOLLM_DATA_MIRROR)")
+    monkeypatch.setenv("BYOLLM_DATA_MIRROR", str(mirror()))
+    monkeypatch.setenv("BYOLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    stand_in_base(tmp_path / PROJECT_2_BASE)
+    assert run_page(SECTION_4, capsys) >= 8
+    for run in ("full-alpaca", "lora-alpaca", "qlora-alpaca", "dora-alpaca"):
+        assert json.loads((tmp_path / "runs" / run / "held_out.json").read_text())["after"], run
+    assert (tmp_path / "runs" / "qlora-alpaca" / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "out" / "qlora-merged-hf" / "config.json").is_file()
+
+
 def python_excerpts() -> list[tuple[str, str, str]]:
     """(doc, source file, excerpt) for every ```python block that starts with `# from <file>`."""
     found = []
@@ -353,6 +436,8 @@ def test_docs_have_code_excerpts():
     for needed in ("byollm/tokenizer/chat.py", "byollm/data/instruct.py", "byollm/train/objectives.py",
                    "byollm/model/heads.py", "byollm/train/ppo.py", "byollm/interop/trl.py"):
         assert needed in sources, f"section 2 (second half) should show code from {needed}"
+    for needed in ("byollm/finetune/lora.py", "byollm/finetune/nf4.py", "projects/section_4_finetuning.py"):
+        assert needed in sources, f"section 4 should show code from {needed}"
 
 
 def test_docs_figures_exist():

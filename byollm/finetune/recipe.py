@@ -89,8 +89,13 @@ class FinetuneTrainConfig(AlignTrainConfig):
 
 def _report(method: str, model: nn.Module) -> dict[str, Any]:
     trainable, total = trainable_parameters(model)
-    # NF4 weights are buffers, not parameters: count them as the weights they stand for (the fp32 model's count).
-    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
+    # Count 4-bit weights as the weights they stand for (the fp32 model's count): ours are buffers (not counted
+    # yet); bitsandbytes' Linear4bit holds a packed uint8 parameter of half as many elements (counted as that).
+    for m in model.modules():
+        if isinstance(m, NF4Linear):
+            total += m.in_features * m.out_features
+        elif type(m).__name__ == "Linear4bit":
+            total += m.in_features * m.out_features - m.weight.numel()
     print(f"[byollm] finetune {method}: training {trainable:,} of {total:,} parameters "
           f"({100 * trainable / total:.2f}%)", file=sys.stderr, flush=True)
     return {"trainable_params": trainable, "total_params": total, "trainable_fraction": trainable / total}

@@ -147,8 +147,10 @@ class AlignTrainConfig(TrainConfig):
         return _from_dict(cls, d, "")
 
 
-def load_align_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> AlignTrainConfig:
-    """An AlignTrainConfig from a YAML recipe (configs/*-cpu.yaml) and dotted overrides ({"align.beta": 0.2})."""
+def load_align_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                      cls: type[AlignTrainConfig] = AlignTrainConfig) -> AlignTrainConfig:
+    """An AlignTrainConfig (or a subclass: `cls`, e.g. FinetuneTrainConfig) from a YAML recipe (configs/*-cpu.yaml)
+    and dotted overrides ({"align.beta": 0.2})."""
     import yaml
 
     d: dict[str, Any] = {}
@@ -162,7 +164,7 @@ def load_align_config(path: str | Path | None = None, overrides: dict[str, Any] 
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    return AlignTrainConfig.from_dict(d)
+    return cls.from_dict(d)
 
 
 @dataclass
