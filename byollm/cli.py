@@ -90,6 +90,28 @@ def cmd_export_hf(a: Namespace) -> None:
     print(f"  load it with: AutoModelForCausalLM.from_pretrained('{out}')")
 
 
+def cmd_export_gguf(a: Namespace) -> None:
+    from byollm.interop.gguf import export_checkpoint_to_gguf
+
+    out = export_checkpoint_to_gguf(a.ckpt, a.out, dtype=a.dtype)
+    print(f"[byollm] wrote a GGUF file for llama.cpp: {out}")
+    print(f"  run it with: llama-cli -m {out}   (or Python: llama_cpp.Llama(model_path='{out}'))")
+
+
+def cmd_serve(a: Namespace) -> None:
+    from byollm.serve.settings import ServeConfig
+
+    values = a.as_dict()
+    ckpt = values.pop("ckpt")
+    for key in ("config", "__path__"):
+        values.pop(key, None)
+    settings = ServeConfig(**values)  # checked before the model loads
+    settings.load_api_keys()
+    from byollm.serve.server import serve
+
+    serve(ckpt, settings, dtype=_torch_dtype(settings.dtype))
+
+
 def cmd_convert_from_hf(a: Namespace) -> None:
     from byollm.interop.hf import convert_from_hf
 
@@ -359,13 +381,30 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--dtype", type=str, default="auto", help="float32, bfloat16, float16 or auto (as saved)")
     verbs.add_subcommand("chat", p, help="chat with a model in the terminal (streaming)")
 
+    from byollm.serve.settings import ServeConfig
+
+    p = _sub("Serve a checkpoint over HTTP with an OpenAI-compatible API (/v1/models, /v1/completions, "
+             "/v1/chat/completions, streaming), /health and Prometheus /metrics. API keys come from "
+             "--api_keys_file or the BYOLLM_API_KEYS environment variable, never the command line. "
+             "Needs the serve extra: pip install 'byollm[serve]'.")
+    p.add_argument("ckpt", type=str, help="checkpoint dir, run dir or HF model dir")
+    p.add_argument("--config", action=ActionConfigFile)
+    p.add_class_arguments(ServeConfig, None, skip={"api_keys"})
+    verbs.add_subcommand("serve", p, help="serve a model with an OpenAI-compatible HTTP API")
+
     export_verbs = _group(verbs, "export", "Export a checkpoint for other tools.",
-                          "export to Hugging Face (and later GGUF)", "format")
+                          "export to Hugging Face or GGUF (llama.cpp)", "format")
     p = _sub("Write a Hugging Face model directory (config.json, model.safetensors, tokenizer).")
     p.add_argument("ckpt", type=str)
     p.add_argument("out_dir", type=str)
     p.add_argument("--dtype", type=str, default="auto")
     export_verbs.add_subcommand("hf", p, help="Hugging Face transformers directory")
+    p = _sub("Write one GGUF file (weights and tokenizer) that llama.cpp, Ollama and LM Studio load; Llama-style "
+             "models only.")
+    p.add_argument("ckpt", type=str)
+    p.add_argument("out", type=str, help="output file, e.g. model.gguf")
+    p.add_argument("--dtype", type=Literal["f32", "f16"], default="f32", help="f32 (exact) or f16 (half the size)")
+    export_verbs.add_subcommand("gguf", p, help="GGUF file for llama.cpp / Ollama")
 
     convert_verbs = _group(verbs, "convert", "Convert checkpoints from other tools into byollm checkpoints.",
                            "import checkpoints from Hugging Face", "format")
@@ -506,7 +545,9 @@ def build_parser() -> ArgumentParser:
 COMMANDS = {
     ("generate",): cmd_generate,
     ("chat",): cmd_chat,
+    ("serve",): cmd_serve,
     ("export", "hf"): cmd_export_hf,
+    ("export", "gguf"): cmd_export_gguf,
     ("convert", "from-hf"): cmd_convert_from_hf,
     ("tokenizer", "train"): cmd_tokenizer_train,
     ("model", "presets"): cmd_model_presets,

@@ -98,3 +98,20 @@ def test_bench_finetune_runs_every_method(capsys):
     assert set(ratios) == {f"{s}_{m}_over_full_peak_rss" for s in bench.STACKS for m in ("lora", "qlora")} | (
         {"ours_qlora-load_over_full_peak_rss"} if has_load else set())
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == results["summary"]
+
+
+def test_bench_decode_runs_every_contender(tmp_path):
+    """Ours, transformers and llama.cpp (f32/f16 GGUF) decode the same greedy tokens from the same weights."""
+    pytest.importorskip("llama_cpp")
+    bench = load_script("bench_decode")
+    out = tmp_path / "decode.json"
+    results = bench.main(["--quick", "--new-tokens", "6", "--reps", "1", "--threads", "1", "--out", str(out)])
+    [row] = results["presets"]
+    assert "error" not in row, row
+    for name in ("ours", "hf", "llama.cpp-f32", "llama.cpp-f16"):
+        assert row[f"{name} tok/s"] > 0 and len(row["tokens"][name]) == 6
+    # fp32 on both sides (llama.cpp's KV cache is f16, so only the first tokens are held to agreement)
+    assert row["hf same tokens"] == "6/6"
+    assert row["tokens"]["llama.cpp-f32"][:3] == row["tokens"]["ours"][:3]
+    assert row["ours/hf"] > 0 and row["ours/llama.cpp-f32"] > 0
+    assert json.loads(out.read_text())["presets"][0]["preset"] == "llama-tiny"

@@ -1,0 +1,246 @@
+"""Decode speed at batch 1 on the CPU: our generation against transformers and llama.cpp, same weights.
+
+    python benchmarks/bench_decode.py                      # llama-tiny, gpt2-124m, smollm2-135m: ~3-4 minutes
+    python benchmarks/bench_decode.py --quick              # smoke run: llama-tiny, a few tokens, ~10 s
+    python benchmarks/bench_decode.py --presets smollm2-135m --new-tokens 128 --reps 5 --out decode.json
+
+For each preset, one randomly initialised fp32 model (seed 0) and one fixed prompt of --prompt-len random token
+ids; every contender continues it greedily for exactly --new-tokens tokens (end-of-sequence ignored), with
+--threads threads, timed interleaved (A B, B A, ...; see common.interleaved):
+
+  ours          byollm.generate.generate (KV cache, fp32)
+  engine        byollm.serve.engine.Engine(model).generate([prompt], ...), when that module exists
+  hf            transformers `generate` (do_sample=False) on the same weights (byollm.interop.hf.to_hf_model), fp32
+  llama.cpp f32 llama-cpp-python on our GGUF export (byollm.interop.gguf.export_gguf), f32 weights
+  llama.cpp f16 the same with f16 weights (llama.cpp's default f16 KV cache in both)
+  engine-int8   opt-in (--contenders ... engine-int8): the engine with int8 weights (FBGEMM), another precision
+
+GGUF export covers Llama-style models only, so gpt2-124m runs ours and hf. The GGUF files carry a small
+byte-level BPE tokenizer padded to the model's vocabulary (unused [PAD] tokens); the model sizes are the
+presets', except that llama-tiny's vocabulary is that tokenizer's (320 ids) and its block_size is
+raised to prompt + new tokens. tok/s = new tokens / seconds
+of the whole call, prompt processing (prefill) included: the time a user waits for --new-tokens tokens.
+The table also says whether each contender produced the same greedy tokens as ours (random weights have
+near-ties, so f16 may differ after a few tokens; f32 should agree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common`, also when imported from the tests
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # byollm from this checkout when it is not installed
+
+from common import interleaved, load_average, machine_info, median, table, warn_if_busy, write_json  # noqa: E402
+
+from byollm.generate import SamplingParams, generate  # noqa: E402
+from byollm.model import GPT, preset  # noqa: E402
+
+FULL = dict(presets=["llama-tiny", "gpt2-124m", "smollm2-135m"], new_tokens=128, reps=3)
+QUICK = dict(presets=["llama-tiny"], new_tokens=16, reps=2)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", help=f"default: {' '.join(FULL['presets'])}")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, help="tokens generated per call (default 128; --quick 16)")
+    p.add_argument("--reps", type=int, help="timed calls per contender (default 3; --quick 2)")
+    p.add_argument("--threads", type=int, default=2, help="threads for every contender (torch and llama.cpp)")
+    p.add_argument("--contenders", nargs="+", default=["ours", "engine", "hf", "llama.cpp-f32", "llama.cpp-f16"],
+                   help="which to run (default: all that apply; also engine-int8, the engine with int8 weights)")
+    p.add_argument("--quick", action="store_true", help="llama-tiny only, 16 tokens: a smoke run")
+    p.add_argument("--out", help="write all results (every call's seconds) to this JSON file")
+    args = p.parse_args(argv)
+    mode = QUICK if args.quick else FULL
+    args.presets = args.presets or mode["presets"]
+    args.new_tokens = args.new_tokens or mode["new_tokens"]
+    args.reps = args.reps or mode["reps"]
+    return args
+
+
+def small_tokenizer() -> Any:
+    """A 320-id byte-level BPE (trained on Python's own docs, present everywhere) to put in the GGUF files."""
+    from pydoc_data.topics import topics
+
+    from byollm.tokenizer import BPETokenizer
+
+    text = "\n".join(topics[k] for k in sorted(topics))[:50_000]
+    return BPETokenizer.train(text, vocab_size=320)
+
+
+def make_model(name: str, tokenizer_size: int, length: int) -> GPT:
+    """The preset, with room for the tokenizer's ids and for `length` positions (llama-tiny has 64)."""
+    config = preset(name)
+    config = dataclasses.replace(config, vocab_size=max(config.vocab_size, tokenizer_size),
+                                 block_size=max(config.block_size, length))
+    torch.manual_seed(0)
+    return GPT(config).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Contenders: each returns a function that generates args.new_tokens tokens and returns them
+# --------------------------------------------------------------------------------------------------
+
+
+def ours_fn(model: GPT, prompt: list[int], n: int):
+    params = SamplingParams(max_new_tokens=n, temperature=0, stop_token_ids=())
+    return lambda: generate(model, prompt, params).completions[0].token_ids
+
+
+def engine_fn(model: GPT, prompt: list[int], n: int, int8: str | bool = False):
+    from byollm.serve.engine import Engine  # ImportError: the engine is not there (yet)
+
+    engine = Engine(copy.deepcopy(model) if int8 else model, int8=int8)  # int8 quantises in place
+    params = SamplingParams(max_new_tokens=n, temperature=0, stop_token_ids=())
+
+    def run() -> list[int]:
+        return list(engine.generate([prompt], params)[0])
+
+    return run
+
+
+def hf_fn(model: GPT, prompt: list[int], n: int):
+    from byollm.interop.hf import to_hf_model
+
+    hf = to_hf_model(model)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    ids = torch.tensor([prompt])
+
+    def run() -> list[int]:
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False)
+        return out[0, len(prompt):].tolist()
+
+    return run, type(hf).__name__
+
+
+def llama_cpp_fn(path: Path, prompt: list[int], n: int, threads: int):
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + n + 8, n_batch=len(prompt) + 8,
+                          n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def run() -> list[int]:
+        llm.reset()  # otherwise llama-cpp-python reuses the prompt's KV cache from the previous call
+        out: list[int] = []
+        for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            out.append(int(token))
+            if len(out) == n:
+                return out
+        return out
+
+    return run, llm
+
+
+def bench_preset(name: str, args: argparse.Namespace, tok: Any, tmp: Path) -> dict[str, Any]:
+    model = make_model(name, tok.vocab_size, args.prompt_len + args.new_tokens)
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, tok.vocab_size, (args.prompt_len,), generator=g).tolist()
+    n = args.new_tokens
+    row: dict[str, Any] = {"preset": name, "params (M)": model.num_params() / 1e6, "vocab": cfg.vocab_size}
+    fns: dict[str, Any] = {}
+    keep: list[Any] = []  # llama.cpp models stay alive while timed
+    if "ours" in args.contenders:
+        fns["ours"] = ours_fn(model, prompt, n)
+    if "engine" in args.contenders:
+        try:
+            fns["engine"] = engine_fn(model, prompt, n)
+        except ImportError:
+            row["engine"] = "not available"
+    if "engine-int8" in args.contenders:  # opt-in: int8 weights (FBGEMM kernel), not the same precision
+        with contextlib.suppress(ImportError):
+            fns["engine-int8"] = engine_fn(model, prompt, n, int8="fbgemm")
+    if "hf" in args.contenders:
+        fns["hf"], row["hf_class"] = hf_fn(model, prompt, n)
+    llama_style = cfg.pos_embedding == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu"
+    for dtype in ("f32", "f16"):
+        if f"llama.cpp-{dtype}" not in args.contenders or not llama_style:
+            continue
+        from byollm.interop.gguf import export_gguf
+
+        path = export_gguf(model, tmp / f"{name}-{dtype}.gguf", tok, dtype=dtype)
+        row[f"gguf_{dtype}_mb"] = path.stat().st_size / 1e6
+        fns[f"llama.cpp-{dtype}"], llm = llama_cpp_fn(path, prompt, n, args.threads)
+        keep.append(llm)
+
+    outputs = {k: fn() for k, fn in fns.items()}  # warm-up, and the tokens to compare
+    reference = outputs.get("ours")
+    times = interleaved(fns, reps=args.reps, warmup=0)
+    result: dict[str, Any] = {**row, "seconds": times, "tokens": outputs, "load_average_1min": load_average()}
+    for k, ts in times.items():
+        result[f"{k} tok/s"] = n / median(ts)
+        if reference is not None and k != "ours":
+            same = next((i for i, (a, b) in enumerate(zip(outputs[k], reference, strict=False)) if a != b), n)
+            result[f"{k} same tokens"] = f"{same}/{n}"
+    for k in ("engine", "ours", "engine-int8"):
+        if f"{k} tok/s" not in result:
+            continue
+        for peer in ("hf", "llama.cpp-f32", "llama.cpp-f16"):
+            if f"{peer} tok/s" in result:
+                result[f"{k}/{peer}"] = result[f"{k} tok/s"] / result[f"{peer} tok/s"]
+    del keep
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    results: dict[str, Any] = {"machine": machine_info(), "args": vars(args), "presets": []}
+    m = results["machine"]
+    with contextlib.suppress(ImportError):
+        import llama_cpp
+
+        m["llama_cpp_python"] = llama_cpp.__version__
+    print(f"{m['cpu']}, {m['cores']} cores, {args.threads} threads; torch {m['torch']}, transformers "
+          f"{m['transformers']}, llama-cpp-python {m.get('llama_cpp_python', 'absent')}; {m['date']}")
+    warn_if_busy(args.threads)
+    tok = small_tokenizer()
+    with tempfile.TemporaryDirectory(prefix="bench_decode_") as tmp:
+        for name in args.presets:
+            print(f"\n{name}: {args.prompt_len}-token prompt, {args.new_tokens} new tokens, greedy ...", flush=True)
+            try:
+                results["presets"].append(bench_preset(name, args, tok, Path(tmp)))
+            except Exception as e:  # report and go on with the next preset
+                traceback.print_exc()
+                results["presets"].append({"preset": name, "error": repr(e)})
+    rows = results["presets"]
+    speed_cols = [c for c in ("ours tok/s", "engine tok/s", "engine-int8 tok/s", "hf tok/s", "llama.cpp-f32 tok/s",
+                            "llama.cpp-f16 tok/s") if any(c in r for r in rows)]
+    print(f"\n== decode at batch 1, fp32 weights (llama.cpp: f32 / f16 GGUF), {args.threads} threads: tokens/s "
+          f"(median of {args.reps} interleaved calls, prefill included) ==")
+    print(table(rows, ["preset", "params (M)", *speed_cols]))
+    ratio_cols = [c for c in ("ours/hf", "ours/llama.cpp-f32", "ours/llama.cpp-f16", "engine/hf",
+                              "engine/llama.cpp-f32", "engine/llama.cpp-f16", "engine-int8/hf",
+                              "engine-int8/llama.cpp-f16") if any(c in r for r in rows)]
+    same_cols = [c for c in ("engine same tokens", "engine-int8 same tokens", "hf same tokens",
+                             "llama.cpp-f32 same tokens", "llama.cpp-f16 same tokens") if any(c in r for r in rows)]
+    print("\nratios (same run) and greedy agreement with ours (first differing position / new tokens):")
+    print(table(rows, ["preset", *ratio_cols, *same_cols, "load_average_1min"]))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['preset']}: error {r['error']}")
+    results["wall_s"] = time.perf_counter() - started
+    print(f"\n{results['wall_s']:.0f} s; 1-minute load average now {load_average()}")
+    if args.out:
+        write_json(args.out, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""Export to GGUF, the single-file format of llama.cpp (and Ollama, LM Studio, ...), with the tokenizer inside.
+
+A GGUF file is a header of typed key/value metadata (architecture, sizes, RoPE, tokenizer) followed by named
+tensors. Writing one is mostly renaming, as for Hugging Face (`byollm.interop.hf`), with two real changes:
+
+1. RoPE layout. Our `apply_rope` (like transformers' Llama) rotates channel i together with channel i + D/2
+   of each head ("rotate half", GPT-NeoX style). llama.cpp's `llama` architecture rotates adjacent channels
+   (2i, 2i+1), as Meta's original Llama code did. Both rotate the pair by the same angle position * theta_i,
+   so reordering each head's q and k output channels as (0, D/2, 1, D/2 + 1, ...) gives llama.cpp the very
+   same attention scores (q . k does not change when both are permuted alike). That reordering is `permute_rope`,
+   the same permutation llama.cpp's `convert_hf_to_gguf.py` applies to Hugging Face Llama checkpoints.
+2. Tokenizer. Our byte-level BPE is GPT-2's algorithm, which llama.cpp calls the `gpt2` tokenizer model:
+   tokens in their printable byte-level spelling, merges as "a b" strings, and a pre-tokenizer name
+   (`gpt-2`: the GPT-2 split regex ours uses). Special tokens become CONTROL tokens (never produced from text
+   unless asked for), bos/eos/pad ids and the chat template are written as metadata.
+
+Weights are written in f32 or f16 (norm weights always f32, as llama.cpp expects). Quantise further with
+llama.cpp's own `llama-quantize` tool.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from byollm.errors import ByollmError, CheckpointError, TokenizerError, require
+from byollm.model import GPT, ModelConfig
+from byollm.model.model import rope_inverse_frequencies
+
+if TYPE_CHECKING:  # pragma: no cover - type hints only
+    from byollm.tokenizer import Tokenizer
+
+GGUFDtype = Literal["f32", "f16"]
+
+# Our module -> llama.cpp's tensor name (`{i}`: layer), for the `llama` architecture.
+GGUF_NAMES: list[tuple[str, str]] = [
+    ("tok_emb",                  "token_embd"),
+    ("blocks.{i}.norm_1",        "blk.{i}.attn_norm"),
+    ("blocks.{i}.attn.q_proj",   "blk.{i}.attn_q"),
+    ("blocks.{i}.attn.k_proj",   "blk.{i}.attn_k"),
+    ("blocks.{i}.attn.v_proj",   "blk.{i}.attn_v"),
+    ("blocks.{i}.attn.o_proj",   "blk.{i}.attn_output"),
+    ("blocks.{i}.norm_2",        "blk.{i}.ffn_norm"),
+    ("blocks.{i}.mlp.gate_proj", "blk.{i}.ffn_gate"),
+    ("blocks.{i}.mlp.up_proj",   "blk.{i}.ffn_up"),
+    ("blocks.{i}.mlp.down_proj", "blk.{i}.ffn_down"),
+    ("norm_f",                   "output_norm"),
+    ("lm_head",                  "output"),  # left out when tied: llama.cpp then reuses token_embd
+]
+
+# The pre-tokenizer llama.cpp must use for our byte-level BPE (GPT-2's split regex).
+GPT2_PRE_TOKENIZER = "gpt-2"
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------------
+
+
+def check_exportable(config: ModelConfig) -> None:
+    """Raise CheckpointError unless `config` is a Llama-style model that llama.cpp's `llama` architecture runs."""
+    misfits = [f"{field}={getattr(config, field)!r} (it needs {needed!r})"
+               for field, needed in (("pos_embedding", "rope"), ("norm", "rmsnorm"), ("mlp", "swiglu"))
+               if getattr(config, field) != needed]
+    if misfits:
+        raise CheckpointError(f"cannot export to GGUF: only Llama-style models (RoPE, RMSNorm, SwiGLU) are "
+                              f"supported, and this config has {', '.join(misfits)}; export GPT-2-style models "
+                              "with `byollm export hf` instead")
+    if config.bias or config.qkv_bias:
+        raise CheckpointError("cannot export to GGUF a model with linear-layer biases (bias/qkv_bias=True): the "
+                              "exporter writes bias-free Llama; export with `byollm export hf` instead")
+    kind = (config.rope_scaling or {}).get("rope_type", (config.rope_scaling or {}).get("type"))
+    if kind not in (None, "linear", "llama3"):
+        raise CheckpointError(f"cannot export to GGUF: RoPE scaling {kind!r} is not supported (linear, llama3)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------------------------------
+
+
+def permute_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder each head's output rows from rotate-half pairs (i, i + D/2) to adjacent pairs (2i, 2i + 1).
+
+    weight: (n_heads * D, in) (or (n_heads * D,) for a bias). Row h*D + 2i + s of the result is row
+    h*D + s*D/2 + i of the input (s = 0 or 1)."""
+    rows = weight.shape[0]
+    d = rows // n_heads
+    return weight.reshape(n_heads, 2, d // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def _gguf_name(name: str) -> str:
+    module, _, param = name.rpartition(".")
+    for ours, theirs in GGUF_NAMES:
+        match = re.fullmatch(re.escape(ours).replace(r"\{i\}", r"(\d+)"), module)
+        if match:
+            return (theirs.replace("{i}", match.group(1)) if match.groups() else theirs) + "." + param
+    raise CheckpointError(f"parameter '{name}' has no GGUF equivalent")
+
+
+def gguf_tensors(model: GPT, dtype: GGUFDtype = "f32") -> dict[str, torch.Tensor]:
+    """llama.cpp's tensor names -> CPU tensors in the layout it expects (matrices in `dtype`, norms in f32)."""
+    config = model.config
+    check_exportable(config)
+    torch_dtype = {"f32": torch.float32, "f16": torch.float16}[dtype]
+    sd = dict(model.state_dict())
+    if config.tie_embeddings:
+        sd.pop("lm_head.weight", None)  # llama.cpp uses token_embd as the output matrix when `output` is absent
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in sd.items():
+        t = tensor.detach().to("cpu", torch.float32)
+        if ".attn.q_proj." in name:
+            t = permute_rope(t, config.n_head)
+        elif ".attn.k_proj." in name:
+            t = permute_rope(t, config.n_kv_head)
+        # llama.cpp keeps 1-D tensors (norm weights) in f32.
+        out[_gguf_name(name)] = (t if t.dim() == 1 else t.to(torch_dtype)).contiguous()
+    if config.rope_scaling and config.rope_scaling.get("rope_type", config.rope_scaling.get("type")) == "llama3":
+        # llama.cpp divides each base frequency by `rope_freqs` (convert_hf_to_gguf.py writes the same factors).
+        base = rope_inverse_frequencies(ModelConfig.from_dict({**config.to_dict(), "rope_scaling": None}))
+        out["rope_freqs.weight"] = (base / rope_inverse_frequencies(config)).float().contiguous()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------------
+
+
+def gguf_vocab(tokenizer: Tokenizer, vocab_size: int) -> dict[str, Any]:
+    """What the GGUF tokenizer metadata needs: tokens, token types, merges and the pre-tokenizer name.
+
+    `vocab_size` is the model's: ids past the tokenizer's own (an embedding padded to a round size) become
+    unused `[PAD{i}]` tokens, as in llama.cpp's converter."""
+    from byollm.tokenizer import BPETokenizer, CharTokenizer
+    from byollm.tokenizer.bpe import from_byte_level, to_byte_level
+
+    if tokenizer.vocab_size > vocab_size:
+        raise TokenizerError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only vocab_size="
+                             f"{vocab_size}; export the tokenizer the model was trained with")
+    specials = set(tokenizer.special_tokens.values())
+    if isinstance(tokenizer, BPETokenizer):
+        tokens = [tokenizer.id_to_token(i) for i in range(tokenizer.vocab_size)]
+        merges = [f"{tokenizer.id_to_token(a)} {tokenizer.id_to_token(b)}" for a, b in tokenizer.merges]
+        pre = GPT2_PRE_TOKENIZER
+    elif isinstance(tokenizer, CharTokenizer):
+        # Each character as a byte-level token with no merges: llama.cpp's BPE then yields one token per
+        # character, exactly like ours. That needs every character to be a single UTF-8 byte.
+        wide = [c for c in tokenizer.chars if len(c.encode("utf-8")) != 1]
+        if wide:
+            raise TokenizerError(f"cannot export this character tokenizer to GGUF: characters such as {wide[:3]} "
+                                 "take more than one UTF-8 byte, which llama.cpp's byte-level tokenizer cannot "
+                                 "represent as single tokens; use a BPE tokenizer")
+        tokens = [to_byte_level(c.encode("utf-8")) for c in tokenizer.chars]
+        tokens += sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.__getitem__)
+        # llama.cpp requires a merges list and the gguf writer refuses an empty one; so one merge of the first
+        # character with itself, which is no token: llama.cpp splits a merged symbol that is not in the vocabulary
+        # back into its byte tokens, so it changes nothing.
+        merges, pre = [f"{tokens[0]} {tokens[0]}"], GPT2_PRE_TOKENIZER
+    else:
+        tokens, merges, pre = _fast_vocab(tokenizer)
+    gguf = require("gguf", "gguf")
+    types = [int(gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL) for i in range(len(tokens))]
+    for i, t in enumerate(tokens):
+        if i not in specials and from_byte_level(t) is None:  # a non-special added token (plain text)
+            types[i] = int(gguf.TokenType.USER_DEFINED)
+    n_pad = vocab_size - len(tokens)
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
+    types += [int(gguf.TokenType.UNUSED)] * n_pad
+    return {"tokens": tokens, "types": types, "merges": merges, "pre": pre}
+
+
+def _fast_vocab(tokenizer: Tokenizer) -> tuple[list[str], list[str], str]:
+    """A FastTokenizer (tokenizers' JSON) that is plain byte-level BPE with GPT-2's pre-tokenizer."""
+    import json
+
+    hf = getattr(tokenizer, "hf", None)
+    if hf is None:
+        raise TokenizerError(f"cannot export a {type(tokenizer).__name__} to GGUF (supported: byte-level BPE, "
+                             "character tokenizers)")
+    spec = json.loads(hf.to_str())
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    gpt2_pre = pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
+    if model.get("type") != "BPE" or spec.get("normalizer") or not gpt2_pre or model.get("byte_fallback"):
+        raise TokenizerError("cannot export this tokenizer to GGUF: only byte-level BPE with GPT-2's pre-tokenizer "
+                             "and no normalizer is supported (an imported tokenizer such as SmolLM's: export with "
+                             "`byollm export hf` and convert with llama.cpp's convert_hf_to_gguf.py)")
+    tokens = [tokenizer.id_to_token(i) for i in range(tokenizer.vocab_size)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return tokens, merges, GPT2_PRE_TOKENIZER
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+def export_gguf(model: GPT, out_path: str | Path, tokenizer: Tokenizer | None,
+                dtype: GGUFDtype = "f32", name: str = "byollm") -> Path:
+    """Write `model` and `tokenizer` as one GGUF file that llama.cpp loads (`llama` architecture).
+
+    dtype: "f32" (exact) or "f16" (half the size). The file is written to a temporary name and renamed, so
+    `out_path` is never left half-written."""
+    gguf = require("gguf", "gguf")
+    if dtype not in ("f32", "f16"):
+        raise ByollmError(f"unknown GGUF dtype {dtype!r}; use f32 or f16 (quantise further with llama-quantize)")
+    config = model.config
+    check_exportable(config)
+    if tokenizer is None:
+        raise TokenizerError("cannot export to GGUF without a tokenizer: llama.cpp needs the vocabulary in the file; "
+                             "give a checkpoint that carries its tokenizer")
+    vocab = gguf_vocab(tokenizer, config.vocab_size)  # raises before anything is written
+    tensors = gguf_tensors(model, dtype)
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}"
+    writer = gguf.GGUFWriter(str(tmp), arch="llama")
+    try:
+        writer.add_name(name)
+        writer.add_file_type(int(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16))
+        writer.add_vocab_size(config.vocab_size)
+        writer.add_context_length(config.block_size)
+        writer.add_embedding_length(config.n_embd)
+        writer.add_block_count(config.n_layer)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(config.n_head)
+        writer.add_head_count_kv(config.n_kv_head)
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+        writer.add_rope_dimension_count(config.head_dim)
+        writer.add_rope_freq_base(config.rope_theta)
+        writer.add_layer_norm_rms_eps(config.norm_eps)
+        scaling = config.rope_scaling or {}
+        if scaling.get("rope_type", scaling.get("type")) == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(scaling["factor"]))
+
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(vocab["pre"])
+        writer.add_token_list(vocab["tokens"])
+        writer.add_token_types(vocab["types"])
+        writer.add_token_merges(vocab["merges"])
+        writer.add_add_bos_token(False)  # byollm never prepends bos by itself
+        writer.add_add_eos_token(False)
+        for role, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                          ("pad", writer.add_pad_token_id)):
+            if (token_id := getattr(tokenizer, f"{role}_id")) is not None:
+                add(token_id)
+        from byollm.tokenizer.chat import END, hf_tokenizer_config
+
+        template = hf_tokenizer_config(tokenizer).get("chat_template") or tokenizer.hf_config.get("chat_template")
+        if template:
+            writer.add_chat_template(template)
+        if END in tokenizer.special_tokens:
+            writer.add_eot_token_id(tokenizer.special_tokens[END])  # the end of a chat turn
+
+        for tensor_name, t in tensors.items():
+            writer.add_tensor(tensor_name, t.numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_path
+
+
+def export_checkpoint_to_gguf(ckpt_path: str | Path, out_path: str | Path, dtype: GGUFDtype = "f32") -> Path:
+    """`byollm export gguf CKPT OUT.gguf`: any checkpoint path byollm accepts -> one GGUF file."""
+    from byollm.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(ckpt_path)
+    return export_gguf(loaded.model, out_path, loaded.tokenizer, dtype, name=Path(ckpt_path).resolve().name)
+
+
+__all__ = ["GGUF_NAMES", "check_exportable", "export_checkpoint_to_gguf", "export_gguf", "gguf_tensors", "gguf_vocab",
+           "permute_rope"]

@@ -1,0 +1,90 @@
+"""What `byollm serve` can be told: one dataclass, filled from the command line or a YAML `--config`.
+
+It imports nothing heavy, so the CLI can build its parser without FastAPI installed. API keys are never
+an option here: they come from a file (`api_keys_file`, one key a line, `#` comments) or an environment
+variable (`api_keys_env`), so they do not show up in shell history, `ps` or logs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from byollm.errors import ByollmError
+
+
+@dataclass
+class ServeConfig:
+    """Settings of the OpenAI-compatible server (byollm.serve.server).
+
+    model_name: the id clients send as `model` (default: the checkpoint folder's name).
+    host, port: where to listen. The default, 127.0.0.1, is reachable from this machine only.
+    api_keys_file: a file with one API key a line; when keys are configured, every /v1 endpoint needs
+        `Authorization: Bearer KEY`. api_keys_env: an environment variable with comma-separated keys.
+    requests_per_minute, tokens_per_minute: per-key token buckets (None: no limit). Tokens are counted as
+        prompt tokens + max_tokens when a request arrives; what it did not generate is given back.
+    max_body_bytes: larger request bodies are refused with 413.
+    default_max_tokens: max_tokens of a request that gives none (capped by what is left of the context).
+    max_stop_sequences: how many `stop` strings a request may give (OpenAI allows 4).
+    max_batch_size, max_waiting: the engine's running batch and its waiting queue; beyond them: 503.
+    max_connections: open connections uvicorn accepts before answering 503.
+    int8: weight-only int8 quantisation of the linear layers for inference.
+    cors_origins: origins allowed by CORS (empty: CORS off, the default; ["*"]: any).
+    log_prompts: log prompts and replies (off by default: they may hold private data).
+    shutdown_timeout: on SIGINT/SIGTERM, seconds in-flight requests get to finish before they are cancelled.
+    device, dtype: where and in what precision the model runs (dtype auto: as saved).
+    """
+
+    model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys_file: str | None = None
+    api_keys_env: str = "BYOLLM_API_KEYS"
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    max_body_bytes: int = 1_000_000
+    default_max_tokens: int = 256
+    max_stop_sequences: int = 4
+    max_batch_size: int = 8
+    max_waiting: int = 64
+    max_connections: int = 512
+    int8: bool = False
+    cors_origins: list[str] = field(default_factory=list)
+    log_prompts: bool = False
+    shutdown_timeout: float = 10.0
+    device: str = "cpu"
+    dtype: str = "auto"
+    # Keys given directly (tests, embedding in Python). Not a command-line option: see the module docstring.
+    api_keys: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "default_max_tokens", "max_batch_size", "max_waiting", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ByollmError(f"serve: {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("requests_per_minute", "tokens_per_minute"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ByollmError(f"serve: {name} must be >= 1 or unset (no limit), got {value}")
+        if self.max_stop_sequences < 0:
+            raise ByollmError(f"serve: max_stop_sequences must be >= 0, got {self.max_stop_sequences}")
+
+    def load_api_keys(self) -> frozenset[str]:
+        """The configured keys: `api_keys`, the file and the environment variable together (may be empty)."""
+        keys = set(self.api_keys or ())
+        if self.api_keys_file:
+            path = Path(self.api_keys_file)
+            if not path.is_file():
+                raise ByollmError(f"serve: api_keys_file {path} does not exist; write one key a line into it")
+            for line in path.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    keys.add(line)
+            if not keys:
+                raise ByollmError(f"serve: api_keys_file {path} holds no key; write one key a line into it")
+        if self.api_keys_env and os.environ.get(self.api_keys_env):
+            keys.update(k.strip() for k in os.environ[self.api_keys_env].split(",") if k.strip())
+        if short := [k for k in keys if len(k) < 8]:
+            raise ByollmError(f"serve: an API key of {len(short[0])} characters is too easy to guess; use at least 8 "
+                              "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+        return frozenset(keys)
