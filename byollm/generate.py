@@ -224,9 +224,14 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     logits = logits.float()  # sampling in bf16 would round small probabilities away
     if token_ids is not None:
         logits = apply_repetition_penalty(logits, token_ids, params.repetition_penalty)
-    if params.temperature == 0:
+        # An extreme penalty (5e-324) can overflow a logit to inf, and inf - inf below would be nan.
+        logits = logits.nan_to_num(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+    # Greedy at 0, and at temperatures too small for fp32 (1e-300 rounds to 0): their limit is the argmax.
+    if params.temperature < 1 / torch.finfo(logits.dtype).max:
         return logits.argmax(dim=-1)
-    logits = logits / params.temperature
+    # Subtract each row's max before dividing (softmax does not change): every value is then <= 0, so a tiny
+    # temperature sends the others to -inf (greedy in the limit) instead of overflowing to inf and nan.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
     logits = top_k_filter(logits, params.top_k)
     logits = top_p_filter(logits, params.top_p)
     logits = min_p_filter(logits, params.min_p)

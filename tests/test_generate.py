@@ -422,3 +422,18 @@ def test_padded_vocabulary_ids_are_never_sampled() -> None:
     params = SamplingParams(max_new_tokens=60, temperature=1.0, seed=0)
     text = generate_text(model, tok, "ab", params)[0]
     assert len(text) == 60
+
+
+def test_extreme_but_valid_sampling_values_do_not_break_sampling():
+    """A temperature of 1e-300 acts as greedy, a repetition penalty of 5e-324 still yields a valid token:
+    neither may raise (in a batching server one failing row would fail every request in the batch)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=g)
+    greedy = logits.argmax(dim=-1)
+    for t in (1e-300, 1e-30):  # below fp32's range, and representable but tiny
+        assert torch.equal(sample_next(logits, SamplingParams(temperature=t), torch.Generator().manual_seed(1)), greedy)
+    seen = torch.randint(0, 50, (3, 5), generator=g)
+    for penalty in (5e-324, 1e300):
+        out = sample_next(logits, SamplingParams(temperature=0.7, repetition_penalty=penalty),
+                          torch.Generator().manual_seed(1), token_ids=seen)
+        assert out.shape == (3,) and bool(((out >= 0) & (out < 50)).all())
