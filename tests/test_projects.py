@@ -6,7 +6,9 @@
   in a temporary directory, as a reader would run them. Long training runs run in a small configuration:
   the options in SMALL_RUNS are appended to the documented command (later options win), so the page shows
   the real command and the test stays fast. A bash block whose first line is a comment starting with
-  `# needs` (for example `# needs 8 GPUs and network access`) is parsed but never run.
+  `# needs` (for example `# needs 8 GPUs and network access`) is parsed but never run; so is a Python block
+  that starts so (`# needs the server of the block above, running`). `byollm serve` blocks until stopped, so
+  the guide shows it in such a block and the section 5 project runs the real server.
 - Every Python excerpt that names its source file (`# from byollm/...`) must still be in that file, line
   for line, so the docs cannot drift. Every figure a page shows exists and is a PNG.
 """
@@ -26,10 +28,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "docs" / "section_0_introduction.md", REPO / "docs" / "section_1_transformer.md",
-        REPO / "docs" / "section_2_training.md", REPO / "docs" / "section_4_finetuning.md"]
-SECTION_2, SECTION_4 = DOCS[2], DOCS[3]
+        REPO / "docs" / "section_2_training.md", REPO / "docs" / "section_4_finetuning.md",
+        REPO / "docs" / "section_5_deployment.md"]
+SECTION_2, SECTION_4, SECTION_5 = DOCS[2], DOCS[3], DOCS[4]
 PROJECT_1 = REPO / "projects" / "section_1_transformer.py"
 PROJECT_4 = REPO / "projects" / "section_4_finetuning.py"
+PROJECT_5 = REPO / "projects" / "section_5_deployment.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -171,6 +175,37 @@ def test_section4_project_sizes_and_interop(section4):
 
 
 # --------------------------------------------------------------------------------------------------
+# Section 5 project
+# --------------------------------------------------------------------------------------------------
+
+
+def test_section5_project_exports_serves_and_load_tests(tmp_path: Path):
+    """--small: a tiny trained chat model, GGUF parity with llama.cpp, `byollm serve` in a subprocess queried with
+    the openai client (completion, chat, stream, 401, 400), a short load test, /metrics, a graceful shutdown."""
+    for module in ("llama_cpp", "openai", "fastapi", "uvicorn", "httpx"):
+        pytest.importorskip(module)
+    proc = subprocess.run([sys.executable, str(PROJECT_5), "--small", "--out", str(tmp_path / "out"), "--threads", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, env=data_env(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert all(report["checks"].values()) and not report["failed"], report["checks"]
+    gguf, client, metrics = report["gguf"], report["client"], report["metrics"]
+    assert gguf["match"] and gguf["ours"] == gguf["llama_cpp"] and len(gguf["ours"]) == 16
+    assert client["models"] == ["byollm"] and client["completion"]["usage"]["completion_tokens"] > 0
+    assert client["stream"]["text"] == client["chat"]["text"] != "" and client["stream"]["chunks"] > 1
+    assert client["wrong_key"]["status"] == 401
+    assert client["too_long"]["status"] == 400 and client["too_long"]["code"] == "context_length_exceeded"
+    assert [level["concurrency"] for level in report["load"]] == [1, 8]
+    assert all(level["completed"] > 0 and level["errors"] == level["5xx"] == level["dropped"] == 0
+               for level in report["load"])
+    assert metrics["ttft_count"] > 0 and metrics["ttft_sum_s"] > 0 and metrics["completion_tokens"] > 0
+    assert metrics["requests_by_status"]["200"] > 0
+    assert metrics["requests_by_status"]["401"] >= 1 and metrics["requests_by_status"]["400"] >= 1
+    assert not report["server_log_has_key"] and not report["server_log_has_prompt"]
+    assert "| check" in proc.stdout and "checks met" in proc.stdout
+
+
+# --------------------------------------------------------------------------------------------------
 # Docs are code
 # --------------------------------------------------------------------------------------------------
 
@@ -284,6 +319,10 @@ def test_docs_exist_and_show_the_cli():
         assert any(c.startswith("byollm finetune ") and f"--method {method}" in c for c in section4), method
     assert any(c.startswith("byollm merge ") for c in section4)
     assert any(c.startswith("byollm export hf ") for c in section4)
+    # Section 5: serving, GGUF and Hugging Face export.
+    section5 = [c for doc, c in doc_byollm_commands() if doc == SECTION_5.name]
+    for verb in ("serve", "export gguf", "export hf"):
+        assert any(c.startswith(f"byollm {verb} ") for c in section5), verb
 
 
 @pytest.mark.parametrize(("doc", "command"), doc_byollm_commands())
@@ -323,7 +362,7 @@ def run_page(path: Path, capsys: pytest.CaptureFixture) -> int:
                 out = capsys.readouterr()
                 assert code == 0, f"{path.name}: `{command}` exited {code}: {out.err[-2000:]}"
                 ran += 1
-        elif lang == "python" and not is_excerpt(body):
+        elif lang == "python" and not is_excerpt(body) and not needs_more_than_a_cpu(body):
             exec(compile(body, f"{path.name} snippet", "exec"), {"__name__": "__docs__"})
             capsys.readouterr()
             ran += 1
@@ -341,7 +380,7 @@ def test_docs_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: py
         (data / "tinyshakespeare.txt").write_text("\n".join(topics[k] for k in sorted(topics)), encoding="utf-8")
     monkeypatch.setenv("BYOLLM_DATA_MIRROR", str(data))
     monkeypatch.chdir(tmp_path)
-    ran = sum(run_page(path, capsys) for path in DOCS if path not in (SECTION_2, SECTION_4))
+    ran = sum(run_page(path, capsys) for path in DOCS if path not in (SECTION_2, SECTION_4, SECTION_5))
     assert ran >= 9
 
 
@@ -413,6 +452,33 @@ def test_section4_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch
     assert (tmp_path / "out" / "qlora-merged-hf" / "config.json").is_file()
 
 
+def test_section5_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    """Section 5: the GGUF and Hugging Face exports and the page's Python snippets, from a tiny stand-in for the
+    section 2 project's SFT model. `byollm serve` blocks, so the page shows it in a `# needs a second terminal`
+    block (parsed, not run here); the project test above runs the real server."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("transformers")
+    import dataclasses
+
+    import torch
+
+    from byollm.checkpoint import save_checkpoint
+    from byollm.model import GPT, preset
+    from byollm.tokenizer import train_bpe_fast
+    from byollm.tokenizer.chat import add_chat_tokens
+
+    monkeypatch.chdir(tmp_path)
+    tok = train_bpe_fast("Human: how do I bake bread? Assistant: Mix flour, water, salt and yeast, knead, bake. " * 20,
+                         vocab_size=300)
+    add_chat_tokens(tok)
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(preset("llama-tiny"), vocab_size=tok.vocab_size, block_size=128))
+    save_checkpoint(model, tmp_path / "out" / "section2-align" / "runs" / "sft", tok)
+    assert run_page(SECTION_5, capsys) >= 2
+    assert (tmp_path / "out" / "model.gguf").is_file()
+    assert (tmp_path / "out" / "hf" / "config.json").is_file()
+
+
 def python_excerpts() -> list[tuple[str, str, str]]:
     """(doc, source file, excerpt) for every ```python block that starts with `# from <file>`."""
     found = []
@@ -438,6 +504,8 @@ def test_docs_have_code_excerpts():
         assert needed in sources, f"section 2 (second half) should show code from {needed}"
     for needed in ("byollm/finetune/lora.py", "byollm/finetune/nf4.py", "projects/section_4_finetuning.py"):
         assert needed in sources, f"section 4 should show code from {needed}"
+    for needed in ("byollm/serve/engine.py", "byollm/serve/server.py", "byollm/interop/gguf.py"):
+        assert needed in sources, f"section 5 should show code from {needed}"
 
 
 def test_docs_figures_exist():
