@@ -10,6 +10,7 @@ ids; every contender continues it greedily for exactly --new-tokens tokens (end-
 
   ours          byollm.generate.generate (KV cache, fp32)
   engine        byollm.serve.engine.Engine(model).generate([prompt], ...), when that module exists
+  engine-t      the engine with transpose_weights=True (byollm.serve.layout; what `byollm serve` uses on a CPU)
   hf            transformers `generate` (do_sample=False) on the same weights (byollm.interop.hf.to_hf_model), fp32
   llama.cpp f32 llama-cpp-python on our GGUF export (byollm.interop.gguf.export_gguf), f32 weights
   llama.cpp f16 the same with f16 weights (llama.cpp's default f16 KV cache in both)
@@ -58,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, help="tokens generated per call (default 128; --quick 16)")
     p.add_argument("--reps", type=int, help="timed calls per contender (default 3; --quick 2)")
     p.add_argument("--threads", type=int, default=2, help="threads for every contender (torch and llama.cpp)")
-    p.add_argument("--contenders", nargs="+", default=["ours", "engine", "hf", "llama.cpp-f32", "llama.cpp-f16"],
+    p.add_argument("--contenders", nargs="+",
+                   default=["ours", "engine", "engine-t", "hf", "llama.cpp-f32", "llama.cpp-f16"],
                    help="which to run (default: all that apply; also engine-int8, the engine with int8 weights)")
     p.add_argument("--quick", action="store_true", help="llama-tiny only, 16 tokens: a smoke run")
     p.add_argument("--out", help="write all results (every call's seconds) to this JSON file")
@@ -99,10 +101,11 @@ def ours_fn(model: GPT, prompt: list[int], n: int):
     return lambda: generate(model, prompt, params).completions[0].token_ids
 
 
-def engine_fn(model: GPT, prompt: list[int], n: int, int8: str | bool = False):
+def engine_fn(model: GPT, prompt: list[int], n: int, int8: str | bool = False, transpose: bool = False):
     from byollm.serve.engine import Engine  # ImportError: the engine is not there (yet)
 
-    engine = Engine(copy.deepcopy(model) if int8 else model, int8=int8)  # int8 quantises in place
+    in_place = int8 or transpose  # both change the model's layers in place: work on a copy
+    engine = Engine(copy.deepcopy(model) if in_place else model, int8=int8, transpose_weights=transpose)
     params = SamplingParams(max_new_tokens=n, temperature=0, stop_token_ids=())
 
     def run() -> list[int]:
@@ -162,6 +165,9 @@ def bench_preset(name: str, args: argparse.Namespace, tok: Any, tmp: Path) -> di
             fns["engine"] = engine_fn(model, prompt, n)
         except ImportError:
             row["engine"] = "not available"
+    if "engine-t" in args.contenders:
+        with contextlib.suppress(ImportError):
+            fns["engine-t"] = engine_fn(model, prompt, n, transpose=True)
     if "engine-int8" in args.contenders:  # opt-in: int8 weights (FBGEMM kernel), not the same precision
         with contextlib.suppress(ImportError):
             fns["engine-int8"] = engine_fn(model, prompt, n, int8="fbgemm")
@@ -187,7 +193,7 @@ def bench_preset(name: str, args: argparse.Namespace, tok: Any, tmp: Path) -> di
         if reference is not None and k != "ours":
             same = next((i for i, (a, b) in enumerate(zip(outputs[k], reference, strict=False)) if a != b), n)
             result[f"{k} same tokens"] = f"{same}/{n}"
-    for k in ("engine", "ours", "engine-int8"):
+    for k in ("engine", "engine-t", "ours", "engine-int8"):
         if f"{k} tok/s" not in result:
             continue
         for peer in ("hf", "llama.cpp-f32", "llama.cpp-f16"):
@@ -220,15 +226,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 traceback.print_exc()
                 results["presets"].append({"preset": name, "error": repr(e)})
     rows = results["presets"]
-    speed_cols = [c for c in ("ours tok/s", "engine tok/s", "engine-int8 tok/s", "hf tok/s", "llama.cpp-f32 tok/s",
-                            "llama.cpp-f16 tok/s") if any(c in r for r in rows)]
+    speed_cols = [c for c in ("ours tok/s", "engine tok/s", "engine-t tok/s", "engine-int8 tok/s", "hf tok/s",
+                              "llama.cpp-f32 tok/s", "llama.cpp-f16 tok/s") if any(c in r for r in rows)]
     print(f"\n== decode at batch 1, fp32 weights (llama.cpp: f32 / f16 GGUF), {args.threads} threads: tokens/s "
           f"(median of {args.reps} interleaved calls, prefill included) ==")
     print(table(rows, ["preset", "params (M)", *speed_cols]))
     ratio_cols = [c for c in ("ours/hf", "ours/llama.cpp-f32", "ours/llama.cpp-f16", "engine/hf",
-                              "engine/llama.cpp-f32", "engine/llama.cpp-f16", "engine-int8/hf",
+                              "engine/llama.cpp-f32", "engine/llama.cpp-f16", "engine-t/hf",
+                              "engine-t/llama.cpp-f32", "engine-t/llama.cpp-f16", "engine-int8/hf",
                               "engine-int8/llama.cpp-f16") if any(c in r for r in rows)]
-    same_cols = [c for c in ("engine same tokens", "engine-int8 same tokens", "hf same tokens",
+    same_cols = [c for c in ("engine same tokens", "engine-t same tokens", "engine-int8 same tokens", "hf same tokens",
                              "llama.cpp-f32 same tokens", "llama.cpp-f16 same tokens") if any(c in r for r in rows)]
     print("\nratios (same run) and greedy agreement with ours (first differing position / new tokens):")
     print(table(rows, ["preset", *ratio_cols, *same_cols, "load_average_1min"]))

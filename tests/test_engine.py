@@ -281,3 +281,24 @@ def test_engine_runs_int8_and_matches_generate_on_the_same_int8_model():
     # of a batch share one activation scale).
     fast = Engine(tiny_model("llama-tiny"), int8="fbgemm")
     assert [len(t) for t in fast.generate(PROMPTS[:3], params)] == [8, 8, 8]
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
+def test_transposed_weight_layout_gives_the_same_logits_and_greedy_tokens(name):
+    """transpose_weights=True stores every linear weight as W^T (byollm.serve.layout): the same products summed
+    in another order, so logits agree to float rounding and greedy tokens are the plain model's."""
+    from byollm.serve.layout import TransposedLinear
+
+    reference = tiny_model(name, tie_embeddings=True) if name == "gpt-tiny" else tiny_model(name)
+    x = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        expected = reference(x).logits
+    params = SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=())
+    greedy = [alone(reference, p, params).token_ids for p in PROMPTS[:3]]
+    model = tiny_model(name, tie_embeddings=True) if name == "gpt-tiny" else tiny_model(name)
+    engine = Engine(model, max_batch_size=2, transpose_weights=True)
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert isinstance(model.lm_head, TransposedLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, expected, rtol=1e-5, atol=1e-5)
+    assert engine.generate(PROMPTS[:3], params) == greedy

@@ -203,10 +203,13 @@ class Engine:
     max_seq_len: positions per slot, prompt + generated (default: the model's block_size, at most 2048).
     int8: quantise the model's linear layers to int8 first, in place: True = weight-only "dequant", or a backend
         name of `byollm.serve.int8` ("dequant", "int8pack", "fbgemm": the fast one on CPU, see there).
+    transpose_weights: store the (remaining fp) linear weights transposed, in place, for faster one-row
+        products on a CPU (`byollm.serve.layout`: ~1.4x decode at batch 1 here); the model is then for inference only.
     """
 
     def __init__(self, model: nn.Module, tokenizer: TextTokenizer | None = None, *, max_batch_size: int = 8,
-                 max_seq_len: int | None = None, max_waiting: int = 64, int8: bool | str = False) -> None:
+                 max_seq_len: int | None = None, max_waiting: int = 64, int8: bool | str = False,
+                 transpose_weights: bool = False) -> None:
         config = model.config
         if max_batch_size < 1 or max_waiting < 1:
             raise GenerationError(f"max_batch_size and max_waiting must be >= 1, got {max_batch_size} "
@@ -219,6 +222,10 @@ class Engine:
             from byollm.serve.int8 import quantize_int8
 
             quantize_int8(model, "dequant" if int8 is True else int8)
+        if transpose_weights:
+            from byollm.serve.layout import transpose_linears
+
+            transpose_linears(model)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size, self.max_seq_len, self.max_waiting = max_batch_size, max_seq_len, max_waiting

@@ -670,8 +670,10 @@ def _engine_parts(model_or_engine: Any, tokenizer: Any, settings: ServeConfig) -
     elif isinstance(model_or_engine, Engine):
         engine, async_engine = model_or_engine, AsyncEngine(model_or_engine)
     else:
+        on_cpu = next(model_or_engine.parameters()).device.type == "cpu"
         engine = Engine(model_or_engine, tokenizer, max_batch_size=settings.max_batch_size,
-                        max_waiting=settings.max_waiting, int8=settings.int8)
+                        max_waiting=settings.max_waiting, int8=settings.int8,
+                        transpose_weights=settings.transpose_weights and on_cpu)
         async_engine = AsyncEngine(engine)
     return engine, async_engine, engine.model
 

@@ -30,6 +30,8 @@ class ServeConfig:
     max_batch_size, max_waiting: the engine's running batch and its waiting queue; beyond them: 503.
     max_connections: open connections uvicorn accepts before answering 503.
     int8: weight-only int8 quantisation of the linear layers for inference.
+    transpose_weights: on a CPU, keep linear weights transposed for faster one-row decode products
+        (byollm.serve.layout); ignored on other devices.
     cors_origins: origins allowed by CORS (empty: CORS off, the default; ["*"]: any).
     log_prompts: log prompts and replies (off by default: they may hold private data).
     shutdown_timeout: on SIGINT/SIGTERM, seconds in-flight requests get to finish before they are cancelled.
@@ -50,6 +52,7 @@ class ServeConfig:
     max_waiting: int = 64
     max_connections: int = 512
     int8: bool = False
+    transpose_weights: bool = True
     cors_origins: list[str] = field(default_factory=list)
     log_prompts: bool = False
     shutdown_timeout: float = 10.0
