@@ -64,11 +64,19 @@ def _fsync_entry(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def atomic_file_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write one file atomically: `write(tmp)` fills a temporary file beside `path`, which is synced and then
+    renamed over `path`. A crash or an exception leaves the previous file (if any) intact and no temporary."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        _fsync_entry(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_file_write(path, lambda tmp: tmp.write_text(text))

@@ -20,13 +20,13 @@ llama.cpp's own `llama-quantize` tool.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from byollm.atomic import atomic_file_write
 from byollm.errors import ByollmError, CheckpointError, TokenizerError, require
 from byollm.model import GPT, ModelConfig
 from byollm.model.model import rope_inverse_frequencies
@@ -218,9 +218,9 @@ def export_gguf(model: GPT, out_path: str | Path, tokenizer: Tokenizer | None,
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}"
-    writer = gguf.GGUFWriter(str(tmp), arch="llama")
-    try:
+
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(str(tmp), arch="llama")
         writer.add_name(name)
         writer.add_file_type(int(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16))
         writer.add_vocab_size(config.vocab_size)
@@ -265,10 +265,8 @@ def export_gguf(model: GPT, out_path: str | Path, tokenizer: Tokenizer | None,
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out_path
+
+    return atomic_file_write(out_path, write)
 
 
 def export_checkpoint_to_gguf(ckpt_path: str | Path, out_path: str | Path, dtype: GGUFDtype = "f32") -> Path:

@@ -551,7 +551,7 @@ class _Service:
                        prompt_param, "context_length_exceeded")
         top_k = req.top_k if req.top_k and req.top_k > 0 else None
         temperature = 1.0 if req.temperature is None else req.temperature
-        if temperature < MIN_TEMPERATURE:  # logits / 1e-300 overflow to inf and sampling fails: greedy (as vLLM)
+        if temperature < MIN_TEMPERATURE:  # greedy in all but name at such temperatures: greedy, as vLLM does
             temperature = 0.0
         params = SamplingParams(
             max_new_tokens=max_tokens, temperature=temperature,
