@@ -3,7 +3,7 @@
 
 from byollm.model.config import PRESETS, ModelConfig, list_presets, preset
 from byollm.model.heads import RewardModel
-from byollm.model.model import GPT, KVCache, ModelOutput, resize_token_embeddings
+from byollm.model.model import GPT, KVCache, ModelOutput, position_ids_from_mask, resize_token_embeddings
 
 __all__ = ["GPT", "KVCache", "ModelConfig", "ModelOutput", "PRESETS", "RewardModel", "list_presets", "preset",
-           "resize_token_embeddings"]
+           "position_ids_from_mask", "resize_token_embeddings"]

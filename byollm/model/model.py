@@ -93,6 +93,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # --------------------------------------------------------------------------------------------------
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a padded (B, S) mask (1 real, 0 pad): each row counts its real tokens from 0, as
+    Hugging Face does (cumsum - 1), so a left- or right-padded sequence gets the numbers it would get alone.
+    Padding positions get 0 (they are masked anyway)."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
 class KVCache:
     """Keys and values of every layer, pre-allocated as (B, G, max_len, D), filled left to right.
 
