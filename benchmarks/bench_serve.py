@@ -63,7 +63,7 @@ def make_checkpoint(preset_name: str, directory: Path, vocab_size: int = 512, bl
     from byollm.checkpoint import save_checkpoint
     from byollm.model import GPT, preset
     from byollm.tokenizer import train_bpe_fast
-    from byollm.tokenizer.chat import add_chat_tokens
+    from byollm.tokenizer.chat_template import add_chat_tokens
 
     text = " ".join(random.Random(0).choice(WORDS) for _ in range(20_000))
     tok = train_bpe_fast(text, vocab_size=vocab_size)

@@ -1,7 +1,7 @@
 """A chat session with a model trained in byollm's chat format (`byollm chat CKPT`).
 
 The session keeps the conversation (an optional system message, then user and assistant turns), renders it
-with the chat template exactly as training did (byollm.tokenizer.chat.encode_prompt: the history followed by
+with the chat template exactly as training did (byollm.tokenizer.chat_template.encode_prompt: the history followed by
 the assistant header), and streams the reply with the generator until the model writes <|end|>. The reply
 is added to the history, so the next question sees the whole conversation. When the history no longer fits
 the model's context (block_size), the oldest turns are dropped (the system message stays).
@@ -22,7 +22,7 @@ import torch.nn as nn
 from byollm.errors import ByollmError
 from byollm.generate import SamplingParams, iter_generate
 from byollm.tokenizer.base import Tokenizer
-from byollm.tokenizer.chat import check_messages, encode_prompt, end_id, require_chat_tokens
+from byollm.tokenizer.chat_template import check_messages, encode_prompt, end_id, require_chat_tokens
 
 
 class ChatSession:

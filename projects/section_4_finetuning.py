@@ -50,12 +50,14 @@ from byollm.finetune.load import load_quantized  # noqa: E402
 from byollm.finetune.nf4 import NF4Linear, model_nbytes  # noqa: E402
 from byollm.finetune.recipe import METHODS, FinetuneTrainConfig, finetune, merge  # noqa: E402
 from byollm.generate import SamplingParams, generate  # noqa: E402
-from byollm.interop.hf import export_checkpoint_to_hf, to_hf_model  # noqa: E402
+from byollm.interop.convert import export_checkpoint_to_hf  # noqa: E402
+from byollm.interop.hf import to_hf_model  # noqa: E402
 from byollm.model import resize_token_embeddings  # noqa: E402
 from byollm.tokenizer import load_tokenizer  # noqa: E402
-from byollm.tokenizer.chat import encode_prompt, end_id  # noqa: E402
+from byollm.tokenizer.chat_template import encode_prompt, end_id  # noqa: E402
 from byollm.train.align import build_examples, held_out_metrics, load_align_config  # noqa: E402
-from byollm.train.objectives import SFT, collate_sft  # noqa: E402
+from byollm.train.examples import collate_sft  # noqa: E402
+from byollm.train.objectives import SFT  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "finetune-alpaca-cpu.yaml"

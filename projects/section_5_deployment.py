@@ -48,7 +48,7 @@ from byollm.interop.gguf import export_checkpoint_to_gguf  # noqa: E402
 from byollm.model import GPT, preset  # noqa: E402
 from byollm.serve.engine import Engine  # noqa: E402
 from byollm.tokenizer import train_bpe_fast  # noqa: E402
-from byollm.tokenizer.chat import add_chat_tokens  # noqa: E402
+from byollm.tokenizer.chat_template import add_chat_tokens  # noqa: E402
 
 SECTION_2_SFT = Path("out") / "section2-align" / "runs" / "sft"  # where the section 2 project leaves its chat model
 MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},

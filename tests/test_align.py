@@ -19,7 +19,7 @@ from byollm.checkpoint import checkpoint_kind, load_checkpoint
 from byollm.cli import _align_config, build_parser, main
 from byollm.errors import ConfigError, DataError
 from byollm.model import GPT, preset, resize_token_embeddings
-from byollm.tokenizer.chat import CHAT_TOKENS, has_chat_tokens
+from byollm.tokenizer.chat_template import CHAT_TOKENS, has_chat_tokens
 from byollm.train.align import AlignTrainConfig, dpo, load_align_config, orpo, reward, sft
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from byollm.errors import TokenizerError
 from byollm.model import ModelConfig
 from byollm.model.config import preset
 from byollm.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
-from byollm.tokenizer.chat import (
+from byollm.tokenizer.chat_template import (
     ASSISTANT,
     END,
     IGNORE_INDEX,

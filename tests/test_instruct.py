@@ -26,7 +26,7 @@ from byollm.data.instruct import (
 )
 from byollm.errors import DataError
 from byollm.tokenizer import BPETokenizer, Tokenizer
-from byollm.tokenizer.chat import ASSISTANT, END, IGNORE_INDEX, add_chat_tokens, encode_chat, encode_prompt
+from byollm.tokenizer.chat_template import ASSISTANT, END, IGNORE_INDEX, add_chat_tokens, encode_chat, encode_prompt
 
 HH = "\n\nHuman: Hi, can you help?\n\nAssistant: Sure.\n\nHuman: What is 2+2?\n\nAssistant: {}"
 

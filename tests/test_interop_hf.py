@@ -19,11 +19,10 @@ from safetensors.torch import load_file, save_file
 
 from byollm.checkpoint import load_checkpoint, save_checkpoint
 from byollm.errors import CheckpointError
+from byollm.interop.convert import convert_from_hf, export_checkpoint_to_hf
 from byollm.interop.hf import (
     config_from_hf,
     config_to_hf,
-    convert_from_hf,
-    export_checkpoint_to_hf,
     export_hf,
     from_hf_model,
     load_hf_dir,

@@ -21,11 +21,19 @@ from byollm.chat import ChatSession
 from byollm.checkpoint import load_checkpoint
 from byollm.data.instruct import Conversation, PreferencePair
 from byollm.generate import SamplingParams, generate
-from byollm.interop.hf import convert_from_hf, export_hf, load_hf_dir
+from byollm.interop.convert import convert_from_hf
+from byollm.interop.hf import export_hf, load_hf_dir
 from byollm.model import GPT
 from byollm.model.config import preset
 from byollm.tokenizer import BPETokenizer, Tokenizer
-from byollm.tokenizer.chat import END, IGNORE_INDEX, add_chat_tokens, encode_chat, encode_prompt, encode_response
+from byollm.tokenizer.chat_template import (
+    END,
+    IGNORE_INDEX,
+    add_chat_tokens,
+    encode_chat,
+    encode_prompt,
+    encode_response,
+)
 
 pytest.importorskip("trl")
 transformers = pytest.importorskip("transformers")

@@ -18,26 +18,23 @@ import torch.nn as nn
 from byollm.checkpoint import load_checkpoint, save_checkpoint
 from byollm.errors import CheckpointError, ConfigError, DataError
 from byollm.model import GPT, RewardModel, preset
+from byollm.tokenizer.chat_template import IGNORE_INDEX
 from byollm.train import Run, Trainer, evaluate
+from byollm.train.examples import ExampleSource, collate_preference, collate_sft, example_batches, pack_sft_examples
 from byollm.train.objectives import (
     DPO,
-    IGNORE_INDEX,
     ORPO,
     SFT,
-    ExampleSource,
     RewardBT,
     bradley_terry_loss,
-    collate_preference,
-    collate_sft,
     dpo_loss,
     evaluate_pairs,
-    example_batches,
     log1mexp,
     log_odds,
     odds_ratio_loss,
-    pack_sft_examples,
     precompute_reference_logprobs,
     sequence_logprobs,
+    shift_labels,
     token_logprobs,
 )
 
@@ -441,7 +438,7 @@ def test_dpo_matches_trl(tmp_path) -> None:
 
     def stand_in(**kwargs):  # noqa: ANN003, ANN202 - what TRL reads of a model's output
         logits = model(kwargs["input_ids"]).logits
-        lp, _ = token_logprobs(logits, batch["labels"])
+        lp = token_logprobs(logits, shift_labels(batch["labels"]))
         zeros = torch.zeros_like(lp[:, :-1])
         return SimpleNamespace(log_probs=lp[:, :-1], entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
 

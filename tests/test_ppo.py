@@ -18,29 +18,20 @@ from byollm.model import GPT, RewardModel, preset
 from byollm.tokenizer import CharTokenizer
 from byollm.train.loop import Trainer, seed_everything
 from byollm.train.optim import build_optimizer
-from byollm.train.ppo import (
-    PolicyWithValue,
-    PPOConfig,
+from byollm.train.policy import PolicyWithValue, disable_dropout, pack_sequences, response_forward
+from byollm.train.ppo import PPOConfig, plot_ppo_curves, ppo, prompt_encoder, read_prompts
+from byollm.train.rewards import RewardModelScorer, token_fraction_reward
+from byollm.train.rl_objectives import (
     PPOObjective,
-    RewardModelScorer,
-    RolloutConfig,
-    RolloutSource,
-    disable_dropout,
     gae,
     grpo_advantages,
     kl_penalized_rewards,
     masked_whiten,
-    pack_sequences,
-    plot_ppo_curves,
-    ppo,
     ppo_losses,
-    prompt_encoder,
-    read_prompts,
-    response_forward,
     response_mask,
     rloo_advantages,
-    token_fraction_reward,
 )
+from byollm.train.rollout import RolloutConfig, RolloutSource
 
 # --------------------------------------------------------------------------------------------------
 # The arithmetic, by hand
@@ -352,7 +343,7 @@ def test_recipe_with_text_prompts_a_tokenizer_and_held_out_prompts(tmp_path: Pat
 
 
 def test_prompts_from_files_and_the_chat_template(tmp_path: Path) -> None:
-    from byollm.tokenizer.chat import add_chat_tokens, encode_prompt
+    from byollm.tokenizer.chat_template import add_chat_tokens, encode_prompt
 
     tok = CharTokenizer.train("abcdefghijklmnopqrstuvwxyz ?\n")
     plain = prompt_encoder(tok)

@@ -465,7 +465,7 @@ def test_section5_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch
     from byollm.checkpoint import save_checkpoint
     from byollm.model import GPT, preset
     from byollm.tokenizer import train_bpe_fast
-    from byollm.tokenizer.chat import add_chat_tokens
+    from byollm.tokenizer.chat_template import add_chat_tokens
 
     monkeypatch.chdir(tmp_path)
     tok = train_bpe_fast("Human: how do I bake bread? Assistant: Mix flour, water, salt and yeast, knead, bake. " * 20,
@@ -499,7 +499,7 @@ def test_docs_have_code_excerpts():
                    "byollm/train/loop.py", "byollm/train/optim.py", "byollm/atomic.py", "byollm/train/run.py",
                    "byollm/train/distributed.py"):
         assert needed in sources, f"section 2 should show code from {needed}"
-    for needed in ("byollm/tokenizer/chat.py", "byollm/data/instruct.py", "byollm/train/objectives.py",
+    for needed in ("byollm/tokenizer/chat_template.py", "byollm/data/instruct.py", "byollm/train/objectives.py",
                    "byollm/model/heads.py", "byollm/train/ppo.py", "byollm/interop/trl.py"):
         assert needed in sources, f"section 2 (second half) should show code from {needed}"
     for needed in ("byollm/finetune/lora.py", "byollm/finetune/nf4.py", "projects/section_4_finetuning.py"):

@@ -29,7 +29,7 @@ from byollm.serve.engine import AsyncEngine, Engine  # noqa: E402
 from byollm.serve.server import GracefulServer, RateLimiter, TokenBucket, create_app  # noqa: E402
 from byollm.serve.settings import ServeConfig  # noqa: E402
 from byollm.tokenizer import BPETokenizer  # noqa: E402
-from byollm.tokenizer.chat import add_chat_tokens, encode_prompt, end_id  # noqa: E402
+from byollm.tokenizer.chat_template import add_chat_tokens, encode_prompt, end_id  # noqa: E402
 
 TEXT = ("You are a terse assistant. Hi there! Hello, how can I help?  What is 2+2?\n4, of course.\n\n"
         "Tell me a joke. Why did the chicken cross the road? To get to the other side.  Thanks!")

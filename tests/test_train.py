@@ -294,15 +294,17 @@ def test_ddp_two_processes_match_one_process(tmp_path: Path, data_dir: Path) -> 
 
 
 def test_config_files_parse_and_match_their_sources() -> None:
-    from byollm.cli import _train_config, build_parser
+    from byollm.cli import build_parser
+    from byollm.config import config_from_args, instantiate
 
     assert load_config(REPO / "configs/quickstart.yaml") == load_config(None, QUICKSTART)
     alignment = ("sft-", "reward-", "dpo-", "orpo-", "ppo-", "finetune-")  # their own verbs (test_align, test_finetune)
     pretraining = [f for f in sorted((REPO / "configs").glob("*.yaml")) if not f.name.startswith(alignment)]
     assert len(pretraining) >= 3
     for f in pretraining:  # the CLI's parser reads each file the same way
-        ns = build_parser().parse_args(["pretrain", "--config", str(f)])
-        assert _train_config(ns.pretrain) == load_config(f), f.name
+        parser = build_parser()
+        ns = instantiate(parser, parser.parse_args(["pretrain", "--config", str(f)]))
+        assert config_from_args(TrainConfig, ns.pretrain) == load_config(f), f.name
     nano = load_config(REPO / "configs/nanogpt-shakespeare-char-cpu.yaml")
     assert (nano.model.n_layer, nano.model.n_head, nano.model.n_embd, nano.block_size, nano.batch_size) == (
         4, 4, 128, 64, 12)

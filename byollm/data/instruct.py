@@ -3,7 +3,7 @@
 Three steps, each small:
 
 1. **Records -> messages** (converters). A conversation is a list of {"role", "content"} messages with roles
-   system / user / assistant (byollm.tokenizer.chat):
+   system / user / assistant (byollm.tokenizer.chat_template):
    - Alpaca {instruction, input, output}: user = instruction, plus "\\n\\n" + input when input is not empty;
      assistant = output.
    - HH-RLHF transcripts "\\n\\nHuman: ...\\n\\nAssistant: ...": Human -> user, Assistant -> assistant, each
@@ -45,7 +45,7 @@ from typing import Any
 from byollm.data.readers import load_records, split_records
 from byollm.errors import DataError, TokenizerError
 from byollm.tokenizer.base import Tokenizer
-from byollm.tokenizer.chat import (
+from byollm.tokenizer.chat_template import (
     ROLES,
     Message,
     check_messages,

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 
 from byollm.data.registry import DatasetSpec
-from byollm.data.sources import _VAL_FILES, Source, resolve
+from byollm.data.sources import VAL_FILES, Source, resolve
 from byollm.errors import DataError
 
-_TEXT_SPLIT_ORDER = ("train.txt", *_VAL_FILES, "test.txt")
+_TEXT_SPLIT_ORDER = ("train.txt", *VAL_FILES, "test.txt")
 _RECORD_SUFFIXES = (".json", ".jsonl", ".ndjson")
 
 # --------------------------------------------------------------------------------------------------
@@ -60,7 +60,7 @@ def read_text_dir(directory: str | Path) -> str:
 def text_splits(directory: str | Path) -> dict[str, str]:
     """A text_splits directory's official splits: {"train": ..., "val": ..., "test": ...} (test if present)."""
     directory = Path(directory)
-    val = next((directory / f for f in _VAL_FILES if (directory / f).is_file()), None)
+    val = next((directory / f for f in VAL_FILES if (directory / f).is_file()), None)
     if not (directory / "train.txt").is_file() or val is None:
         raise DataError(f"{directory} should hold train.txt and validation.txt (official splits); it does not")
     out = {"train": read_text_file(directory / "train.txt"), "val": read_text_file(val)}

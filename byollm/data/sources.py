@@ -188,7 +188,7 @@ def infer_format(path: Path) -> Format:
     """How to read a local file or directory the registry does not know, from its name (and a directory's files)."""
     if path.is_dir():
         files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
-        if (path / "train.txt").is_file() and any((path / f).is_file() for f in _VAL_FILES):
+        if (path / "train.txt").is_file() and any((path / f).is_file() for f in VAL_FILES):
             return "text_splits"
         if files and all(p.suffix.lower() in (".json", ".jsonl", ".ndjson") for p in files):
             return "records_dir"
@@ -203,7 +203,7 @@ def infer_format(path: Path) -> Format:
     return "text"
 
 
-_VAL_FILES = ("validation.txt", "valid.txt", "val.txt")
+VAL_FILES = ("validation.txt", "valid.txt", "val.txt")
 
 
 def _local_notice(kind: str, spec: DatasetSpec, path: Path, sha: str, sub: Subset | None, how: str) -> str:

@@ -104,15 +104,15 @@ def _our_source(ckpt: Path, stack: ExitStack) -> tuple[ModelConfig, dict[str, Ca
 def _hf_source(path: Path, stack: ExitStack) -> tuple[ModelConfig, dict[str, Callable[[], torch.Tensor]]] | None:
     """Our names -> lazy readers for a Llama-style HF directory with safetensors weights; None if not that."""
     from byollm.interop.hf import (
-        _IGNORED_HF_KEYS,
         HF_CONFIG,
         HF_WEIGHTS,
         HF_WEIGHTS_INDEX,
         LLAMA_NAMES,
-        _rename,
         config_from_hf,
         hf_architecture,
     )
+    from byollm.interop.hf import IGNORED_HF_KEYS as _IGNORED_HF_KEYS
+    from byollm.interop.hf import rename_parameter as _rename
 
     config = config_from_hf(json.loads((path / HF_CONFIG).read_text()))
     if hf_architecture(config) == "gpt2":

@@ -220,7 +220,8 @@ def _llama_only(model: nn.Module) -> str:
 
 
 def _hf_module(name: str) -> str:
-    from byollm.interop.hf import LLAMA_NAMES, _rename
+    from byollm.interop.hf import LLAMA_NAMES
+    from byollm.interop.hf import rename_parameter as _rename
 
     hf = _rename(name + ".weight", LLAMA_NAMES, to_hf=True)
     if hf is None:  # pragma: no cover - every linear layer of a Llama-style GPT has a row in the table

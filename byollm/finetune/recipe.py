@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from byollm.checkpoint import TOKENIZER_DIR, load_checkpoint, save_checkpoint
+from byollm.config import Section
 from byollm.errors import ConfigError
 from byollm.finetune.lora import (
     ATTENTION,
@@ -45,8 +46,7 @@ from byollm.finetune.lora import (
 from byollm.finetune.nf4 import NF4Linear, QLoRALinear, quantize_model
 from byollm.model import GPT, resize_token_embeddings
 from byollm.tokenizer import load_tokenizer
-from byollm.train.align import AlignResult, AlignTrainConfig, ModelHooks, align
-from byollm.train.config import _from_dict
+from byollm.train.align import AlignResult, ModelHooks, SFTTrainConfig, align
 from byollm.train.perf import return_large_frees_to_os
 
 METHODS = ("full", "lora", "qlora", "dora")
@@ -54,37 +54,42 @@ FINETUNE_META = "finetune.json"
 
 
 @dataclass
-class LoRASettings:
-    """The adapter of lora, dora and qlora (ignored by full)."""
+class LoRASettings(Section):
+    """The adapter of lora, dora and qlora (`lora.*`; full fine-tuning has none)."""
 
     r: int = 8
+    """rank of the low-rank update B @ A"""
     alpha: float = 16.0
+    """scale of the update: alpha / r"""
     dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: list(ATTENTION + MLP))  # module-name suffixes
-    double_quant: bool = True  # qlora: 8-bit absmax scales
-    quant_backend: str = "byollm"  # qlora: "byollm" (our NF4Linear) or "bitsandbytes" (its Linear4bit, nf4)
+    """dropout on the adapter's input while training"""
+    targets: list[str] = field(default_factory=lambda: list(ATTENTION + MLP))
+    """module-name suffixes that get adapters (q_proj, k_proj, ..., down_proj)"""
+    double_quant: bool = True
+    """qlora: quantise the NF4 block scales to 8 bits as well"""
+    quant_backend: str = "byollm"
+    """qlora: byollm (our NF4Linear) or bitsandbytes (its Linear4bit, nf4)"""
+
+    def check(self) -> None:
+        if self.quant_backend not in ("byollm", "bitsandbytes"):
+            raise ConfigError(f"unknown lora.quant_backend {self.quant_backend!r}; choose byollm or bitsandbytes")
+        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ConfigError(f"need lora.r >= 1, lora.alpha > 0 and 0 <= lora.dropout < 1, got {self.r}, "
+                              f"{self.alpha}, {self.dropout}")
 
 
 @dataclass
-class FinetuneTrainConfig(AlignTrainConfig):
-    """An SFT run (AlignTrainConfig) plus the fine-tuning method and its adapter settings."""
+class FinetuneTrainConfig(SFTTrainConfig):
+    """An SFT run (SFTTrainConfig) plus the fine-tuning method and its adapter settings."""
 
     method: str = "lora"
+    """full (every weight), lora, dora, or qlora (the base read straight into NF4)"""
     lora: LoRASettings = field(default_factory=LoRASettings)
+    """the adapter (lora, dora, qlora)"""
 
-    def validate(self) -> None:
-        super().validate()
+    def check(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.lora.quant_backend not in ("byollm", "bitsandbytes"):
-            raise ConfigError(f"unknown lora.quant_backend {self.lora.quant_backend!r}; choose byollm or bitsandbytes")
-        if self.lora.r < 1 or self.lora.alpha <= 0 or not 0 <= self.lora.dropout < 1:
-            raise ConfigError(f"need lora.r >= 1, lora.alpha > 0 and 0 <= lora.dropout < 1, got {self.lora.r}, "
-                              f"{self.lora.alpha}, {self.lora.dropout}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FinetuneTrainConfig:
-        return _from_dict(cls, d, "")
 
 
 def _report(method: str, model: nn.Module) -> dict[str, Any]:
@@ -104,7 +109,6 @@ def _report(method: str, model: nn.Module) -> dict[str, Any]:
 def finetune(cfg: FinetuneTrainConfig, *, progress: bool = True) -> AlignResult:
     """SFT with the chosen method (see the module docstring). Returns the SFT recipe's result; its `checkpoint`
     is the adapter folder for lora/dora/qlora, the run's checkpoint for full."""
-    cfg.validate()
     s, method = cfg.lora, cfg.method
     info: dict[str, Any] = {}
     return_large_frees_to_os()  # per-step temporaries would otherwise ratchet the heap up (see its docstring)

@@ -52,6 +52,23 @@ GGUF_NAMES: list[tuple[str, str]] = [
     ("lm_head",                  "output"),  # left out when tied: llama.cpp then reuses token_embd
 ]
 
+# llama.cpp's hyper-parameters (key `llama.<name>` in the file, written by GGUFWriter.add_<name>) and the
+# ModelConfig field each one is.
+GGUF_HPARAMS: list[tuple[str, str]] = [
+    ("vocab_size",           "vocab_size"),
+    ("context_length",       "block_size"),
+    ("embedding_length",     "n_embd"),
+    ("block_count",          "n_layer"),
+    ("feed_forward_length",  "intermediate_size"),
+    ("head_count",           "n_head"),
+    ("head_count_kv",        "n_kv_head"),
+    ("key_length",           "head_dim"),
+    ("value_length",         "head_dim"),
+    ("rope_dimension_count", "head_dim"),
+    ("rope_freq_base",       "rope_theta"),
+    ("layer_norm_rms_eps",   "norm_eps"),
+]
+
 # The pre-tokenizer llama.cpp must use for our byte-level BPE (GPT-2's split regex).
 GPT2_PRE_TOKENIZER = "gpt-2"
 
@@ -223,18 +240,8 @@ def export_gguf(model: GPT, out_path: str | Path, tokenizer: Tokenizer | None,
         writer = gguf.GGUFWriter(str(tmp), arch="llama")
         writer.add_name(name)
         writer.add_file_type(int(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16))
-        writer.add_vocab_size(config.vocab_size)
-        writer.add_context_length(config.block_size)
-        writer.add_embedding_length(config.n_embd)
-        writer.add_block_count(config.n_layer)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(config.n_head)
-        writer.add_head_count_kv(config.n_kv_head)
-        writer.add_key_length(config.head_dim)
-        writer.add_value_length(config.head_dim)
-        writer.add_rope_dimension_count(config.head_dim)
-        writer.add_rope_freq_base(config.rope_theta)
-        writer.add_layer_norm_rms_eps(config.norm_eps)
+        for key, field in GGUF_HPARAMS:
+            getattr(writer, f"add_{key}")(getattr(config, field))
         scaling = config.rope_scaling or {}
         if scaling.get("rope_type", scaling.get("type")) == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -251,7 +258,7 @@ def export_gguf(model: GPT, out_path: str | Path, tokenizer: Tokenizer | None,
                           ("pad", writer.add_pad_token_id)):
             if (token_id := getattr(tokenizer, f"{role}_id")) is not None:
                 add(token_id)
-        from byollm.tokenizer.chat import END, hf_tokenizer_config
+        from byollm.tokenizer.chat_template import END, hf_tokenizer_config
 
         template = hf_tokenizer_config(tokenizer).get("chat_template") or tokenizer.hf_config.get("chat_template")
         if template:
@@ -277,5 +284,5 @@ def export_checkpoint_to_gguf(ckpt_path: str | Path, out_path: str | Path, dtype
     return export_gguf(loaded.model, out_path, loaded.tokenizer, dtype, name=Path(ckpt_path).resolve().name)
 
 
-__all__ = ["GGUF_NAMES", "check_exportable", "export_checkpoint_to_gguf", "export_gguf", "gguf_tensors", "gguf_vocab",
-           "permute_rope"]
+__all__ = ["GGUF_HPARAMS", "GGUF_NAMES", "check_exportable", "export_checkpoint_to_gguf", "export_gguf", "gguf_tensors",
+           "gguf_vocab", "permute_rope"]

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from byollm.errors import ByollmError, CheckpointError, ConfigError, require
-from byollm.model import GPT, ModelConfig
+from byollm.model import GPT, ModelConfig, build_model
 
 if TYPE_CHECKING:  # pragma: no cover - type hints only
     from byollm.tokenizer import Tokenizer
@@ -82,10 +82,10 @@ GPT2_NAMES: list[tuple[str, str]] = [
 GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 # HF tensors that are not weights: GPT-2's causal-mask buffers and old Llama checkpoints' RoPE frequencies.
-_IGNORED_HF_KEYS = re.compile(r"(^|\.)attn\.(masked_)?bias$|rotary_emb\.inv_freq$")
+IGNORED_HF_KEYS = re.compile(r"(^|\.)attn\.(masked_)?bias$|rotary_emb\.inv_freq$")
 
 
-def _rename(name: str, table: list[tuple[str, str]], to_hf: bool) -> str | None:
+def rename_parameter(name: str, table: list[tuple[str, str]], to_hf: bool) -> str | None:
     """Map one parameter name through `table` (ours -> HF, or HF -> ours); None if no row matches."""
     module, _, param = name.rpartition(".")
     for ours, theirs in table:
@@ -358,14 +358,14 @@ def _with_prefix(hf_sd: dict[str, torch.Tensor], prefix: str, marker: str) -> di
 def state_dict_from_hf(hf_sd: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Hugging Face weights -> our parameter names (tensors are shared or transposed views, not copies)."""
     arch = hf_architecture(config)
-    sd = {k: v for k, v in hf_sd.items() if not _IGNORED_HF_KEYS.search(k)}
+    sd = {k: v for k, v in hf_sd.items() if not IGNORED_HF_KEYS.search(k)}
     if arch == "gpt2":
         sd, table = _with_prefix(sd, "transformer.", "wte.weight"), GPT2_NAMES
     else:
         sd, table = _with_prefix(sd, "model.", "embed_tokens.weight"), LLAMA_NAMES
     ours: dict[str, torch.Tensor] = {}
     for name, tensor in sd.items():
-        new = _rename(name, table, to_hf=False)
+        new = rename_parameter(name, table, to_hf=False)
         if new is None:
             raise CheckpointError(f"unexpected weight '{name}' in the Hugging Face {arch} checkpoint: byollm has "
                                   "no parameter for it; is config.json from the same model as the weights?")
@@ -388,7 +388,7 @@ def state_dict_to_hf(our_sd: Mapping[str, torch.Tensor], config: ModelConfig) ->
         sd, table = _fuse_qkv(sd), GPT2_NAMES
     hf: dict[str, torch.Tensor] = {}
     for name, tensor in sd.items():
-        new = _rename(name, table, to_hf=True)
+        new = rename_parameter(name, table, to_hf=True)
         if new is None:
             raise CheckpointError(f"parameter '{name}' has no Hugging Face {arch} equivalent")
         hf[new] = tensor.t() if arch == "gpt2" and _is_conv1d(new) else tensor
@@ -425,8 +425,6 @@ def _fuse_qkv(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def from_hf_model(hf_model: Any) -> GPT:
     """Our `GPT` with the weights of a transformers model (same device and dtype), in eval mode."""
-    from byollm.checkpoint import build_model
-
     config = config_from_hf(hf_model.config)
     param = next(hf_model.parameters())
     sd = state_dict_from_hf(hf_model.state_dict(), config)
@@ -496,8 +494,6 @@ def load_hf_dir(path: str | Path, device: torch.device | str = "cpu",
     """Our model (eval mode) and tokenizer (None if the directory has none) from a Hugging Face model directory.
 
     Needs no transformers: config.json is read as JSON and the weights are renamed with the tables above."""
-    from byollm.checkpoint import build_model
-
     path = Path(path)
     config_file = path / HF_CONFIG
     if not path.is_dir():
@@ -553,26 +549,8 @@ def export_hf(model: GPT, out_dir: str | Path, tokenizer: Tokenizer | None = Non
     return atomic_dir_write(out_dir, write)
 
 
-def convert_from_hf(src_dir: str | Path, ckpt_dir: str | Path) -> Path:
-    """`byollm convert from-hf SRC CKPT`: a Hugging Face model directory -> a byollm checkpoint directory."""
-    from byollm.checkpoint import save_checkpoint
-
-    model, tokenizer = load_hf_dir(src_dir)
-    model_type = json.loads((Path(src_dir) / HF_CONFIG).read_text()).get("model_type")
-    return save_checkpoint(model, ckpt_dir, tokenizer,
-                           meta={"source": str(Path(src_dir).resolve()), "converted_from": f"huggingface/{model_type}"})
-
-
-def export_checkpoint_to_hf(ckpt_path: str | Path, out_dir: str | Path, dtype: torch.dtype | str | None = None) -> Path:
-    """`byollm export hf CKPT OUT_DIR`: any checkpoint path byollm accepts -> a Hugging Face model directory."""
-    from byollm.checkpoint import load_checkpoint
-
-    loaded = load_checkpoint(ckpt_path)
-    return export_hf(loaded.model, out_dir, loaded.tokenizer, dtype)
-
-
 __all__ = [
-    "GPT2_NAMES", "LLAMA_NAMES", "SUPPORTED_MODEL_TYPES", "config_from_hf", "config_to_hf", "convert_from_hf",
-    "export_checkpoint_to_hf", "export_hf", "from_hf_model", "hf_architecture", "load_hf_dir", "read_hf_weights",
-    "state_dict_from_hf", "state_dict_to_hf", "to_hf_model",
+    "GPT2_NAMES", "IGNORED_HF_KEYS", "LLAMA_NAMES", "SUPPORTED_MODEL_TYPES", "config_from_hf", "config_to_hf",
+    "export_hf", "from_hf_model", "has_hf_tokenizer", "hf_architecture", "load_hf_dir", "read_hf_weights",
+    "rename_parameter", "state_dict_from_hf", "state_dict_to_hf", "to_hf_model",
 ]

@@ -35,7 +35,7 @@ from typing import Any
 
 from byollm.data.instruct import Conversation, PreferencePair
 from byollm.errors import DataError, TokenizerError, require
-from byollm.tokenizer.chat import check_messages
+from byollm.tokenizer.chat_template import check_messages
 
 Messages = Sequence[Mapping[str, str]]
 
@@ -164,7 +164,7 @@ def _train_and_save(trainer: Any, out_dir: str | Path) -> TrlResult:
 def trl_sft(hf_dir: str | Path, conversations: Iterable[Conversation | Messages], out_dir: str | Path,
             steps: int = 10, **kwargs: Any) -> TrlResult:
     """Fine-tune the model in `hf_dir` on `conversations` with TRL's SFTTrainer; save it to `out_dir` (a Hugging
-    Face directory that `byollm.interop.hf.convert_from_hf` turns back into a byollm checkpoint).
+    Face directory that `byollm.interop.convert.convert_from_hf` turns back into a byollm checkpoint).
     kwargs: see `sft_trainer` (batch_size, lr, max_length, assistant_only_loss, seed, SFTConfig fields)."""
     return _train_and_save(sft_trainer(hf_dir, conversations, out_dir, steps=steps, **kwargs), out_dir)
 

@@ -7,9 +7,12 @@ preset is just a set of values, and a Hugging Face config converts to ours field
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import json
+import textwrap
 import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,26 +23,48 @@ from byollm.errors import ConfigError
 
 @dataclass
 class ModelConfig:
+    """The shape of a network: every choice that makes GPT-2, Llama, Mistral, Qwen2 or SmolLM."""
+
     vocab_size: int = 50257
-    block_size: int = 1024  # longest sequence the model is built for (positions table / RoPE cache)
+    """token ids the embedding and the LM head cover"""
+    block_size: int = 1024
+    """longest sequence the model is built for (positions table / RoPE cache)"""
     n_layer: int = 12
+    """Transformer blocks"""
     n_head: int = 12
-    n_kv_head: int | None = None  # None: = n_head (multi-head); 1: multi-query; in between: grouped-query
+    """attention (query) heads"""
+    n_kv_head: int | None = None
+    """key/value heads: None = n_head (multi-head); 1: multi-query; in between: grouped-query"""
     n_embd: int = 768
-    head_dim: int | None = None  # None: n_embd // n_head
-    intermediate_size: int | None = None  # MLP hidden width; None: 4 * n_embd
+    """width of the residual stream"""
+    head_dim: int | None = None
+    """width of one head; None: n_embd // n_head"""
+    intermediate_size: int | None = None
+    """MLP hidden width; None: 4 * n_embd"""
     pos_embedding: Literal["learned", "rope"] = "learned"
+    """learned absolute positions (GPT-2) or rotary embeddings (Llama)"""
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # Llama-3 style {"rope_type": "llama3", "factor": ..., ...}
+    """RoPE base frequency"""
+    rope_scaling: dict[str, Any] | None = None
+    """RoPE scaling: {"rope_type": "linear" | "llama3", "factor": ..., ...}; None: none"""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """LayerNorm (GPT-2) or RMSNorm (Llama)"""
     norm_eps: float = 1e-5
+    """epsilon of the norms"""
     mlp: Literal["gelu", "swiglu"] = "gelu"
-    bias: bool = True  # biases in linear layers and LayerNorm
-    qkv_bias: bool | None = None  # None: follow `bias` (Qwen2 has q/k/v biases but no others)
-    tie_embeddings: bool = True  # lm_head shares the token-embedding matrix
+    """GELU MLP (GPT-2) or gated SwiGLU (Llama)"""
+    bias: bool = True
+    """biases in linear layers and LayerNorm"""
+    qkv_bias: bool | None = None
+    """biases on q/k/v only; None: follow `bias` (Qwen2 has q/k/v biases but no others)"""
+    tie_embeddings: bool = True
+    """the LM head shares the token-embedding matrix"""
     dropout: float = 0.0
-    attention: Literal["sdpa", "naive"] = "sdpa"  # fused kernel, or the explicit teaching path
+    """dropout on attention weights and residual branches while training"""
+    attention: Literal["sdpa", "naive"] = "sdpa"
+    """fused scaled_dot_product_attention, or the explicit teaching path"""
     init_std: float = 0.02
+    """standard deviation of the weight initialisation"""
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -184,6 +209,16 @@ def _optional(tp: Any) -> Any:
     return Optional[tp]  # noqa: UP045 - a runtime type object for jsonargparse
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's description: the string literal under it in the class body (its attribute docstring)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(after.value.value).split())  # type: ignore[union-attr]
+    return docs
+
+
 # Derived from ModelConfig so the two can never drift apart: every field becomes optional and None means
 # "keep the preset's value".
 ModelChoice = dataclasses.make_dataclass(
@@ -191,7 +226,9 @@ ModelChoice = dataclasses.make_dataclass(
     [("preset", str, dataclasses.field(default="gpt-tiny"))]
     + [(name, _optional(tp), dataclasses.field(default=None)) for name, tp in get_type_hints(ModelConfig).items()],
 )
-ModelChoice.__doc__ = "A named preset (see `byollm model presets`) with any field of ModelConfig overridden."
+ModelChoice.__doc__ = "A named preset (see `byollm model presets`) with any field of ModelConfig overridden.\n\n" \
+    "Args:\n    preset: a preset name or the depth dial d<N> / gpt2-d<N> (see `byollm model presets`)\n" + "".join(
+        f"    {name}: {text}; default: the preset's\n" for name, text in field_docs(ModelConfig).items())
 ModelChoice.__module__ = __name__
 
 

@@ -22,7 +22,7 @@ Why this shape
   reads all the weights), so a batch of B sequences costs about as much as one - that is where batching pays.
   Each newly admitted request is therefore prefilled alone (batch 1, straight into its slot), and all running
   requests decode together.
-- The KV cache is slot-based: `SlotKVCache` holds max_batch_size rows of max_seq_len positions per layer, and
+- The KV cache is slot-based: `SlotKVCache` (byollm.serve.slot_cache) holds max_batch_size rows of max_seq_len positions per layer, and
   each row has its own length. A request owns one row from admission to finish. Running requests are kept
   in rows 0..n-1 (when one leaves, the last row moves into its place: one row copy), so the decode batch is a
   plain slice of the cache - no gather of scattered rows each step. The step attends over the first S
@@ -61,17 +61,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from byollm.errors import ByollmError
-from byollm.generate import (
-    GenerationError,
-    SamplingParams,
-    TextTokenizer,
-    _inference,
-    _is_int,
-    _TextTracker,
-    sample_next,
-)
+from byollm.generate import inference_mode
+from byollm.sampling import GenerationError, SamplingParams, StopChecker, is_int, sample_next, seeded_generator
+from byollm.serve.slot_cache import SlotKVCache
+from byollm.tokenizer.base import Tokenizer
 
-FinishReason = Literal["stop", "length", "cancelled"]
+# What ends a request in the engine: generation's own reasons, or a cancel (a client went away, shutdown).
+StepFinishReason = Literal["stop", "length", "cancelled"]
 
 
 class QueueFull(ByollmError):
@@ -94,85 +90,10 @@ class StepOutput:
     request_id: str
     token_id: int
     text: str
-    finish_reason: FinishReason | None
+    finish_reason: StepFinishReason | None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprob: float | None = None
-
-
-# --------------------------------------------------------------------------------------------------
-# The slot cache
-# --------------------------------------------------------------------------------------------------
-
-
-class SlotKVCache:
-    """Keys and values for `n_slots` independent sequences: per layer (n_slots, G, max_len, D), and a length
-    per slot. It speaks the model's KVCache interface (`update`, `length`, `advance`) for the rows chosen by
-    `bind(start, stop)` before each forward pass; each bound row writes at its own length."""
-
-    def __init__(self, n_layer: int, n_slots: int, max_len: int, n_kv_head: int, head_dim: int, *,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
-        shape = (n_slots, n_kv_head, max_len, head_dim)
-        # Zeros, not empty: positions past a row's length are read (and masked out) by batched decode steps;
-        # masked garbage that happened to be NaN would still poison the output (0 * NaN = NaN).
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.max_len = max_len
-        self.lengths = [0] * n_slots  # positions filled in each slot
-        self._rows = slice(0, 0)  # the rows the next forward pass reads and writes
-        self._write_at: int | tuple[torch.Tensor, torch.Tensor] = 0
-        self._read_len = 0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-    @property
-    def length(self) -> int:
-        """The longest bound row. The model only uses it when not given position_ids and a mask, i.e. for a
-        prefill into an empty slot, where it is 0."""
-        return max(self.lengths[self._rows], default=0)
-
-    def bind(self, start: int, stop: int, new_tokens: int) -> None:
-        """Make the next forward pass (of `new_tokens` per row) use slots start..stop-1."""
-        self._rows = slice(start, stop)
-        lengths = self.lengths[self._rows]
-        if max(lengths) + new_tokens > self.max_len:
-            raise ValueError(f"KV cache slots hold {self.max_len} positions; cannot add {new_tokens} "
-                             f"at {max(lengths)}")
-        if min(lengths) == max(lengths):  # every row writes at the same position: a plain slice
-            self._write_at = lengths[0]
-        else:  # one new token per row, each at its own position: indexed writes (rows, positions)
-            assert new_tokens == 1, "rows of different lengths take one token each"
-            device = self.k[0].device
-            self._write_at = (torch.arange(start, stop, device=device), torch.tensor(lengths, device=device))
-        self._read_len = max(lengths) + new_tokens  # keys beyond the longest row are never read
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(self._write_at, int):
-            at = self._write_at
-            self.k[layer][self._rows, :, at:at + k.size(2)] = k
-            self.v[layer][self._rows, :, at:at + k.size(2)] = v
-        else:
-            rows, positions = self._write_at
-            self.k[layer][rows, :, positions] = k[:, :, 0]  # row i writes its (G, D) at positions[i]
-            self.v[layer][rows, :, positions] = v[:, :, 0]
-        # A view, no copy: the bound rows are contiguous and only the first _read_len positions are needed.
-        return self.k[layer][self._rows, :, :self._read_len], self.v[layer][self._rows, :, :self._read_len]
-
-    def advance(self, n: int) -> None:
-        for i in range(self._rows.start, self._rows.stop):
-            self.lengths[i] += n
-
-    def move(self, src: int, dst: int) -> None:
-        """Copy slot `src` (its filled positions) into slot `dst`, and empty `src`."""
-        n = self.lengths[src]
-        for cache in self.k + self.v:
-            cache[dst, :, :n] = cache[src, :, :n]
-        self.lengths[dst], self.lengths[src] = n, 0
-
-    def free(self, slot: int) -> None:
-        self.lengths[slot] = 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,15 +102,15 @@ class SlotKVCache:
 
 
 @dataclass(eq=False)
-class _Request:
+class _EngineRequest:
+    """One request inside the engine, from add_request until it finishes or is cancelled."""
+
     id: str
     prompt: list[int]
     params: SamplingParams
-    stop_ids: frozenset[int]
     generator: torch.Generator | None
-    text: _TextTracker | None
+    stops: StopChecker  # its stop conditions, its text so far, and how many tokens it has generated
     history: list[int] = field(default_factory=list)  # prompt + generated: what the repetition penalty sees
-    generated: int = 0
     slot: int = -1
     last_token: int = -1  # sampled but not yet fed to the model
 
@@ -207,7 +128,7 @@ class Engine:
         products on a CPU (`byollm.serve.layout`: ~1.4x decode at batch 1 here); the model is then for inference only.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: TextTokenizer | None = None, *, max_batch_size: int = 8,
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer | None = None, *, max_batch_size: int = 8,
                  max_seq_len: int | None = None, max_waiting: int = 64, int8: bool | str = False,
                  transpose_weights: bool = False) -> None:
         config = model.config
@@ -231,15 +152,14 @@ class Engine:
         self.max_batch_size, self.max_seq_len, self.max_waiting = max_batch_size, max_seq_len, max_waiting
         # A vocabulary padded past the tokenizer's (50257 -> 50304) has ids that mean nothing: never sample them.
         self.n_ids = min(config.vocab_size, getattr(tokenizer, "vocab_size", None) or config.vocab_size)
-        self.default_stop_ids = frozenset(() if getattr(tokenizer, "eos_id", None) is None else (tokenizer.eos_id,))
         p = next(model.parameters())
         self.device = p.device
         cache_dtype = p.dtype if p.is_floating_point() else torch.float32
         self.cache = SlotKVCache(config.n_layer, max_batch_size, max_seq_len, config.n_kv_head, config.head_dim,
                                  device=self.device, dtype=cache_dtype)
 
-        self._waiting: deque[_Request] = deque()
-        self._running: list[_Request] = []  # invariant: self._running[i].slot == i
+        self._waiting: deque[_EngineRequest] = deque()
+        self._running: list[_EngineRequest] = []  # invariant: self._running[i].slot == i
         self._ids: set[str] = set()  # ids of waiting and running requests
         self._cancelled: set[str] = set()  # running requests cancelled while a step was in progress
         self._events: list[StepOutput] = []  # "cancelled" events, handed out by the next step()
@@ -273,7 +193,7 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise GenerationError(f"params must be a SamplingParams, got {type(params).__name__}")
         params.validate()
-        if not isinstance(prompt_ids, (list, tuple)) or not all(_is_int(t) for t in prompt_ids):
+        if not isinstance(prompt_ids, (list, tuple)) or not all(is_int(t) for t in prompt_ids):
             raise GenerationError("prompt_ids must be a list of token ids (ints)")
         if not prompt_ids:
             raise GenerationError("the prompt is empty: generation needs at least one token to start from")
@@ -293,13 +213,8 @@ class Engine:
         """Queue a request; return its id. GenerationError if it is invalid, QueueFull if the queue is full."""
         self.check_request(prompt_ids, params)
         params = dataclasses.replace(params)  # our own copy: the caller may change or reuse theirs
-        stop_ids = self.default_stop_ids if params.stop_token_ids is None else frozenset(params.stop_token_ids)
-        generator = None
-        if params.seed is not None and params.temperature > 0:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        text = None
-        if self.tokenizer is not None:
-            text = _TextTracker(self.tokenizer, params.stop_strings, params.skip_special_tokens)
+        generator = seeded_generator(params, self.device)
+        stops = StopChecker(params, self.tokenizer)  # as in generate: the same stop token default, text and cuts
         with self._lock:
             if len(self._waiting) >= self.max_waiting:
                 raise QueueFull(f"the waiting queue is full ({self.max_waiting} requests); retry later")
@@ -307,8 +222,8 @@ class Engine:
             if request_id in self._ids:
                 raise GenerationError(f"request id {request_id!r} is already in use")
             self._ids.add(request_id)
-            self._waiting.append(_Request(request_id, list(prompt_ids), params, stop_ids, generator, text,
-                                          history=list(prompt_ids)))
+            self._waiting.append(_EngineRequest(request_id, list(prompt_ids), params, generator, stops,
+                                                history=list(prompt_ids)))
         return request_id
 
     def cancel(self, request_id: str) -> None:
@@ -352,8 +267,8 @@ class Engine:
                     self._running.append(request)
                     admitted.append(request)
 
-            tokens: list[tuple[_Request, torch.Tensor]] = []  # (request, its logits row)
-            with _inference(self.model):
+            tokens: list[tuple[_EngineRequest, torch.Tensor]] = []  # (request, its logits row)
+            with inference_mode(self.model):
                 for request in admitted:
                     tokens.append((request, self._prefill(request)))
                 if decoding:
@@ -373,7 +288,7 @@ class Engine:
                 self._events = []
             return outputs
 
-    def _prefill(self, request: _Request) -> torch.Tensor:
+    def _prefill(self, request: _EngineRequest) -> torch.Tensor:
         """Run the whole prompt into the request's (empty) slot; return the logits of its last position."""
         ids = torch.tensor([request.prompt], device=self.device)
         self.cache.bind(request.slot, request.slot + 1, ids.size(1))
@@ -381,7 +296,7 @@ class Engine:
         logits = self.model(ids, kv_cache=self.cache, logits_to_keep=1).logits
         return logits[0, -1]
 
-    def _decode(self, batch: list[_Request]) -> torch.Tensor:
+    def _decode(self, batch: list[_EngineRequest]) -> torch.Tensor:
         """Feed each running request its last token (rows 0..n-1 of the cache); return (n, V) logits."""
         n = len(batch)
         ids = torch.tensor([[r.last_token] for r in batch], device=self.device)
@@ -398,7 +313,7 @@ class Engine:
                             logits_to_keep=1).logits
         return logits[:, -1]
 
-    def _sample(self, rows: list[tuple[_Request, torch.Tensor]]) -> list[StepOutput]:
+    def _sample(self, rows: list[tuple[_EngineRequest, torch.Tensor]]) -> list[StepOutput]:
         """Pick each request's next token with its own parameters and decide whether it is finished."""
         if not rows:
             return []
@@ -408,7 +323,7 @@ class Engine:
         outputs = []
         for i, (request, _) in enumerate(rows):
             params = request.params
-            if params.temperature == 0 and params.repetition_penalty == 1.0:
+            if params.greedy and params.repetition_penalty == 1.0:
                 token = argmax[i]
             else:
                 history = torch.tensor([request.history], device=self.device) \
@@ -418,29 +333,18 @@ class Engine:
             outputs.append(self._advance(request, token, logprob))
         return outputs
 
-    def _advance(self, request: _Request, token: int, logprob: float | None) -> StepOutput:
+    def _advance(self, request: _EngineRequest, token: int, logprob: float | None) -> StepOutput:
         """Record the request's new token: its text piece and whether it finishes it (as in generate)."""
-        request.generated += 1
         request.history.append(token)
         request.last_token = token
-        text, reason = "", None
-        if token in request.stop_ids:
-            reason = "stop"  # the stop token itself is not text
-            text = request.text.finish() if request.text else ""
-        else:
-            if request.text:
-                text, hit_stop_string = request.text.add(token)
-                reason = "stop" if hit_stop_string else None
-            if reason is None and request.generated == request.params.max_new_tokens:
-                reason = "length"
-                text += request.text.finish() if request.text else ""
-        return StepOutput(request.id, token, text, reason, len(request.prompt), request.generated, logprob)
+        text, reason = request.stops.add(token)
+        return StepOutput(request.id, token, text, reason, len(request.prompt), request.stops.generated, logprob)
 
     # ---- bookkeeping (called with self._lock held) -----------------------------------------------
-    def _find_running(self, request_id: str) -> _Request:
+    def _find_running(self, request_id: str) -> _EngineRequest:
         return next(r for r in self._running if r.id == request_id)
 
-    def _release(self, request: _Request) -> None:
+    def _release(self, request: _EngineRequest) -> None:
         """Free the request's slot; the last running row moves into it so running rows stay 0..n-1.
         Only called while holding the step lock (the cache is not in use)."""
         last = self._running.pop()
@@ -458,9 +362,10 @@ class Engine:
             self._finish_cancelled(request)
         self._cancelled.clear()
 
-    def _finish_cancelled(self, request: _Request) -> None:
+    def _finish_cancelled(self, request: _EngineRequest) -> None:
         self._ids.discard(request.id)
-        self._events.append(StepOutput(request.id, -1, "", "cancelled", len(request.prompt), request.generated))
+        self._events.append(StepOutput(request.id, -1, "", "cancelled", len(request.prompt),
+                                       request.stops.generated))
 
     # ---- offline use -----------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
@@ -622,4 +527,4 @@ class AsyncEngine:
                 queue.put_nowait(out)
 
 
-__all__ = ["AsyncEngine", "Engine", "QueueFull", "SlotKVCache", "StepOutput"]
+__all__ = ["AsyncEngine", "Engine", "QueueFull", "StepFinishReason", "StepOutput"]

@@ -490,7 +490,7 @@ class _Service:
         from byollm.serve.engine import QueueFull
 
         self.queue_full = QueueFull
-        from byollm.tokenizer.chat import END, has_chat_tokens
+        from byollm.tokenizer.chat_template import END, has_chat_tokens
 
         if has_chat_tokens(tokenizer):
             ids = {tokenizer.special_tokens[END]} | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
@@ -577,7 +577,7 @@ class _Service:
         return fn()
 
     async def prepare_chat(self, req: ChatCompletionRequest, key: str, arrived: float) -> _Job:
-        from byollm.tokenizer.chat import encode_prompt
+        from byollm.tokenizer.chat_template import encode_prompt
 
         self._check_model(req.model)
         if self.chat_stop_ids is None:

@@ -13,7 +13,7 @@ Example:
 from byollm.tokenizer.base import META_FILE, StreamDecoder, Tokenizer, guess_roles, split_on_special, stream_decode
 from byollm.tokenizer.bpe import GPT2_SPLIT_PATTERN, BPETokenizer, bytes_to_unicode
 from byollm.tokenizer.char import CharTokenizer
-from byollm.tokenizer.chat import add_chat_tokens, encode_chat, encode_prompt, has_chat_tokens, render
+from byollm.tokenizer.chat_template import add_chat_tokens, encode_chat, encode_prompt, has_chat_tokens, render
 from byollm.tokenizer.loading import load_tokenizer
 from byollm.tokenizer.train import train_tokenizer
 

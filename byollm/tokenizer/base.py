@@ -136,6 +136,14 @@ class Tokenizer(ABC):
     def save(self, directory: str | Path) -> None:
         """Write the tokenizer to `directory`; load it back with `byollm.tokenizer.load_tokenizer`."""
 
+    @abstractmethod
+    def save_hf(self, directory: str | Path) -> None:
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json for transformers.
+
+        `transformers.AutoTokenizer.from_pretrained(directory)` then gives the same ids as our encode (and our
+        chat template when the tokenizer has the chat tokens). Implemented by `hf_files.write_hf_files`.
+        """
+
     # --- shared behaviour ---------------------------------------------------------------------------------
 
     def encode_batch(self, texts: Iterable[str], *, allowed_special: bool = True) -> list[list[int]]:
@@ -170,30 +178,6 @@ class Tokenizer(ABC):
 
     def _write_meta(self, directory: Path, kind: str) -> None:
         write_json(directory / META_FILE, self._meta(kind))
-
-    def save_hf(self, directory: str | Path) -> None:
-        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json for transformers.
-
-        `transformers.AutoTokenizer.from_pretrained(directory)` then gives the same ids as our encode.
-        """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.to_hf().save(str(directory / "tokenizer.json"))
-        named = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
-        roles = {k: v for k, v in named.items() if v is not None}
-        others = [t for t in self.special_tokens if t not in roles.values()]
-        # Keep what an imported model's config says (e.g. its chat_template), except what we write ourselves.
-        ours = {"tokenizer_class", "auto_map", "added_tokens_decoder", "bos_token", "eos_token", "pad_token"}
-        config = {k: v for k, v in self.hf_config.items() if k not in ours}
-        # PreTrainedTokenizerFast loads tokenizer.json as it is. Without clean_up_tokenization_spaces=False,
-        # transformers' decode would remove spaces before punctuation and differ from ours.
-        config.update({"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **roles})
-        # With byollm's chat tokens, the chat template that renders exactly as byollm.tokenizer.chat does.
-        from byollm.tokenizer.chat import hf_tokenizer_config
-
-        config.update(hf_tokenizer_config(self))
-        write_json(directory / "tokenizer_config.json", config)
-        write_json(directory / "special_tokens_map.json", {**roles, "additional_special_tokens": others})
 
 
 class StreamDecoder:

@@ -33,6 +33,7 @@ from byollm.tokenizer.base import (
     split_on_special,
     write_json,
 )
+from byollm.tokenizer.hf_files import add_special_tokens_to_hf, write_hf_files
 
 if TYPE_CHECKING:  # pragma: no cover
     import tokenizers
@@ -76,6 +77,18 @@ def from_byte_level(s: str) -> bytes | None:
         return bytes(UNICODE_TO_BYTE[c] for c in s)
     except KeyError:
         return None
+
+
+def check_bpe_vocab_size(vocab_size: int, special_tokens: Iterable[str]) -> list[str]:
+    """The checked special tokens (see check_new_special_tokens), after making sure that `vocab_size` has room
+    for the 256 byte tokens and them (both BPE trainers start from that vocabulary)."""
+    special_tokens = check_new_special_tokens(special_tokens)
+    if vocab_size < 256 + len(special_tokens):
+        raise TokenizerError(
+            f"vocab_size {vocab_size} is too small for byte-level BPE: it needs the 256 byte tokens plus "
+            f"{len(special_tokens)} special token(s); use at least {256 + len(special_tokens)}"
+        )
+    return special_tokens
 
 
 def _utf8(text: str) -> bytes:
@@ -166,12 +179,7 @@ class BPETokenizer(Tokenizer):
 
         A pair must occur at least `min_frequency` times to be merged (training stops earlier otherwise).
         """
-        special_tokens = check_new_special_tokens(special_tokens)
-        if vocab_size < 256 + len(special_tokens):
-            raise TokenizerError(
-                f"vocab_size {vocab_size} is too small for byte-level BPE: it needs the 256 byte tokens plus "
-                f"{len(special_tokens)} special token(s); use at least {256 + len(special_tokens)}"
-            )
+        special_tokens = check_bpe_vocab_size(vocab_size, special_tokens)
         if single := [t for t in special_tokens if t in UNICODE_TO_BYTE]:
             raise TokenizerError(f"special tokens {single} are single base symbols; use longer names like '<|x|>'")
         texts = [texts] if isinstance(texts, str) else texts
@@ -339,17 +347,15 @@ class BPETokenizer(Tokenizer):
     # --- files ------------------------------------------------------------------------------------------
 
     def to_hf(self) -> tokenizers.Tokenizer:
-        from tokenizers import AddedToken, decoders, models, pre_tokenizers
         from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
 
         vocab = {self.id_to_token(i): i for i in range(self.vocab_size)}
         merges = [(self.id_to_token(a), self.id_to_token(b)) for a, b in self.merges]
         tok = HFTokenizer(models.BPE(vocab, merges))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = decoders.ByteLevel()
-        specials = sorted(self.special_tokens, key=self.special_tokens.__getitem__)
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-        return tok
+        return add_special_tokens_to_hf(tok, self.special_tokens)
 
     def save(self, directory: str | Path) -> None:
         """Write vocab.json + merges.txt (GPT-2's readable format), our meta file, and the HF files."""
@@ -360,6 +366,10 @@ class BPETokenizer(Tokenizer):
         (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(x + "\n" for x in lines), encoding="utf-8")
         self._write_meta(directory, "bpe")
         self.save_hf(directory)
+
+    def save_hf(self, directory: str | Path) -> None:
+        """tokenizer.json, tokenizer_config.json (with the chat template) and special_tokens_map.json."""
+        write_hf_files(self, directory)
 
     @classmethod
     def load(cls, directory: str | Path, *, default_special_tokens: Sequence[str] = ("<|endoftext|>",)) -> BPETokenizer:

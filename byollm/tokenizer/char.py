@@ -20,6 +20,7 @@ from byollm.tokenizer.base import (
     split_on_special,
     write_json,
 )
+from byollm.tokenizer.hf_files import add_special_tokens_to_hf, write_hf_files
 
 if TYPE_CHECKING:  # pragma: no cover
     import tokenizers
@@ -110,16 +111,14 @@ class CharTokenizer(Tokenizer):
         Like our encode, it refuses unknown characters: its unk token "<unk>" is not in the vocabulary,
         so tokenizers raises an error (unless you made "<unk>" a special token; then that id is used).
         """
-        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+        from tokenizers import Regex, decoders, models, pre_tokenizers
         from tokenizers import Tokenizer as HFTokenizer
 
         vocab = {**self._char_to_id, **self.special_tokens}
         tok = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character
         tok.decoder = decoders.Fuse()  # join the characters back without spaces
-        specials = sorted(self.special_tokens, key=self.special_tokens.__getitem__)
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-        return tok
+        return add_special_tokens_to_hf(tok, self.special_tokens)
 
     def save(self, directory: str | Path) -> None:
         """Write vocab.json (character -> id), our meta file (special tokens) and the HF files."""
@@ -128,6 +127,10 @@ class CharTokenizer(Tokenizer):
         write_json(directory / "vocab.json", self._char_to_id)
         self._write_meta(directory, "char")
         self.save_hf(directory)
+
+    def save_hf(self, directory: str | Path) -> None:
+        """tokenizer.json, tokenizer_config.json (with the chat template) and special_tokens_map.json."""
+        write_hf_files(self, directory)
 
     @classmethod
     def load(cls, directory: str | Path) -> CharTokenizer:

@@ -16,7 +16,8 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from byollm.errors import TokenizerError
 from byollm.tokenizer.base import META_FILE, Tokenizer, check_new_special_tokens, read_json, split_on_special
-from byollm.tokenizer.bpe import from_byte_level
+from byollm.tokenizer.bpe import check_bpe_vocab_size, from_byte_level
+from byollm.tokenizer.hf_files import write_hf_files
 
 
 class FastTokenizer(Tokenizer):
@@ -107,6 +108,10 @@ class FastTokenizer(Tokenizer):
         self.save_hf(directory)
         self._write_meta(directory, "fast")
 
+    def save_hf(self, directory: str | Path) -> None:
+        """tokenizer.json, tokenizer_config.json (with the chat template) and special_tokens_map.json."""
+        write_hf_files(self, directory)
+
     @classmethod
     def load(cls, directory: str | Path) -> FastTokenizer:
         """Load a directory with tokenizer.json: saved by us, or a Hugging Face model's tokenizer files.
@@ -165,12 +170,7 @@ def train_bpe_fast(
     show_progress: bool = False,
 ) -> FastTokenizer:
     """Train byte-level BPE with `tokenizers`; same arguments and same result as BPETokenizer.train."""
-    special_tokens = check_new_special_tokens(special_tokens)
-    if vocab_size < 256 + len(special_tokens):
-        raise TokenizerError(
-            f"vocab_size {vocab_size} is too small for byte-level BPE: it needs the 256 byte tokens plus "
-            f"{len(special_tokens)} special token(s); use at least {256 + len(special_tokens)}"
-        )
+    special_tokens = check_bpe_vocab_size(vocab_size, special_tokens)
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()

@@ -27,8 +27,10 @@ Every recipe does the same seven things, and differs only in the objective and t
             (the starting model's implicit rewards are all exactly 0)
     ORPO    held-out accuracy (mean token log-prob of chosen > rejected) and log odds ratio, before and after
 
-The config is a `TrainConfig` (the loop's fields: batch_size, max_steps, lr, ...) plus `align`
-(`AlignConfig`); `model.*` and `data.*` are pretraining settings and must stay unset here.
+Each recipe's config (`CONFIGS[recipe]`) is the run, loop and AdamW sections plus the batch size, the sample
+settings and `align` with just what that recipe reads (DPO's beta, ORPO's lambda, ...); `AlignTrainConfig`
+holds every recipe's settings for Python callers. The model and its tokenizer come from `align.base`:
+`model.*` and `data.*` are pretraining settings and are refused here.
 """
 
 from __future__ import annotations
@@ -40,12 +42,14 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 
+from byollm.atomic import atomic_write_text
 from byollm.checkpoint import load_checkpoint
+from byollm.config import Section, parse_config
 from byollm.data.instruct import (
     SPLIT_SEED,
     VAL_FRACTION,
@@ -59,27 +63,15 @@ from byollm.data.readers import load_records, split_records
 from byollm.errors import ConfigError, DataError
 from byollm.generate import SamplingParams, generate
 from byollm.model import GPT, RewardModel, resize_token_embeddings
-from byollm.model.config import ModelChoice
 from byollm.tokenizer import Tokenizer
-from byollm.tokenizer.chat import add_chat_tokens, encode_prompt, end_id, has_chat_tokens
+from byollm.tokenizer.chat_template import add_chat_tokens, encode_prompt, end_id, has_chat_tokens
 from byollm.train import distributed
-from byollm.train.config import DataConfig, TrainConfig, _from_dict
-from byollm.train.loop import Trainer, evaluate, seed_everything
-from byollm.train.objectives import (
-    DPO,
-    ORPO,
-    SFT,
-    ExampleSource,
-    RewardBT,
-    collate_preference,
-    collate_sft,
-    evaluate_pairs,
-    example_batches,
-    precompute_reference_logprobs,
-)
-from byollm.train.optim import build_optimizer, build_scheduler, lr_at
-from byollm.train.pretrain import _duration, _printer, find_resume_checkpoint, resolve_dtype
-from byollm.train.run import Run, load_train_state, run_meta
+from byollm.train import distributed
+from byollm.train.examples import ExampleSource, collate_preference, collate_sft, example_batches
+from byollm.train.loop import LoopConfig, Trainer, evaluate
+from byollm.train.objectives import DPO, ORPO, SFT, RewardBT, evaluate_pairs, precompute_reference_logprobs
+from byollm.train.optim import OptimConfig, build_training_optimizer
+from byollm.train.run import RunConfig, format_duration, launch, load_train_state, run_meta, start_run
 
 RECIPES = ("sft", "reward", "dpo", "orpo")
 
@@ -93,26 +85,29 @@ SAMPLE_PROMPTS = [
 
 
 @dataclass
-class AlignConfig:
-    """What an alignment run starts from and trains on (the loop's settings are the TrainConfig fields)."""
+class AlignData(Section):
+    """What an alignment run starts from and trains on (the `align.*` keys every recipe reads)."""
 
-    base: str | None = None  # CKPT to start from: a checkpoint, a run folder (its latest) or a Hugging Face dir
-    dataset: str = "alpaca"  # a registry name (alpaca, hh-rlhf) or a local .json / .jsonl file
-    val_fraction: float = VAL_FRACTION  # records held out (split by record, before tokenising)
+    base: str | None = None
+    """CKPT to start from (required): a checkpoint, a run folder (its latest) or a Hugging Face directory"""
+    dataset: str = "alpaca"
+    """a registry name (alpaca, hh-rlhf) or a local .json / .jsonl file of records"""
+    val_fraction: float = VAL_FRACTION
+    """share of records held out for evaluation (split by record, before tokenising)"""
     split_seed: int = SPLIT_SEED
-    max_train: int | None = None  # use only the first N training records (None: all)
-    max_val: int | None = None  # evaluate on only the first N held-out records (None: all)
-    max_len: int = 256  # tokens per example (prompt + reply); longer: counted skip (pairs: prompt cut first)
-    min_prompt_len: int | None = None  # pairs: the least prompt tokens to keep when cutting (None: max_len // 4)
-    strict: bool = False  # every skipped record is an error instead of a counted skip
-    beta: float = 0.1  # DPO's beta (strength of the KL constraint)
-    orpo_lambda: float = 0.1  # ORPO's weight of the odds-ratio term
-    reference: str | None = None  # DPO's reference CKPT; None: the base (the usual choice: the SFT model)
+    """seed of the train / held-out split (fixed, so every recipe holds out the same records)"""
+    max_train: int | None = None
+    """use only the first N training records (default: all)"""
+    max_val: int | None = None
+    """evaluate on only the first N held-out records (default: all)"""
+    max_len: int = 256
+    """tokens per example (prompt + reply); longer ones are skipped and counted (pairs: prompt cut first)"""
+    strict: bool = False
+    """make every skipped record an error instead of a counted skip"""
     eval_batch_size: int = 16
-    sample_prompts: list[str] = field(default_factory=lambda: list(SAMPLE_PROMPTS))
-    sample_temperature: float = 0.0  # 0: greedy
+    """examples per batch in held-out evaluations"""
 
-    def validate(self) -> None:
+    def check(self) -> None:
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"align.val_fraction must be in (0, 1), got {self.val_fraction}")
         for name in ("max_len", "eval_batch_size"):
@@ -121,50 +116,140 @@ class AlignConfig:
         for name in ("max_train", "max_val"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"align.{name} must be at least 1 (or null for all), got {getattr(self, name)}")
-        if self.beta <= 0 or self.orpo_lambda < 0 or self.sample_temperature < 0:
-            raise ConfigError(f"need align.beta > 0, align.orpo_lambda >= 0 and align.sample_temperature >= 0, got "
-                              f"{self.beta}, {self.orpo_lambda}, {self.sample_temperature}")
 
 
 @dataclass
-class AlignTrainConfig(TrainConfig):
-    """One alignment run: the loop's fields of TrainConfig plus `align`. model.* and data.* stay unset (the
-    model and its tokenizer come from align.base, the examples from align.dataset)."""
+class PairData(AlignData):
+    """Preference pairs (reward, dpo, orpo): how a too-long prompt is cut."""
+
+    min_prompt_len: int | None = None
+    """the fewest prompt tokens to keep when cutting a prompt from the left (default: max_len // 4)"""
+
+
+@dataclass
+class Samples(Section):
+    """Answers to a fixed prompt set (sft, dpo, orpo), in samples.txt and the result."""
+
+    sample_prompts: list[str] = field(default_factory=lambda: list(SAMPLE_PROMPTS))
+    """prompts answered into samples.txt during and after training"""
+    sample_temperature: float = 0.0
+    """sampling temperature of those answers (0: greedy)"""
+
+    def check(self) -> None:
+        if self.sample_temperature < 0:
+            raise ConfigError(f"align.sample_temperature must be >= 0, got {self.sample_temperature}")
+
+
+@dataclass
+class SFTSettings(AlignData, Samples):
+    """`align.*` of sft (and finetune)."""
+
+
+@dataclass
+class DPOSettings(PairData, Samples):
+    """`align.*` of dpo."""
+
+    beta: float = 0.1
+    """DPO's beta: the strength of the implicit KL constraint to the reference"""
+    reference: str | None = None
+    """the reference CKPT; default: the base (the usual choice: the SFT model)"""
+
+    def check(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"align.beta must be > 0, got {self.beta}")
+
+
+@dataclass
+class ORPOSettings(PairData, Samples):
+    """`align.*` of orpo."""
+
+    orpo_lambda: float = 0.1
+    """weight of the odds-ratio term added to the SFT loss"""
+
+    def check(self) -> None:
+        if self.orpo_lambda < 0:
+            raise ConfigError(f"align.orpo_lambda must be >= 0, got {self.orpo_lambda}")
+
+
+@dataclass
+class AlignConfig(DPOSettings, ORPOSettings):
+    """Every recipe's `align.*` settings in one (the Python API's AlignTrainConfig; each recipe reads its own)."""
+
+
+NOT_HERE = "alignment recipes take the model and tokenizer from align.base and the data from align.dataset; " \
+           "remove the model.* / data.* settings"
+
+
+@dataclass
+class RewardTrainConfig(RunConfig, LoopConfig, OptimConfig):
+    """A reward-model run: the run, loop and AdamW sections, the batch, and `align` (base, pairs, split)."""
+
+    REFUSED: ClassVar[dict[str, str]] = {
+        "model": NOT_HERE, "data": NOT_HERE,
+        "optimizer": "alignment recipes use AdamW (optimizer: adamw); Muon is for pretraining here"}
+
+    batch_size: int = 12
+    """examples per micro-batch, per process"""
+    align: PairData = field(default_factory=PairData)
+    """the starting model, the preference data and the held-out split"""
+
+    def check(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class SFTTrainConfig(RewardTrainConfig):
+    """An SFT run: as a reward run, with conversations, plus answers to align.sample_prompts."""
+
+    sample_interval: int = 0
+    """answer align.sample_prompts into samples.txt every N steps (and at the last one); 0: only at the end"""
+    sample_tokens: int = 200
+    """tokens per answer"""
+    align: SFTSettings = field(default_factory=SFTSettings)
+    """the starting model, the conversations, the held-out split and the sample prompts"""
+
+    def check(self) -> None:
+        if self.sample_tokens < 1:
+            raise ConfigError(f"sample_tokens must be at least 1, got {self.sample_tokens}")
+        if self.sample_interval < 0:
+            raise ConfigError(f"sample_interval must be >= 0, got {self.sample_interval}")
+
+
+@dataclass
+class DPOTrainConfig(SFTTrainConfig):
+    """A DPO run: SFTTrainConfig with preference pairs, beta and the reference."""
+
+    align: DPOSettings = field(default_factory=DPOSettings)
+    """the starting model (also the default reference), the pairs, beta"""
+
+
+@dataclass
+class ORPOTrainConfig(SFTTrainConfig):
+    """An ORPO run: SFTTrainConfig with preference pairs and orpo_lambda."""
+
+    align: ORPOSettings = field(default_factory=ORPOSettings)
+    """the starting model, the pairs, orpo_lambda"""
+
+
+@dataclass
+class AlignTrainConfig(SFTTrainConfig):
+    """Any alignment recipe's config (Python callers): every recipe's align settings."""
 
     align: AlignConfig = field(default_factory=AlignConfig)
+    """the starting model, the data and every recipe's settings"""
 
-    def validate(self) -> None:
-        super().validate()
-        if self.model != ModelChoice() or self.data != DataConfig():
-            raise ConfigError("alignment recipes take the model and tokenizer from align.base and the data from "
-                              "align.dataset; remove the model.* / data.* settings")
-        if self.optimizer != "adamw":
-            raise ConfigError("alignment recipes use AdamW (optimizer: adamw); Muon is for pretraining here")
-        self.align.validate()
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> AlignTrainConfig:
-        return _from_dict(cls, d, "")
+# What `byollm sft|reward|dpo|orpo` parse: each recipe's config lists only what that recipe reads.
+CONFIGS: dict[str, type[RewardTrainConfig]] = {"sft": SFTTrainConfig, "reward": RewardTrainConfig,
+                                               "dpo": DPOTrainConfig, "orpo": ORPOTrainConfig}
 
 
 def load_align_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                      cls: type[AlignTrainConfig] = AlignTrainConfig) -> AlignTrainConfig:
-    """An AlignTrainConfig (or a subclass: `cls`, e.g. FinetuneTrainConfig) from a YAML recipe (configs/*-cpu.yaml)
-    and dotted overrides ({"align.beta": 0.2})."""
-    import yaml
-
-    d: dict[str, Any] = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        d = yaml.safe_load(Path(path).read_text()) or {}
-    for dotted, value in (overrides or {}).items():
-        *parents, leaf = dotted.split(".")
-        node = d
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return cls.from_dict(d)
+                      cls: type[RewardTrainConfig] = AlignTrainConfig) -> Any:
+    """An AlignTrainConfig (or one recipe's: `cls`, e.g. DPOTrainConfig, FinetuneTrainConfig) from a YAML
+    recipe (configs/*-cpu.yaml) and dotted overrides ({"align.beta": 0.2})."""
+    return parse_config(cls, path, overrides)
 
 
 @dataclass
@@ -198,42 +283,42 @@ class AlignResult:
 # --------------------------------------------------------------------------------------------------
 
 
-def sft(cfg: AlignTrainConfig, *, progress: bool = True) -> AlignResult:
+def sft(cfg: SFTTrainConfig, *, progress: bool = True) -> AlignResult:
     """Supervised fine-tuning on conversations: the loss on assistant tokens only."""
     return align(cfg, "sft", progress=progress)
 
 
-def reward(cfg: AlignTrainConfig, *, progress: bool = True) -> AlignResult:
+def reward(cfg: RewardTrainConfig, *, progress: bool = True) -> AlignResult:
     """A reward model (scalar head on the base) trained with the Bradley-Terry loss on preference pairs."""
     return align(cfg, "reward", progress=progress)
 
 
-def dpo(cfg: AlignTrainConfig, *, progress: bool = True) -> AlignResult:
+def dpo(cfg: DPOTrainConfig, *, progress: bool = True) -> AlignResult:
     """Direct Preference Optimisation against a frozen reference (the base, normally the SFT model)."""
     return align(cfg, "dpo", progress=progress)
 
 
-def orpo(cfg: AlignTrainConfig, *, progress: bool = True) -> AlignResult:
+def orpo(cfg: ORPOTrainConfig, *, progress: bool = True) -> AlignResult:
     """ORPO: SFT on the chosen replies plus an odds-ratio preference term; no reference model."""
     return align(cfg, "orpo", progress=progress)
 
 
-def align(cfg: AlignTrainConfig, recipe: str, *, progress: bool = True,
+def align(cfg: RewardTrainConfig, recipe: str, *, progress: bool = True,
           hooks: ModelHooks | None = None) -> AlignResult:
+    """Run one recipe (sft, reward, dpo, orpo) on its config: CONFIGS[recipe], or AlignTrainConfig."""
     hooks = hooks or ModelHooks()
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}; one of {', '.join(RECIPES)}")
-    cfg.validate()
+    if not isinstance(cfg, CONFIGS[recipe]) and not isinstance(cfg, AlignTrainConfig):
+        raise ConfigError(f"{recipe} takes a {CONFIGS[recipe].__name__}, got a {type(cfg).__name__}")
     a = cfg.align
     if a.base is None:
         raise ConfigError(f"{recipe} needs a model to start from: --align.base CKPT (a checkpoint, run folder or "
                           "Hugging Face directory)")
-    dist = distributed.setup(cfg.device)
-    device = dist.device
-    say = _printer(dist.is_main and progress)
-    autocast_dtype = resolve_dtype(cfg.dtype, device)
     t_start = time.perf_counter()
-    try:
+    with launch(cfg) as where:
+        dist, device, autocast_dtype = where.dist, where.device, where.autocast_dtype
+        say = where.printer(progress)
         # 1-2. The starting model, with the chat tokens in its tokenizer and rows for them in its embedding.
         loaded = (hooks.load or load_checkpoint)(a.base, device=device)
         label = hooks.label or recipe
@@ -259,15 +344,8 @@ def align(cfg: AlignTrainConfig, recipe: str, *, progress: bool = True,
         # The run folder (new, or the one to resume).
         if cfg.resume and hooks.save is not None:
             raise ConfigError(f"{label} runs save adapters, not resumable checkpoints; start a new run (no resume)")
-        if cfg.resume and cfg.name is None:
-            raise ConfigError("resume needs the run's --name (the folder under out_dir to continue)")
-        name = distributed.broadcast_object(cfg.name or f"{label}-{time.strftime('%Y%m%d-%H%M%S')}", dist)
-        cfg = dataclasses.replace(cfg, name=name)
-        run = Run(Path(cfg.out_dir) / name, enabled=dist.is_main, tensorboard=cfg.tensorboard)
-        resume_from = find_resume_checkpoint(run, cfg.resume)
-        run.remove_partial_checkpoints()
-        run.write_config(cfg.to_yaml())
-        seed_everything(cfg.seed)
+        cfg, run, resume_from = start_run(cfg, where, label)
+        name = cfg.name
 
         # The model the objective trains, and the objective.
         pad_id = tok.pad_id if tok.pad_id is not None else 0
@@ -280,7 +358,7 @@ def align(cfg: AlignTrainConfig, recipe: str, *, progress: bool = True,
             objective, collate = SFT(), partial(collate_sft, pad_id=pad_id, max_length=max_len)
         else:
             collate = partial(collate_preference, pad_id=pad_id, max_length=max_len)
-            objective = {"reward": RewardBT(), "orpo": ORPO(a.orpo_lambda), "dpo": DPO(a.beta)}[recipe]
+            objective = RewardBT() if recipe == "reward" else ORPO(a.orpo_lambda) if recipe == "orpo" else DPO(a.beta)
         if recipe == "dpo":  # the frozen reference's log-probs, once per example (then it leaves memory)
             reference = gpt if a.reference is None else prepare_chat_model(
                 load_checkpoint(a.reference, device=device).model, tok, say)
@@ -308,12 +386,7 @@ def align(cfg: AlignTrainConfig, recipe: str, *, progress: bool = True,
         # 5. Train with the one loop.
         source = ExampleSource(train, cfg.batch_size, collate, seed=cfg.seed, rank=dist.rank,
                                world_size=dist.world_size)
-        optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.decay_embeddings, device.type)
-        decay_steps = cfg.lr_decay_steps or cfg.max_steps
-        scheduler = build_scheduler(optimizer, lambda step: lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr,
-                                                                  warmup_steps=cfg.warmup_steps,
-                                                                  decay_steps=decay_steps, schedule=cfg.schedule),
-                                    cfg.lr)
+        optimizer, scheduler = build_training_optimizer(model, cfg, cfg.max_steps, device.type)
         samples: list[str] = []
 
         def sample(m: nn.Module) -> str:
@@ -321,9 +394,11 @@ def align(cfg: AlignTrainConfig, recipe: str, *, progress: bool = True,
             return "\n---\n".join(f"{p}\n=> {s}" for p, s in zip(a.sample_prompts, samples, strict=True))
 
         meta = {"run": name, "recipe": label, "base": str(loaded.path), "dataset": a.dataset}
+        answers = recipe != "reward" and bool(a.sample_prompts)
         trainer = Trainer(model, objective, source, optimizer, scheduler, cfg, device=device, dist=dist,
                           autocast_dtype=autocast_dtype, run=run, tokenizer=tok, eval_data=val_batches,
-                          sample=None if recipe == "reward" or not a.sample_prompts else sample,
+                          sample=sample if answers else None,
+                          sample_interval=cfg.sample_interval if answers else 0, compile=cfg.compile, seed=cfg.seed,
                           checkpoint_meta=meta, progress=progress, checkpoints=hooks.save is None)
         if resume_from is not None:
             trainer.load_state_dict(load_train_state(resume_from))
@@ -352,23 +427,21 @@ def align(cfg: AlignTrainConfig, recipe: str, *, progress: bool = True,
                              {"train": str(train_report), "val": str(val_report)}, list(samples),
                              time.perf_counter() - t_start)
         if dist.is_main and run.enabled:
-            (run.path / "held_out.json").write_text(json.dumps(
+            prompts = a.sample_prompts if answers else []
+            atomic_write_text(run.path / "held_out.json", json.dumps(
                 {"recipe": recipe, "steps": trainer.step, "before": before, "after": after, "data": result.data,
-                 "samples": dict(zip(a.sample_prompts, samples, strict=False))}, indent=2) + "\n")
+                 "samples": dict(zip(prompts, samples, strict=False))}, indent=2) + "\n")
 
         # 7. Summary.
-        say(f"[byollm] {label}: {trainer.step} steps in {_duration(seconds)}")
+        say(f"[byollm] {label}: {trainer.step} steps in {format_duration(seconds)}")
         say(f"[byollm] held-out {'before ' + _fmt(before) + ' -> ' if before else ''}after {_fmt(after)}")
-        for p, s in zip(a.sample_prompts[:2], samples, strict=False):
+        for p, s in zip(a.sample_prompts[:2] if answers else [], samples, strict=False):
             say(f"[byollm] sample: {p!r} => {s[:120]!r}")
         files = ["config.yaml", "meta.json", "metrics.jsonl", "held_out.json", "plots/loss.png", "samples.txt"]
         say(f"[byollm] wrote {run.path}/: {', '.join(f for f in files if (run.path / f).exists())}")
         if checkpoint is not None:
             say(f"[byollm] checkpoint{' (reward model)' if recipe == 'reward' else ''}: {checkpoint}")
         return result
-    finally:
-        if dist.enabled:
-            distributed.teardown()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -518,6 +591,8 @@ def _fmt(metrics: dict[str, float]) -> str:
                      for k, v in metrics.items())
 
 
-__all__ = ["RECIPES", "SAMPLE_PROMPTS", "AlignConfig", "AlignResult", "AlignTrainConfig", "ModelHooks", "align",
+__all__ = ["CONFIGS", "RECIPES", "SAMPLE_PROMPTS", "AlignConfig", "AlignData", "AlignResult", "AlignTrainConfig",
+           "DPOSettings", "DPOTrainConfig", "ModelHooks", "ORPOSettings", "ORPOTrainConfig", "PairData",
+           "RewardTrainConfig", "SFTSettings", "SFTTrainConfig", "Samples", "align",
            "answer_prompts", "build_examples", "dpo", "held_out_metrics", "load_align_config", "orpo", "ppo_chat",
            "prepare_chat_model", "prompt_ids", "ranking_accuracy", "reward", "sft"]

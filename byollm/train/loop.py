@@ -29,6 +29,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -36,9 +37,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from byollm.errors import ByollmError
+from byollm.config import Section
+from byollm.errors import ByollmError, ConfigError
+from byollm.tokenizer import Tokenizer
 from byollm.train.distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier, gather_objects
-from byollm.train.run import Run
+from byollm.train.run import Run, seed_everything
 
 # --------------------------------------------------------------------------------------------------
 # What plugs into the loop
@@ -127,12 +130,6 @@ def _tuples(x: Any) -> Any:
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 # --------------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------------
@@ -169,35 +166,75 @@ def evaluate(model: nn.Module, objective: Objective, batches: Iterable[Any], *, 
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class LoopConfig(Section):
+    """How long the loop runs and how often it reports: the section of a recipe's config the Trainer reads.
+    A step is one optimizer update on grad_accum micro-batches."""
+
+    max_steps: int = 2000
+    """optimizer steps to train for"""
+    grad_accum: int = 1
+    """micro-batches per optimizer step (gradient accumulation)"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this; 0: no clipping"""
+    log_interval: int = 10
+    """write a train event (loss, lr, tokens/s) to metrics.jsonl every N steps"""
+    eval_interval: int = 250
+    """evaluate every N steps (and at the last one); 0: only at the end"""
+    checkpoint_interval: int = 1000
+    """save a resumable checkpoint every N steps (and at the last one); 0: only at the end"""
+    keep_last: int = 2
+    """checkpoints kept on disk (older ones are deleted)"""
+
+    def check(self) -> None:
+        for name in ("max_steps", "grad_accum", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("log_interval", "eval_interval", "checkpoint_interval", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
 class Trainer:
     """Runs the loop for a model, an objective and a batch source; saves and restores its whole state.
 
-    model: the plain module (its weights are what checkpoints hold); the Trainer compiles it and wraps it in
-        DistributedDataParallel itself when asked.
-    config: anything with the loop's fields (max_steps, grad_accum, grad_clip, log_interval, eval_interval,
-        sample_interval, checkpoint_interval, keep_last, compile, seed), normally a TrainConfig.
-    eval_data: returns a fresh iterable of this rank's validation batches; eval_extras turns the mean
-        val loss into more metrics (perplexity, bits per byte).
-    sample: model -> generated text (rank 0 only), appended to samples.txt.
+    model: the plain module (its weights are what checkpoints hold); the Trainer compiles it (`compile`) and
+        wraps it in DistributedDataParallel itself when asked.
+    loop: the loop's settings (a LoopConfig, normally the recipe's config, which is one).
+    Evaluation, every loop.eval_interval steps and at the last: either `eval_data` (returns a fresh iterable of
+        this rank's validation batches; the objective's mean loss over them, and `eval_extras(loss)` turns it
+        into more metrics such as perplexity), or `evaluate(model) -> metrics`, any held-out measurement (PPO's
+        reward and KL on held-out prompts). Each is logged as an `eval_event` with keys `eval_prefix` + name.
+    sample: model -> generated text (rank 0 only), every `sample_interval` steps, appended to samples.txt.
+    stop_at_val_loss: stop early once an evaluation's loss reaches it.
+    seed: re-seeds the generators on a resume with another number of ranks.
     flops_per_token / peak_flops: for MFU (omitted when either is unknown).
     checkpoint_meta: written into each checkpoint's meta.json (for example the run's name and data).
     """
 
     def __init__(self, model: nn.Module, objective: Objective, train_data: BatchSource,
                  optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-                 config: Any, *, device: torch.device, dist: DistInfo | None = None,
-                 autocast_dtype: torch.dtype | None = None, run: Run | None = None, tokenizer: Any = None,
+                 loop: LoopConfig, *, device: torch.device, dist: DistInfo | None = None,
+                 autocast_dtype: torch.dtype | None = None, run: Run | None = None, tokenizer: Tokenizer | None = None,
                  eval_data: Callable[[], Iterable[Any]] | None = None,
                  eval_extras: Callable[[float], dict[str, float]] | None = None,
-                 sample: Callable[[nn.Module], str] | None = None, flops_per_token: float | None = None,
-                 peak_flops: float | None = None, checkpoint_meta: dict[str, Any] | None = None,
-                 checkpoints: bool = True,
+                 evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+                 eval_event: str = "eval", eval_prefix: str = "val_",
+                 sample: Callable[[nn.Module], str] | None = None, sample_interval: int = 0,
+                 stop_at_val_loss: float | None = None, compile: bool = False, seed: int = 0,
+                 flops_per_token: float | None = None, peak_flops: float | None = None,
+                 checkpoint_meta: dict[str, Any] | None = None, checkpoints: bool = True,
                  progress: bool = True) -> None:
+        if eval_data is not None and evaluate is not None:
+            raise ValueError("give the Trainer eval_data (a loss on held-out batches) or evaluate, not both")
         self.model, self.objective, self.train_data = model, objective, train_data
-        self.optimizer, self.scheduler, self.config = optimizer, scheduler, config
+        self.optimizer, self.scheduler, self.config = optimizer, scheduler, loop
         self.device, self.dist = device, dist or DistInfo(device=device)
         self.autocast_dtype, self.run, self.tokenizer = autocast_dtype, run, tokenizer
-        self.eval_data, self.eval_extras, self.sample = eval_data, eval_extras, sample
+        self.eval_data, self.eval_extras, self.evaluate_fn = eval_data, eval_extras, evaluate
+        self.eval_event, self.eval_prefix = eval_event, eval_prefix
+        self.sample, self.sample_interval, self.stop_at_val_loss = sample, sample_interval, stop_at_val_loss
+        self.seed = seed
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.checkpoint_meta = checkpoint_meta or {}
         self.checkpoints = checkpoints  # False: the caller saves the result itself (adapters), no checkpoints
@@ -205,18 +242,23 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.tokens_seen = 0  # training tokens over all ranks
         self.last_eval: dict[str, float] = {}
+        self.last_eval_step: int | None = None
         self.last_sample: str | None = None
         self.last_checkpoint = None
         self._bar: tqdm | None = None
         self._timed = [0, 0.0]  # training tokens and seconds in this process, evaluation excluded
 
         # What forward/backward runs through: compiled (optional), then wrapped for data parallelism.
-        self.train_model: nn.Module = torch.compile(model) if config.compile else model
+        self.train_model: nn.Module = torch.compile(model) if compile else model
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.dist.local_rank] if device.type == "cuda" else None
             self.train_model = DDP(self.train_model, device_ids=ids)
+
+    @property
+    def evaluates(self) -> bool:
+        return self.eval_data is not None or self.evaluate_fn is not None
 
     # ---- one optimizer step -----------------------------------------------------------------------
     def forward_backward(self) -> tuple[torch.Tensor, dict[str, float], int]:
@@ -262,7 +304,7 @@ class Trainer:
         self._bar = bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                                mininterval=0.1 if sys.stderr.isatty() else 30.0,
                                disable=not (self.progress and self.dist.is_main))
-        if self.step == 0 and cfg.eval_interval and self.eval_data is not None:
+        if self.step == 0 and cfg.eval_interval and self.evaluates and self.last_eval_step != 0:
             self.run_eval()  # the loss before any training: about ln(vocab_size) for a fresh model
         window_tokens, window_time = 0, 0.0
         try:
@@ -281,17 +323,17 @@ class Trainer:
                 if log:
                     self._log_train(loss, metrics, opt, window_tokens, window_time)
                     window_tokens, window_time = 0, 0.0
-                if self.eval_data is not None and _due(self.step, cfg.eval_interval, last):
+                if self.evaluates and _due(self.step, cfg.eval_interval, last):
                     self.run_eval()
-                    target = getattr(cfg, "stop_at_val_loss", None)
-                    if target is not None and self.last_eval["loss"] <= target and not last:
+                    target = self.stop_at_val_loss
+                    if target is not None and self.last_eval.get("loss", math.inf) <= target and not last:
                         self._print(f"val loss {self.last_eval['loss']:.4f} <= stop_at_val_loss={target}: "
                                     f"stopping at step {self.step}")
                         if self.sample is not None:
                             self.run_sample()
                         self.save_checkpoint()
                         break
-                if self.sample is not None and _due(self.step, cfg.sample_interval, last):
+                if self.sample is not None and _due(self.step, self.sample_interval, last):
                     self.run_sample()
                 if _due(self.step, cfg.checkpoint_interval, last):
                     self.save_checkpoint()
@@ -325,14 +367,19 @@ class Trainer:
         return self._timed[0] / self._timed[1] if self._timed[1] > 0 else 0.0
 
     def run_eval(self) -> dict[str, float]:
-        result = evaluate(self.model, self.objective, self.eval_data(), device=self.device,
-                          autocast_dtype=self.autocast_dtype, dist=self.dist)
-        loss = result["loss"]
-        result = {"loss": loss, **(self.eval_extras(loss) if self.eval_extras else {})}
-        self.last_eval = result
-        self._log({"event": "eval", "step": self.step, "train_seconds": self._timed[1],
-                   **{f"val_{k}": v for k, v in result.items()}})
-        self._print(f"step {self.step}: " + ", ".join(f"val {k} {v:.4f}" for k, v in result.items()))
+        """One evaluation now (see the class docstring), logged, printed and plotted; returns its metrics."""
+        if self.evaluate_fn is not None:
+            result = self.evaluate_fn(self.model)
+        else:
+            loss = evaluate(self.model, self.objective, self.eval_data(), device=self.device,
+                            autocast_dtype=self.autocast_dtype, dist=self.dist)["loss"]
+            result = {"loss": loss, **(self.eval_extras(loss) if self.eval_extras else {})}
+        self.last_eval, self.last_eval_step = result, self.step
+        if result:
+            self._log({"event": self.eval_event, "step": self.step, "train_seconds": self._timed[1],
+                       **{f"{self.eval_prefix}{k}": v for k, v in result.items()}})
+            self._print(f"step {self.step}: " + ", ".join(f"{self.eval_prefix.rstrip('_')} {k} {v:.4f}"
+                                                         for k, v in result.items()))
         if self.run is not None:
             self.run.plot()
         return result
@@ -365,7 +412,7 @@ class Trainer:
         if len(rngs) == self.dist.world_size:
             set_rng_state(rngs[self.dist.rank])
         else:  # a different number of ranks: continue deterministically, but not bit-identically
-            seed_everything(self.config.seed + 1000 * self.step + self.dist.rank)
+            seed_everything(self.seed + 1000 * self.step + self.dist.rank)
 
     def save_checkpoint(self) -> None:
         if not self.checkpoints:
@@ -394,5 +441,5 @@ def _due(step: int, interval: int, last: bool) -> bool:
     return last or (interval > 0 and step % interval == 0)
 
 
-__all__ = ["BatchSource", "CausalLM", "Objective", "Trainer", "TrainingError", "autocast_context", "evaluate",
+__all__ = ["BatchSource", "CausalLM", "LoopConfig", "Objective", "Trainer", "TrainingError", "autocast_context", "evaluate",
            "rng_state", "seed_everything", "set_rng_state", "to_device"]

@@ -18,9 +18,68 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
+
+from byollm.config import Section
+from byollm.errors import ConfigError
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class OptimConfig(Section):
+    """AdamW and its learning-rate schedule: the section of a recipe's config `build_training_optimizer` reads."""
+
+    lr: float = 1e-3
+    """peak learning rate (reached after warmup_steps)"""
+    min_lr: float = 1e-4
+    """learning rate at the end of the decay"""
+    warmup_steps: int = 100
+    """linear warmup from ~0 to lr over this many steps"""
+    lr_decay_steps: int | None = None
+    """the step at which the decay reaches min_lr; default: max_steps"""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """decay shape after warmup (constant: stay at lr)"""
+    weight_decay: float = 0.1
+    """AdamW weight decay, on matrices only (not on norms or biases)"""
+    decay_embeddings: bool = True
+    """decay the embedding tables too, as GPT-2/nanoGPT do (a tied one is also the LM head)"""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW's beta1, beta2"""
+
+    def check(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]  (YAML and JSON give lists)
+        for name in ("warmup_steps", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr_decay_steps is not None and self.lr_decay_steps < 0:
+            raise ConfigError(f"lr_decay_steps must be >= 0 (or null for max_steps), got {self.lr_decay_steps}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr} and lr={self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+
+
+@dataclass
+class MuonOptimConfig(OptimConfig):
+    """OptimConfig plus the choice of Muon for the blocks' hidden matrices (pretraining)."""
+
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """muon: Muon for the blocks' matrices, AdamW (lr) for embeddings, head, norms and biases"""
+    muon_lr: float = 0.02
+    """Muon's peak learning rate (the schedule scales it like lr)"""
+    muon_momentum: float = 0.95
+    """Muon's momentum"""
+
+    def check(self) -> None:
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"optimizer={self.optimizer!r} is not one of adamw, muon")
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = True) -> list[dict]:
@@ -175,5 +234,23 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: Callable[[int], 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step) / base_lr if base_lr else 0.0)
 
 
-__all__ = ["Muon", "build_muon", "build_optimizer", "build_scheduler", "is_hidden_matrix", "lr_at", "newton_schulz",
+def build_training_optimizer(model: nn.Module, cfg: OptimConfig, max_steps: int, device_type: str = "cpu"
+                             ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimizer (AdamW, or Muon + AdamW when cfg chooses it) over the trainable parameters and its
+    schedule: warmup to cfg.lr, then decay to cfg.min_lr at lr_decay_steps (default: max_steps)."""
+    if isinstance(cfg, MuonOptimConfig) and cfg.optimizer == "muon":
+        optimizer: torch.optim.Optimizer = build_muon(model, cfg.lr, cfg.muon_lr, cfg.weight_decay, cfg.betas,
+                                                      cfg.muon_momentum, cfg.decay_embeddings)
+    else:
+        optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.decay_embeddings, device_type)
+    decay_steps = cfg.lr_decay_steps or max_steps
+
+    def schedule(step: int) -> float:
+        return lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, decay_steps=decay_steps,
+                     schedule=cfg.schedule)
+
+    return optimizer, build_scheduler(optimizer, schedule, cfg.lr)
+
+
+__all__ = ["MuonOptimConfig", "OptimConfig", "build_training_optimizer", "Muon", "build_muon", "build_optimizer", "build_scheduler", "is_hidden_matrix", "lr_at", "newton_schulz",
            "param_groups"]

@@ -42,10 +42,19 @@ from byollm.model import GPT, ModelConfig
 from byollm.model.config import model_choice_of, model_config_from
 from byollm.train import distributed
 from byollm.train.config import DataConfig, TrainConfig, load_config
-from byollm.train.loop import CausalLM, Trainer, evaluate, seed_everything
-from byollm.train.optim import build_muon, build_optimizer, build_scheduler, lr_at
+from byollm.train.loop import CausalLM, Trainer, evaluate
+from byollm.train.optim import build_training_optimizer
 from byollm.train.perf import peak_flops
-from byollm.train.run import Run, load_train_state, run_meta
+from byollm.train.run import (
+    Where,
+    format_duration,
+    launch,
+    load_train_state,
+    resolve_dtype,
+    run_meta,
+    seed_everything,
+    start_run,
+)
 
 
 @dataclass
@@ -60,21 +69,13 @@ class PretrainResult:
 
 
 def pretrain(cfg: TrainConfig, *, progress: bool = True) -> PretrainResult:
-    dist = distributed.setup(cfg.device)
-    try:
-        return _pretrain(cfg, dist, progress)
-    finally:
-        if dist.enabled:
-            distributed.teardown()
+    with launch(cfg) as where:
+        return _pretrain(cfg, where, progress)
 
 
-def _pretrain(cfg: TrainConfig, dist: distributed.DistInfo, progress: bool) -> PretrainResult:
-    device = dist.device
-    say = _printer(dist.is_main and progress)
-    autocast_dtype = resolve_dtype(cfg.dtype, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (the remaining fp32 ones)
-        torch.backends.cudnn.allow_tf32 = True
+def _pretrain(cfg: TrainConfig, where: Where, progress: bool) -> PretrainResult:
+    dist, device, autocast_dtype = where.dist, where.device, where.autocast_dtype
+    say = where.printer(progress)
 
     # 1. Data: tokenise once into train.bin / val.bin (cached), then sample random windows from it; or, for a
     #    corpus too big for that (FineWeb-Edu), stream its documents and tokenise them while training.
@@ -102,20 +103,12 @@ def _pretrain(cfg: TrainConfig, dist: distributed.DistInfo, progress: bool) -> P
         raise ConfigError(f"block_size={block_size} is longer than model.block_size={model_cfg.block_size}")
     cfg = dataclasses.replace(cfg, block_size=block_size, model=model_choice_of(model_cfg, cfg.model.preset))
 
-    # 3. The run folder: new, or the one to resume.
-    if cfg.resume and cfg.name is None:
-        raise ConfigError("resume needs the run's --name (the folder under out_dir to continue)")
-    name = distributed.broadcast_object(cfg.name or f"{cfg.model.preset}-{time.strftime('%Y%m%d-%H%M%S')}", dist)
-    cfg = dataclasses.replace(cfg, name=name)
-    run = Run(Path(cfg.out_dir) / name, enabled=dist.is_main, tensorboard=cfg.tensorboard)
-    resume_from = find_resume_checkpoint(run, cfg.resume)
-    if resume_from is not None:
-        check_same_model(resume_from, model_cfg)
-    run.remove_partial_checkpoints()  # what an interrupted checkpoint write left behind
-    run.write_config(cfg.to_yaml())
+    # 3. The run folder: new, or the one to resume (of the same model).
+    cfg, run, resume_from = start_run(cfg, where, cfg.model.preset,
+                                      check_resume=lambda checkpoint: check_same_model(checkpoint, model_cfg))
+    name = cfg.name
 
-    # 4. The model: random initialisation (seeded), or the weights of the checkpoint we resume from.
-    seed_everything(cfg.seed)
+    # 4. The model: random initialisation (seeded by start_run), or the weights of the checkpoint we resume from.
     if resume_from is None:
         model = GPT(model_cfg).to(device)
     else:
@@ -123,15 +116,7 @@ def _pretrain(cfg: TrainConfig, dist: distributed.DistInfo, progress: bool) -> P
     seed_everything(cfg.seed + dist.rank)  # each rank draws its own dropout masks
 
     # 5. Optimiser and schedule.
-    if cfg.optimizer == "muon":
-        optimizer = build_muon(model, cfg.lr, cfg.muon_lr, cfg.weight_decay, cfg.betas, cfg.muon_momentum,
-                               cfg.decay_embeddings)
-    else:
-        optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.decay_embeddings, device.type)
-    decay_steps = cfg.lr_decay_steps or cfg.max_steps
-    scheduler = build_scheduler(optimizer, lambda step: lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr,
-                                                              warmup_steps=cfg.warmup_steps, decay_steps=decay_steps,
-                                                              schedule=cfg.schedule), cfg.lr)
+    optimizer, scheduler = build_training_optimizer(model, cfg, cfg.max_steps, device.type)
 
     # 6. Batches: each rank its own share of every step's windows; fixed windows for validation.
     sampler: Any
@@ -157,9 +142,10 @@ def _pretrain(cfg: TrainConfig, dist: distributed.DistInfo, progress: bool) -> P
     peak, peak_source = peak_flops(device, autocast_dtype or torch.float32, cfg.peak_flops)
     trainer = Trainer(model, CausalLM(), sampler, optimizer, scheduler, cfg, device=device, dist=dist,
                       autocast_dtype=autocast_dtype, run=run, tokenizer=tokenizer, eval_data=val_batches,
-                      eval_extras=val_extras, sample=sample, flops_per_token=flops_per_token, peak_flops=peak,
-                      checkpoint_meta={"run": name, "data": data.meta.get("dataset")},
-                      progress=progress)
+                      eval_extras=val_extras, sample=sample, sample_interval=cfg.sample_interval,
+                      stop_at_val_loss=cfg.stop_at_val_loss, compile=cfg.compile, seed=cfg.seed,
+                      flops_per_token=flops_per_token, peak_flops=peak,
+                      checkpoint_meta={"run": name, "data": data.meta.get("dataset")}, progress=progress)
     if resume_from is not None:
         trainer.load_state_dict(load_train_state(resume_from))
         run.rewind(trainer.step)
@@ -202,7 +188,7 @@ def _pretrain(cfg: TrainConfig, dist: distributed.DistInfo, progress: bool) -> P
                             trainer.last_sample)
     v = result.val
     val_text = (f"; val loss {v['loss']:.4f} (ppl {v['ppl']:.2f}, {v['bpb']:.3f} bits/byte)" if v else "")
-    say(f"[byollm] trained to step {result.steps} in {_duration(seconds)} ({tok_s:,.0f} tokens/s){val_text}")
+    say(f"[byollm] trained to step {result.steps} in {format_duration(seconds)} ({tok_s:,.0f} tokens/s){val_text}")
     files = ["config.yaml", "meta.json", "metrics.jsonl", "plots/loss.png", "samples.txt"]
     say(f"[byollm] wrote {run.path}/: {', '.join(f for f in files if (run.path / f).exists())}")
     if checkpoint is not None:
@@ -232,22 +218,6 @@ def is_streaming(data: DataConfig) -> bool:
     return spec is not None and spec.streaming and data.dir is None
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for "auto" | "fp32" | "bf16" (None: plain fp32).
-
-    auto is bf16 on GPUs that support it and fp32 elsewhere: on CPUs without native bf16 matmuls
-    (AVX-512-BF16 / AMX) bf16 autocast is several times SLOWER than fp32 (measured ~9x on AVX2 cores; see
-    configs/quickstart.yaml). On CPUs with AMX, try dtype bf16 and compare tokens/s."""
-    if name == "fp32":
-        return None
-    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if name == "auto":
-        return torch.bfloat16 if cuda_bf16 else None
-    if device.type == "cuda" and not cuda_bf16:
-        raise ConfigError(f"dtype bf16: this GPU ({torch.cuda.get_device_name(device)}) has no bf16; use fp32")
-    return torch.bfloat16
-
-
 def prepare_data(data: DataConfig, dist: distributed.DistInfo | None = None) -> Path:
     """A prepared data folder for `data`: data.dir when given, else a cache folder keyed by the dataset's
     checksum and the tokenizer spec, prepared on first use (by rank 0 only; the others wait)."""
@@ -274,21 +244,6 @@ def _tokenizer_slug(spec: str) -> str:
                 h.update(f.name.encode() + f.read_bytes())
         return f"tok{h.hexdigest()[:10]}"
     return spec.replace(":", "")
-
-
-def find_resume_checkpoint(run: Run, resume: bool) -> Path | None:
-    """The checkpoint to resume from; an error when a run folder would be overwritten by accident."""
-    ckpts = run.list_checkpoints() if run.checkpoints.is_dir() else []
-    if ckpts and not resume:
-        raise ConfigError(f"{run.path} already has checkpoints (newest {ckpts[-1].name}); pass --resume true to "
-                          "continue that run, or choose another --name")
-    if resume and not ckpts:
-        print(f"[byollm] resume: {run.path} has no complete checkpoint yet; starting from step 0", file=sys.stderr)
-    if not ckpts:
-        return None
-    from byollm.checkpoint import latest_checkpoint
-
-    return latest_checkpoint(run.checkpoints)
 
 
 def check_same_model(checkpoint: Path, model_cfg: ModelConfig) -> None:
@@ -385,23 +340,10 @@ QUICKSTART: dict[str, Any] = {
 # --------------------------------------------------------------------------------------------------
 
 
-def _printer(enabled: bool):
-    def say(message: str) -> None:
-        if enabled:
-            print(message, file=sys.stderr, flush=True)
-
-    return say
-
-
 def _describe(c: ModelConfig) -> str:
     arch = "Llama-style (RoPE, RMSNorm, SwiGLU)" if c.pos_embedding == "rope" else "GPT-2-style"
     return f"{arch}, {c.n_layer} layers x {c.n_embd} wide, {c.n_head} heads ({c.n_kv_head} kv)"
 
 
-def _duration(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
-
-
-__all__ = ["QUICKSTART", "PretrainResult", "check_same_model", "evaluate_checkpoint", "find_resume_checkpoint",
-           "is_streaming", "prepare_data", "pretrain", "quickstart_config", "resolve_dtype"]
+__all__ = ["QUICKSTART", "PretrainResult", "check_same_model", "evaluate_checkpoint", "is_streaming", "prepare_data",
+           "pretrain", "quickstart_config"]

@@ -13,30 +13,189 @@
 Only rank 0 writes: on other ranks a Run is created with enabled=False and every method does nothing.
 Checkpoints are written atomically (a temporary folder renamed into place, then `latest` replaced), so a
 crash at any moment leaves the previous checkpoint intact and `latest` pointing at a complete one.
+
+Every recipe starts the same way, through this module's `RunConfig` section:
+
+    with launch(cfg) as where:                      # torchrun's process group, the device, the autocast dtype
+        ...                                         # load the model, read the data
+        cfg, run, resume_from = start_run(cfg, where, default_name="sft")   # the folder, new or resumed
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import subprocess
+import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
+import numpy as np
 import torch
 
 from byollm.atomic import atomic_write_text
-from byollm.checkpoint import LATEST, WEIGHTS, library_versions, save_checkpoint
-from byollm.errors import ByollmError
+from byollm.checkpoint import LATEST, WEIGHTS, latest_checkpoint, library_versions, save_checkpoint
+from byollm.config import Section
+from byollm.errors import ByollmError, ConfigError
+from byollm.train import distributed
 
 TRAIN_STATE = "train_state.pt"
+DTYPES = ("auto", "fp32", "bf16")
+
+
+# --------------------------------------------------------------------------------------------------
+# The run section of every recipe's config, and the start-up every recipe shares
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig(Section):
+    """Where a run lives and what it runs on: read by `launch` and `start_run`."""
+
+    seed: int = 1337
+    """seed of everything random: initialisation, data order, dropout, sampling"""
+    out_dir: str = "runs"
+    """the run folder is out_dir/name"""
+    name: str | None = None
+    """the run folder's name; default: the recipe (or preset) and the date and time"""
+    resume: bool = False
+    """continue out_dir/name from its latest complete checkpoint (needs --name)"""
+    device: str = "auto"
+    """auto (cuda, then mps, then cpu), cpu, cuda, cuda:1 or mps; under torchrun each rank takes its own GPU"""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """bf16: autocast (weights stay fp32); auto: bf16 on GPUs that have it, fp32 elsewhere"""
+    compile: bool = False
+    """torch.compile the model for training"""
+    tensorboard: bool = False
+    """also write TensorBoard event files to the run's tb/ (needs `pip install tensorboard`)"""
+
+    def check(self) -> None:
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
+            raise ConfigError(f"name {self.name!r} must be a plain folder name (runs/<name>/)")
+
+
+@dataclass
+class Where:
+    """What `launch` found: this process's rank among the others, its device and the autocast dtype."""
+
+    dist: distributed.DistInfo
+    autocast_dtype: torch.dtype | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    def printer(self, progress: bool = True) -> Callable[[str], None]:
+        """A print to stderr on rank 0 (when `progress`), silent elsewhere."""
+        return printer(self.dist.is_main and progress)
+
+
+@contextlib.contextmanager
+def launch(cfg: RunConfig) -> Iterator[Where]:
+    """Join torchrun's process group when there is one (and leave it at the end), pick the device, resolve the
+    autocast dtype, and allow TF32 for the fp32 matmuls left on a GPU."""
+    dist = distributed.setup(cfg.device)
+    try:
+        if dist.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        yield Where(dist, resolve_dtype(cfg.dtype, dist.device))
+    finally:
+        if dist.enabled:
+            distributed.teardown()
+
+
+C = TypeVar("C", bound=RunConfig)
+
+
+def start_run(cfg: C, where: Where, default_name: str, *, run_class: type[Run] | None = None,
+              check_resume: Callable[[Path], None] | None = None) -> tuple[C, Run, Path | None]:
+    """The run folder, new or the one to resume: returns the config with its name filled in, the Run, and
+    the checkpoint to resume from (None: start at step 0). All ranks agree on the name (rank 0's clock);
+    a folder with checkpoints is never overwritten without resume; what an interrupted checkpoint write
+    left behind is removed; config.yaml is the full resolved config (rerun it with --config); last, every
+    random generator is seeded with cfg.seed. `check_resume(checkpoint)` may refuse a checkpoint before
+    anything is written (for example one of a different model)."""
+    if cfg.resume and cfg.name is None:
+        raise ConfigError("resume needs the run's --name (the folder under out_dir to continue)")
+    name = distributed.broadcast_object(cfg.name or f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}", where.dist)
+    cfg = dataclasses.replace(cfg, name=name)
+    run = (run_class or Run)(Path(cfg.out_dir) / name, enabled=where.dist.is_main, tensorboard=cfg.tensorboard)
+    resume_from = find_resume_checkpoint(run, cfg.resume)
+    if resume_from is not None and check_resume is not None:
+        check_resume(resume_from)
+    run.remove_partial_checkpoints()
+    run.write_config(cfg.to_yaml())
+    seed_everything(cfg.seed)
+    return cfg, run, resume_from
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def find_resume_checkpoint(run: Run, resume: bool) -> Path | None:
+    """The checkpoint to resume from; an error when a run folder would be overwritten by accident."""
+    ckpts = run.list_checkpoints() if run.checkpoints.is_dir() else []
+    if ckpts and not resume:
+        raise ConfigError(f"{run.path} already has checkpoints (newest {ckpts[-1].name}); pass --resume true to "
+                          "continue that run, or choose another --name")
+    if resume and not ckpts:
+        print(f"[byollm] resume: {run.path} has no complete checkpoint yet; starting from step 0", file=sys.stderr)
+    if not ckpts:
+        return None
+    return latest_checkpoint(run.checkpoints)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for "auto" | "fp32" | "bf16" (None: plain fp32).
+
+    auto is bf16 on GPUs that support it and fp32 elsewhere: on CPUs without native bf16 matmuls
+    (AVX-512-BF16 / AMX) bf16 autocast is several times SLOWER than fp32 (measured ~9x on AVX2 cores; see
+    configs/quickstart.yaml). On CPUs with AMX, try dtype bf16 and compare tokens/s."""
+    if name == "fp32":
+        return None
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if name == "auto":
+        return torch.bfloat16 if cuda_bf16 else None
+    if device.type == "cuda" and not cuda_bf16:
+        raise ConfigError(f"dtype bf16: this GPU ({torch.cuda.get_device_name(device)}) has no bf16; use fp32")
+    return torch.bfloat16
+
+
+def printer(enabled: bool) -> Callable[[str], None]:
+    """`say(message)`: one line to stderr, flushed, when enabled (rank 0 with progress on)."""
+    def say(message: str) -> None:
+        if enabled:
+            print(message, file=sys.stderr, flush=True)
+
+    return say
+
+
+def format_duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
 
 
 class Run:
+    """The run folder (see the module docstring); every method is a no-op when not enabled (ranks > 0)."""
+
     def __init__(self, path: str | Path, enabled: bool = True, tensorboard: bool = False) -> None:
         self.path = Path(path)
         self.enabled = enabled
@@ -225,4 +384,5 @@ def run_meta(seed: int, device: torch.device, extra: dict[str, Any] | None = Non
             "seed": seed, "hardware": hardware(device), **(extra or {})}
 
 
-__all__ = ["Run", "TRAIN_STATE", "git_info", "hardware", "load_train_state", "run_meta"]
+__all__ = ["Run", "RunConfig", "TRAIN_STATE", "Where", "find_resume_checkpoint", "format_duration", "git_info",
+           "hardware", "launch", "load_train_state", "printer", "resolve_dtype", "run_meta", "seed_everything", "start_run"]

@@ -1,0 +1,299 @@
+"""What each `byollm` verb does: parse nothing, call one library function, print. The parser is in `byollm.cli`.
+
+Each `cmd_*` takes the verb's parsed (and instantiated) jsonargparse Namespace. Recipe verbs turn it into their
+config dataclass with `byollm.config.config_from_args`, the same path `parse_config` uses for YAML files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from byollm.config import config_from_args
+from byollm.errors import ByollmError
+from byollm.model.config import list_presets, model_config_from, preset
+
+def _torch_dtype(name: str | None):
+    import torch
+
+    if name in (None, "auto"):
+        return None
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ByollmError(f"unknown dtype '{name}'; use one of {', '.join(table)}")
+    return table[name]
+
+
+def cmd_generate(a: Any) -> None:
+    from byollm.checkpoint import load_checkpoint
+    from byollm.generate import SamplingParams, stream_text
+
+    loaded = load_checkpoint(a.ckpt, device=a.device, dtype=_torch_dtype(a.dtype))
+    print(f"[byollm] loaded {loaded.describe()} ({loaded.model.num_params() / 1e6:.1f}M parameters)", file=sys.stderr)
+    if loaded.tokenizer is None:
+        raise ByollmError(f"{loaded.path} has no tokenizer; train one with `byollm tokenizer train` and pass "
+                          "--tokenizer DIR, or convert a checkpoint that carries one")
+    params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                            top_p=a.top_p, repetition_penalty=a.repetition_penalty, seed=a.seed,
+                            stop_strings=list(a.stop or []))
+    model = loaded.model
+    n_prompt = len(loaded.tokenizer.encode(a.prompt))
+    # A learned-position model cannot see past block_size; keep the last block_size tokens as context
+    # (nanoGPT's behaviour) rather than refuse, and say so.
+    sliding = model.config.pos_embedding == "learned" and n_prompt + a.max_new_tokens > model.config.block_size
+    if sliding:
+        print(f"[byollm] prompt + {a.max_new_tokens} new tokens exceed block_size={model.config.block_size}: "
+              "using a sliding context window (no KV cache)", file=sys.stderr)
+    for i in range(a.num_samples):
+        if a.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        sys.stdout.write(a.prompt)
+        params.seed = a.seed + i
+        for piece in stream_text(model, loaded.tokenizer, a.prompt, params, sliding_window=sliding):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
+def cmd_chat(a: Any) -> None:
+    from byollm.chat import ChatSession, run_chat
+    from byollm.checkpoint import load_checkpoint
+    from byollm.generate import SamplingParams
+    from byollm.tokenizer.chat_template import require_chat_tokens
+
+    loaded = load_checkpoint(a.ckpt, device=a.device, dtype=_torch_dtype(a.dtype))
+    print(f"[byollm] loaded {loaded.describe()} ({loaded.model.num_params() / 1e6:.1f}M parameters)", file=sys.stderr)
+    require_chat_tokens(loaded.tokenizer)  # "this model was not trained with a chat template; run byollm sft first"
+    params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                            top_p=a.top_p, repetition_penalty=a.repetition_penalty, seed=a.seed)
+    run_chat(ChatSession(loaded.model, loaded.tokenizer, params, system=a.system))
+
+
+def cmd_export_hf(a: Any) -> None:
+    from byollm.interop.convert import export_checkpoint_to_hf
+
+    out = export_checkpoint_to_hf(a.ckpt, a.out_dir, dtype=_torch_dtype(a.dtype))
+    print(f"[byollm] wrote a Hugging Face model directory: {out}")
+    print(f"  load it with: AutoModelForCausalLM.from_pretrained('{out}')")
+
+
+def cmd_export_gguf(a: Any) -> None:
+    from byollm.interop.gguf import export_checkpoint_to_gguf
+
+    out = export_checkpoint_to_gguf(a.ckpt, a.out, dtype=a.dtype)
+    print(f"[byollm] wrote a GGUF file for llama.cpp: {out}")
+    print(f"  run it with: llama-cli -m {out}   (or Python: llama_cpp.Llama(model_path='{out}'))")
+
+
+def cmd_serve(a: Any) -> None:
+    from byollm.serve.settings import ServeConfig
+
+    ckpt = a.ckpt
+    settings = config_from_args(ServeConfig, a)  # checked before the model loads
+    settings.load_api_keys()
+    from byollm.serve.server import serve
+
+    serve(ckpt, settings, dtype=_torch_dtype(settings.dtype))
+
+
+def cmd_convert_from_hf(a: Any) -> None:
+    from byollm.interop.convert import convert_from_hf
+
+    out = convert_from_hf(a.src, a.ckpt)
+    print(f"[byollm] converted {a.src} to a byollm checkpoint: {out}")
+    print(f"  try: byollm generate {out} --prompt 'Hello'")
+
+
+def cmd_tokenizer_train(a: Any) -> None:
+    from byollm.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([Path(f) for f in a.files], vocab_size=a.vocab_size, kind=a.kind, impl=a.impl,
+                          out_dir=Path(a.out), show_progress=sys.stderr.isatty())
+    print(f"[byollm] trained a {a.kind} tokenizer ({a.impl}) with {tok.vocab_size} tokens -> {a.out}")
+
+
+def cmd_model_presets(a: Any) -> None:
+    import torch
+
+    from byollm.model import GPT
+
+    print(f"{'preset':<14} {'params':>10} {'layers':>6} {'width':>6} {'heads':>7} arch")
+    for name in list_presets():
+        cfg = preset(name)
+        with torch.device("meta"):
+            n = GPT(cfg).num_params()
+        arch = "llama" if cfg.pos_embedding == "rope" else "gpt2"
+        heads = f"{cfg.n_head}/{cfg.n_kv_head}"
+        print(f"{name:<14} {n / 1e6:>9.1f}M {cfg.n_layer:>6} {cfg.n_embd:>6} {heads:>7} {arch}")
+    print("depth dial: d<N> (Llama-style) or gpt2-d<N>: width 64*N, N heads of 64")
+
+
+def cmd_model_info(a: Any) -> None:
+    import json
+
+    import torch
+
+    from byollm.model import GPT
+
+    if a.ckpt:
+        from byollm.checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(a.ckpt)
+        model, cfg = loaded.model, loaded.model.config
+        print(f"[byollm] {loaded.describe()}")
+    else:
+        cfg = model_config_from(a.model)
+        with torch.device("meta"):
+            model = GPT(cfg)
+    print(json.dumps(cfg.to_dict(), indent=2))
+    print(f"parameters: {model.num_params():,} ({model.num_params(non_embedding=True):,} non-embedding)")
+    seq = a.seq_len or cfg.block_size
+    print(f"training FLOPs per token at T={seq}: {model.flops_per_token(seq) / 1e6:,.1f} MFLOP")
+
+
+def cmd_init(a: Any) -> None:
+    import torch
+
+    from byollm.checkpoint import save_checkpoint
+    from byollm.model import GPT
+
+    tokenizer = None
+    overrides = {}
+    if a.tokenizer:
+        from byollm.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(Path(a.tokenizer))
+        overrides["vocab_size"] = tokenizer.vocab_size
+    cfg = model_config_from(a.model)
+    if overrides and cfg.vocab_size != overrides["vocab_size"]:
+        cfg = dataclasses.replace(cfg, **overrides)
+    torch.manual_seed(a.seed)
+    model = GPT(cfg)
+    out = save_checkpoint(model, a.out, tokenizer, meta={"seed": a.seed, "created_by": "byollm init"})
+    print(f"[byollm] wrote a randomly initialised {model.num_params() / 1e6:.2f}M-parameter model to {out}")
+
+
+def cmd_pretrain(a: Any) -> None:
+    from byollm.train import TrainConfig, pretrain
+
+    pretrain(config_from_args(TrainConfig, a))
+
+
+def align_verb(recipe: str) -> Any:
+    """`byollm sft|reward|dpo|orpo`: the recipe's own config (byollm.train.align.CONFIGS) into `align`."""
+    def cmd(a: Any) -> None:
+        from byollm.train.align import CONFIGS, align
+
+        align(config_from_args(CONFIGS[recipe], a), recipe)
+
+    cmd.__name__ = f"cmd_{recipe}"
+    return cmd
+
+
+def finetune_config(a: Any) -> Any:
+    """The FinetuneTrainConfig of `byollm finetune [CKPT] [--data D]`: the positionals fill align.base/dataset."""
+    from byollm.finetune.recipe import FinetuneTrainConfig
+
+    cfg = config_from_args(FinetuneTrainConfig, a)
+    changes = {k: v for k, v in (("base", a.ckpt), ("dataset", a.data)) if v is not None}
+    return dataclasses.replace(cfg, align=dataclasses.replace(cfg.align, **changes)) if changes else cfg
+
+
+def cmd_finetune(a: Any) -> None:
+    from byollm.finetune.recipe import finetune
+
+    finetune(finetune_config(a))
+
+
+def cmd_merge(a: Any) -> None:
+    from byollm.finetune.recipe import merge
+
+    out = merge(a.ckpt, a.adapter, a.out)
+    print(f"[byollm] merged {a.adapter} into {a.ckpt}: {out}")
+    print(f"  export it with: byollm export hf {out} OUT_DIR")
+
+
+def cmd_ppo(a: Any) -> None:
+    from byollm.train.align import ppo_chat
+    from byollm.train.ppo import PPOConfig
+
+    ppo_chat(config_from_args(PPOConfig, a))
+
+
+def cmd_quickstart(a: Any) -> None:
+    import time
+
+    from byollm.train import pretrain, quickstart_config
+
+    overrides = {"max_steps": a.max_steps, "model.preset": a.preset, "batch_size": a.batch_size,
+                 "block_size": a.block_size, "device": a.device, "dtype": a.dtype, "compile": a.compile,
+                 "out_dir": a.out_dir, "name": a.name or f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}"}
+    result = pretrain(quickstart_config({k: v for k, v in overrides.items() if v is not None}))
+    run = result.run_dir
+    if result.sample:
+        print(f"--- a sample from the model at step {result.steps} ---\n{result.sample.strip()}\n---")
+    if result.val:
+        print(f"val loss {result.val['loss']:.4f} (perplexity {result.val['ppl']:.2f}, "
+              f"{result.val['bpb']:.3f} bits per byte) after {result.steps} steps")
+    print(f"run directory  {run}")
+    print(f"checkpoint     {result.checkpoint}")
+    print(f"loss curve     {run / 'plots' / 'loss.png'}")
+    print(f"samples        {run / 'samples.txt'}")
+    print("next:")
+    print(f"  byollm generate {run} --prompt 'ROMEO:' --max-new-tokens 300")
+    meta = json.loads((run / "meta.json").read_text()) if (run / "meta.json").is_file() else {}
+    data = meta.get("data", {})
+    # the fallback corpus has no registry name: evaluate on the prepared folder the run trained on
+    eval_data = data.get("dataset") if data.get("dataset") == "tinyshakespeare" else data.get("dir")
+    if (data.get("source") or {}).get("kind") == "fallback":
+        print(f"note: trained on the FALLBACK corpus ({data.get('dataset')}), not Tiny Shakespeare, which was not "
+              "found (set BYOLLM_DATA_MIRROR to a folder holding tinyshakespeare.txt, or go online)")
+    print(f"  byollm eval {run} --data {eval_data}")
+    print(f"  byollm export hf {run} out/hf")
+    out_dir = "" if run.parent == Path("runs") else f" --out_dir {run.parent}"
+    print(f"  byollm pretrain --config configs/quickstart.yaml{out_dir} --name {run.name} --resume true "
+          "--max_steps 2000   # train it longer")
+    print("  byollm pretrain --config configs/quickstart.yaml --model.preset llama-13m --block_size 256"
+          "   # a bigger model")
+    print("  byollm pretrain --config configs/quickstart.yaml --device cuda --dtype bf16 --compile true"
+          "   # on a GPU")
+
+
+def cmd_eval(a: Any) -> None:
+    from byollm.train import evaluate_checkpoint
+
+    r = evaluate_checkpoint(a.ckpt, a.data, split=a.split, batch_size=a.batch_size, block_size=a.block_size,
+                            max_batches=a.max_batches, device=a.device, dtype=a.dtype)
+    how = "every token once" if r["exact"] else f"first {a.max_batches} batches"
+    print(f"[byollm] {r['checkpoint']} on {r['data']} ({r['split']}, {r['tokens']:,.0f} tokens, {how}, "
+          f"{r['seconds']:.1f}s)", file=sys.stderr)
+    print(f"{r['split']} loss {r['loss']:.4f}  perplexity {r['ppl']:.3f}  bits/byte {r['bpb']:.4f}")
+
+
+def cmd_data_list(a: Any) -> None:
+    from byollm.data import get_spec, list_datasets
+
+    for name in list_datasets():
+        spec = get_spec(name)
+        print(f"{name:<18} {spec.description}")
+
+
+def cmd_data_download(a: Any) -> None:
+    from byollm.data import download
+
+    print(f"[byollm] {a.name}: {download(a.name, force=a.force)}")
+
+
+def cmd_data_prepare(a: Any) -> None:
+    from byollm.data import prepare, read_meta
+
+    out = Path(a.out) if a.out else Path("data") / f"{Path(a.name).stem}-{a.tokenizer.replace(':', '')}"
+    prepared = prepare(a.name, a.tokenizer, out, val_fraction=a.val_fraction, seed=a.seed,
+                       allow_fallback=a.allow_fallback)
+    meta = read_meta(prepared)
+    counts = ", ".join(f"{k}: {v['tokens']:,} tokens" for k, v in meta.get("splits", {}).items())
+    print(f"[byollm] prepared {a.name} -> {prepared} ({counts})")
