@@ -45,8 +45,9 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # byollm from this ch
 
 from common import interleaved, load_average, machine_info, median, table, warn_if_busy, write_json  # noqa: E402
 
-from byollm.generate import SamplingParams, generate  # noqa: E402
+from byollm.generate import generate  # noqa: E402
 from byollm.model import GPT, preset  # noqa: E402
+from byollm.sampling import SamplingParams  # noqa: E402
 
 FULL = dict(presets=["llama-tiny", "gpt2-124m", "smollm2-135m"], new_tokens=128, reps=3)
 QUICK = dict(presets=["llama-tiny"], new_tokens=16, reps=2)

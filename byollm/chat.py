@@ -20,7 +20,8 @@ from typing import TextIO
 import torch.nn as nn
 
 from byollm.errors import ByollmError
-from byollm.generate import SamplingParams, iter_generate
+from byollm.generate import iter_generate
+from byollm.sampling import SamplingParams
 from byollm.tokenizer.base import Tokenizer
 from byollm.tokenizer.chat_template import check_messages, encode_prompt, end_id, require_chat_tokens
 

@@ -30,7 +30,8 @@ def _torch_dtype(name: str | None):
 
 def cmd_generate(a: Any) -> None:
     from byollm.checkpoint import load_checkpoint
-    from byollm.generate import SamplingParams, stream_text
+    from byollm.generate import stream_text
+    from byollm.sampling import SamplingParams
 
     loaded = load_checkpoint(a.ckpt, device=a.device, dtype=_torch_dtype(a.dtype))
     print(f"[byollm] loaded {loaded.describe()} ({loaded.model.num_params() / 1e6:.1f}M parameters)", file=sys.stderr)
@@ -62,7 +63,7 @@ def cmd_generate(a: Any) -> None:
 def cmd_chat(a: Any) -> None:
     from byollm.chat import ChatSession, run_chat
     from byollm.checkpoint import load_checkpoint
-    from byollm.generate import SamplingParams
+    from byollm.sampling import SamplingParams
     from byollm.tokenizer.chat_template import require_chat_tokens
 
     loaded = load_checkpoint(a.ckpt, device=a.device, dtype=_torch_dtype(a.dtype))
@@ -90,10 +91,8 @@ def cmd_export_gguf(a: Any) -> None:
 
 
 def cmd_serve(a: Any) -> None:
-    from byollm.serve.settings import ServeConfig
-
     ckpt = a.ckpt
-    settings = config_from_args(ServeConfig, a)  # checked before the model loads
+    settings = recipe_config("serve", a)  # checked before the model loads
     settings.load_api_keys()
     from byollm.serve.server import serve
 
@@ -177,36 +176,55 @@ def cmd_init(a: Any) -> None:
     print(f"[byollm] wrote a randomly initialised {model.num_params() / 1e6:.2f}M-parameter model to {out}")
 
 
-def cmd_pretrain(a: Any) -> None:
-    from byollm.train import TrainConfig, pretrain
+def recipe_config(verb: str, a: Any) -> Any:
+    """The config a recipe verb (pretrain, sft, reward, dpo, orpo, finetune, ppo, serve) runs with, from its
+    parsed and instantiated arguments: exactly what `cmd_<verb>` hands the recipe."""
+    if verb == "pretrain":
+        from byollm.train import TrainConfig
 
-    pretrain(config_from_args(TrainConfig, a))
+        return config_from_args(TrainConfig, a)
+    if verb in ("sft", "reward", "dpo", "orpo"):
+        from byollm.train.align import CONFIGS
+
+        return config_from_args(CONFIGS[verb], a)
+    if verb == "finetune":  # the positionals CKPT and --data fill align.base and align.dataset
+        from byollm.finetune.recipe import FinetuneTrainConfig
+
+        cfg = config_from_args(FinetuneTrainConfig, a)
+        changes = {k: v for k, v in (("base", a.ckpt), ("dataset", a.data)) if v is not None}
+        return dataclasses.replace(cfg, align=dataclasses.replace(cfg.align, **changes)) if changes else cfg
+    if verb == "ppo":
+        from byollm.train.ppo import PPOConfig
+
+        return config_from_args(PPOConfig, a)
+    if verb == "serve":
+        from byollm.serve.settings import ServeConfig
+
+        return config_from_args(ServeConfig, a)
+    raise ByollmError(f"{verb} is not a recipe verb")
+
+
+def cmd_pretrain(a: Any) -> None:
+    from byollm.train import pretrain
+
+    pretrain(recipe_config("pretrain", a))
 
 
 def align_verb(recipe: str) -> Any:
     """`byollm sft|reward|dpo|orpo`: the recipe's own config (byollm.train.align.CONFIGS) into `align`."""
     def cmd(a: Any) -> None:
-        from byollm.train.align import CONFIGS, align
+        from byollm.train.align import align
 
-        align(config_from_args(CONFIGS[recipe], a), recipe)
+        align(recipe_config(recipe, a), recipe)
 
     cmd.__name__ = f"cmd_{recipe}"
     return cmd
 
 
-def finetune_config(a: Any) -> Any:
-    """The FinetuneTrainConfig of `byollm finetune [CKPT] [--data D]`: the positionals fill align.base/dataset."""
-    from byollm.finetune.recipe import FinetuneTrainConfig
-
-    cfg = config_from_args(FinetuneTrainConfig, a)
-    changes = {k: v for k, v in (("base", a.ckpt), ("dataset", a.data)) if v is not None}
-    return dataclasses.replace(cfg, align=dataclasses.replace(cfg.align, **changes)) if changes else cfg
-
-
 def cmd_finetune(a: Any) -> None:
     from byollm.finetune.recipe import finetune
 
-    finetune(finetune_config(a))
+    finetune(recipe_config("finetune", a))
 
 
 def cmd_merge(a: Any) -> None:
@@ -219,9 +237,8 @@ def cmd_merge(a: Any) -> None:
 
 def cmd_ppo(a: Any) -> None:
     from byollm.train.align import ppo_chat
-    from byollm.train.ppo import PPOConfig
 
-    ppo_chat(config_from_args(PPOConfig, a))
+    ppo_chat(recipe_config("ppo", a))
 
 
 def cmd_quickstart(a: Any) -> None:

@@ -41,10 +41,11 @@ import torch.nn.functional as F
 from byollm.data import resolve
 from byollm.data.readers import source_text
 from byollm.errors import ByollmError
-from byollm.generate import SamplingParams, generate
+from byollm.generate import generate
 from byollm.interop.hf import from_hf_model, load_hf_dir
 from byollm.model import GPT, KVCache, ModelConfig, preset
 from byollm.model.model import apply_rope, causal_mask, naive_attention, rope_cos_sin, rope_inverse_frequencies
+from byollm.sampling import SamplingParams
 from byollm.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, train_bpe_fast
 
 GPT2_SMALL_PUBLISHED = 124_439_808  # OpenAI GPT-2 small ("124M"), the LM head tied to the token embedding

@@ -49,10 +49,11 @@ from byollm.finetune import load_adapter  # noqa: E402
 from byollm.finetune.load import load_quantized  # noqa: E402
 from byollm.finetune.nf4 import NF4Linear, model_nbytes  # noqa: E402
 from byollm.finetune.recipe import METHODS, FinetuneTrainConfig, finetune, merge  # noqa: E402
-from byollm.generate import SamplingParams, generate  # noqa: E402
+from byollm.generate import generate  # noqa: E402
 from byollm.interop.convert import export_checkpoint_to_hf  # noqa: E402
 from byollm.interop.hf import to_hf_model  # noqa: E402
 from byollm.model import resize_token_embeddings  # noqa: E402
+from byollm.sampling import SamplingParams  # noqa: E402
 from byollm.tokenizer import load_tokenizer  # noqa: E402
 from byollm.tokenizer.chat_template import encode_prompt, end_id  # noqa: E402
 from byollm.train.align import build_examples, held_out_metrics, load_align_config  # noqa: E402

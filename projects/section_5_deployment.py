@@ -43,9 +43,9 @@ from bench_serve import prompt_of, run_level, running_server  # noqa: E402 - the
 
 from byollm.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from byollm.errors import require  # noqa: E402
-from byollm.generate import SamplingParams  # noqa: E402
 from byollm.interop.gguf import export_checkpoint_to_gguf  # noqa: E402
 from byollm.model import GPT, preset  # noqa: E402
+from byollm.sampling import SamplingParams  # noqa: E402
 from byollm.serve.engine import Engine  # noqa: E402
 from byollm.tokenizer import train_bpe_fast  # noqa: E402
 from byollm.tokenizer.chat_template import add_chat_tokens  # noqa: E402

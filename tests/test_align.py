@@ -16,7 +16,9 @@ import torch
 from conftest import tiny_chat_base
 
 from byollm.checkpoint import checkpoint_kind, load_checkpoint
-from byollm.cli import _align_config, build_parser, main
+from byollm.cli import build_parser, main
+from byollm.commands import recipe_config
+from byollm.config import instantiate
 from byollm.errors import ConfigError, DataError
 from byollm.model import GPT, preset, resize_token_embeddings
 from byollm.tokenizer.chat_template import CHAT_TOKENS, has_chat_tokens
@@ -112,15 +114,12 @@ def test_cli_verbs_parse_the_yaml_recipes(verb: str) -> None:
     name = {"sft": "sft-alpaca-cpu", "reward": "reward-hh-cpu", "dpo": "dpo-hh-cpu", "orpo": "orpo-hh-cpu",
             "ppo": "ppo-hh-cpu"}[verb]
     extra = ["--policy", "runs/sft", "--reward_model", "runs/rm"] if verb == "ppo" else ["--align.base", "runs/b"]
-    ns = build_parser().parse_args([verb, "--config", str(REPO / "configs" / f"{name}.yaml"), *extra])
+    parser = build_parser()
+    ns = instantiate(parser, parser.parse_args([verb, "--config", str(REPO / "configs" / f"{name}.yaml"), *extra]))
+    cfg = recipe_config(verb, ns[verb])  # what cmd_<verb> hands the recipe
     if verb == "ppo":
-        from byollm.train.ppo import PPOConfig
-
-        values = {k: v for k, v in ns[verb].as_dict().items() if k not in ("config", "__path__")}
-        cfg = PPOConfig(**values)
         assert cfg.prompts == "hh-rlhf" and cfg.rollout.rollout_size == 16
     else:
-        cfg = _align_config(ns[verb])
         assert cfg.align.base == "runs/b" and cfg.max_steps == 150 and cfg.device == "cpu"
 
 

@@ -194,7 +194,7 @@ class ScriptedModel(nn.Module):
 
 def test_session_streams_replies_keeps_history_and_resets(tok: Tokenizer) -> None:
     from byollm.chat import ChatSession, run_chat
-    from byollm.generate import SamplingParams
+    from byollm.sampling import SamplingParams
 
     replies = ["Hello!", "4, of course.", "Hi"]
     end = tok.special_tokens[END]
@@ -218,7 +218,7 @@ def test_session_streams_replies_keeps_history_and_resets(tok: Tokenizer) -> Non
 
 def test_session_drops_oldest_turns_to_fit_the_context(tok: Tokenizer) -> None:
     from byollm.chat import ChatSession
-    from byollm.generate import SamplingParams
+    from byollm.sampling import SamplingParams
 
     end = tok.special_tokens[END]
     reply = tok.encode("Hello, how can I help?")

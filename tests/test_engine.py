@@ -11,8 +11,9 @@ import torch
 import torch.nn as nn
 
 from byollm.errors import ByollmError
-from byollm.generate import GenerationError, SamplingParams, generate
+from byollm.generate import generate
 from byollm.model import GPT, preset
+from byollm.sampling import GenerationError, SamplingParams
 from byollm.serve.engine import AsyncEngine, Engine, QueueFull
 from byollm.serve.int8 import Int8Linear
 from byollm.tokenizer.bpe import BPETokenizer

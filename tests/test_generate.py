@@ -9,20 +9,17 @@ import pytest
 import torch
 import torch.nn as nn
 
-from byollm.generate import (
+from byollm.generate import generate, generate_text, iter_generate, stream_text
+from byollm.model import GPT, preset
+from byollm.sampling import (
     GenerationError,
     SamplingParams,
     apply_repetition_penalty,
-    generate,
-    generate_text,
-    iter_generate,
     min_p_filter,
     sample_next,
-    stream_text,
     top_k_filter,
     top_p_filter,
 )
-from byollm.model import GPT, preset
 from byollm.tokenizer.bpe import BPETokenizer
 
 ARCHS = ["gpt-tiny", "llama-tiny"]

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from byollm.errors import ByollmError
-from byollm.generate import SamplingParams, generate
+from byollm.generate import generate
 from byollm.interop.gguf import export_gguf, permute_rope
 from byollm.model import GPT, preset
+from byollm.sampling import SamplingParams
 from byollm.tokenizer import BPETokenizer, CharTokenizer, add_chat_tokens, train_bpe_fast
 
 llama_cpp = pytest.importorskip("llama_cpp")  # installed by the dev extra; skipped only where it is absent

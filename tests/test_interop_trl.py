@@ -20,11 +20,12 @@ from safetensors.torch import load_file
 from byollm.chat import ChatSession
 from byollm.checkpoint import load_checkpoint
 from byollm.data.instruct import Conversation, PreferencePair
-from byollm.generate import SamplingParams, generate
+from byollm.generate import generate
 from byollm.interop.convert import convert_from_hf
 from byollm.interop.hf import export_hf, load_hf_dir
 from byollm.model import GPT
 from byollm.model.config import preset
+from byollm.sampling import SamplingParams
 from byollm.tokenizer import BPETokenizer, Tokenizer
 from byollm.tokenizer.chat_template import (
     END,

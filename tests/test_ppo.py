@@ -13,8 +13,9 @@ import torch
 
 from byollm.checkpoint import load_checkpoint, save_checkpoint
 from byollm.errors import CheckpointError, ConfigError, DataError
-from byollm.generate import SamplingParams, generate
+from byollm.generate import generate
 from byollm.model import GPT, RewardModel, preset
+from byollm.sampling import SamplingParams
 from byollm.tokenizer import CharTokenizer
 from byollm.train.loop import Trainer, seed_everything
 from byollm.train.optim import build_optimizer

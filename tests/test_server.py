@@ -23,10 +23,12 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 from byollm.errors import ByollmError  # noqa: E402
-from byollm.generate import SamplingParams, generate  # noqa: E402
+from byollm.generate import generate  # noqa: E402
 from byollm.model import GPT, preset  # noqa: E402
+from byollm.sampling import SamplingParams  # noqa: E402
 from byollm.serve.engine import AsyncEngine, Engine  # noqa: E402
-from byollm.serve.server import GracefulServer, RateLimiter, TokenBucket, create_app  # noqa: E402
+from byollm.serve.guards import RateLimiter, TokenBucket  # noqa: E402
+from byollm.serve.server import GracefulServer, create_app  # noqa: E402
 from byollm.serve.settings import ServeConfig  # noqa: E402
 from byollm.tokenizer import BPETokenizer  # noqa: E402
 from byollm.tokenizer.chat_template import add_chat_tokens, encode_prompt, end_id  # noqa: E402

@@ -22,12 +22,12 @@ Why this shape
   reads all the weights), so a batch of B sequences costs about as much as one - that is where batching pays.
   Each newly admitted request is therefore prefilled alone (batch 1, straight into its slot), and all running
   requests decode together.
-- The KV cache is slot-based: `SlotKVCache` (byollm.serve.slot_cache) holds max_batch_size rows of max_seq_len positions per layer, and
-  each row has its own length. A request owns one row from admission to finish. Running requests are kept
-  in rows 0..n-1 (when one leaves, the last row moves into its place: one row copy), so the decode batch is a
-  plain slice of the cache - no gather of scattered rows each step. The step attends over the first S
-  positions only, S = the longest running sequence, and a (B, 1, 1, S) mask hides each row's unused tail.
-  The price of slots is memory: every slot reserves max_seq_len positions, used or not
+- The KV cache is slot-based: `SlotKVCache` (byollm.serve.slot_cache) holds max_batch_size rows of max_seq_len
+  positions per layer, and each row has its own length. A request owns one row from admission to finish.
+  Running requests are kept in rows 0..n-1 (when one leaves, the last row moves into its place: one row copy),
+  so the decode batch is a plain slice of the cache - no gather of scattered rows each step. The step attends
+  over the first S positions only, S = the longest running sequence, and a (B, 1, 1, S) mask hides each row's
+  unused tail. The price of slots is memory: every slot reserves max_seq_len positions, used or not
   (`Engine.kv_cache_bytes`). Paged attention (vLLM, Kwon et al. 2023) instead hands out the cache in small
   fixed-size blocks as a sequence grows, through a per-sequence block table, like virtual memory pages:
   no memory is reserved for tokens that never come, so many more sequences fit, at the cost of an attention

@@ -176,6 +176,8 @@ class EngineLoad(Protocol):
 class Metrics:
     """Prometheus metrics in a registry of their own (so several apps can live in one process, as in tests)."""
 
+    content_type = CONTENT_TYPE_LATEST  # of what render() returns: Prometheus' text format
+
     def __init__(self, engine: EngineLoad) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -195,8 +197,6 @@ class Metrics:
         waiting = Gauge("byollm_num_requests_waiting", "requests waiting for a batch slot", registry=r)
         running.set_function(lambda: engine.num_running)
         waiting.set_function(lambda: engine.num_waiting)
-
-    content_type = CONTENT_TYPE_LATEST  # of what render() returns: Prometheus' text format
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -198,7 +198,7 @@ class ChatChoice(BaseModel):
 
 class ChatCompletion(BaseModel):
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
+    object: Literal["chat.completion"]
     created: int
     model: str
     choices: list[ChatChoice]
@@ -214,7 +214,7 @@ class CompletionChoice(BaseModel):
 
 class TextCompletion(BaseModel):
     id: str
-    object: Literal["text_completion"] = "text_completion"
+    object: Literal["text_completion"]
     created: int
     model: str
     choices: list[CompletionChoice]

@@ -80,8 +80,8 @@ def from_byte_level(s: str) -> bytes | None:
 
 
 def check_bpe_vocab_size(vocab_size: int, special_tokens: Iterable[str]) -> list[str]:
-    """The checked special tokens (see check_new_special_tokens), after making sure that `vocab_size` has room
-    for the 256 byte tokens and them (both BPE trainers start from that vocabulary)."""
+    """Check `special_tokens` (check_new_special_tokens) and that `vocab_size` has room for them plus the 256
+    byte tokens every byte-level BPE vocabulary starts with; return the checked special tokens."""
     special_tokens = check_new_special_tokens(special_tokens)
     if vocab_size < 256 + len(special_tokens):
         raise TokenizerError(

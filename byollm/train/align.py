@@ -61,8 +61,9 @@ from byollm.data.instruct import (
 )
 from byollm.data.readers import load_records, split_records
 from byollm.errors import ConfigError, DataError
-from byollm.generate import SamplingParams, generate
+from byollm.generate import generate
 from byollm.model import GPT, RewardModel, resize_token_embeddings
+from byollm.sampling import SamplingParams
 from byollm.tokenizer import Tokenizer
 from byollm.tokenizer.chat_template import add_chat_tokens, encode_prompt, end_id, has_chat_tokens
 from byollm.train import distributed

@@ -75,6 +75,10 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+# --------------------------------------------------------------------------------------------------
+# Packed (prompt, response) batches and the forward pass over their response tokens
+# --------------------------------------------------------------------------------------------------
+
 
 def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int = 0,
                    device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -119,12 +123,10 @@ def response_forward(model: nn.Module, batch: dict[str, Any], temperature: float
     return token_logprobs(logits, targets, temperature), token_entropy(logits, temperature), values
 
 
-
 def vocab_limit_of(config: ModelConfig, tokenizer: Tokenizer | None) -> int | None:
     """The tokenizer's vocab_size when the model's table is padded past it (50257 of 50304), else None."""
     n = getattr(tokenizer, "vocab_size", None)
     return n if n is not None and n < config.vocab_size else None
-
 
 
 __all__ = ["PolicyOutput", "PolicyWithValue", "disable_dropout", "pack_sequences", "response_forward", "unwrap",

@@ -35,8 +35,10 @@ import torch.nn as nn
 
 from byollm.checkpoint import load_checkpoint
 from byollm.errors import ByollmError, CheckpointError, ConfigError, DataError
-from byollm.generate import SamplingParams, generate
+from byollm.generate import generate
+from byollm.sampling import SamplingParams
 from byollm.tokenizer import Tokenizer
+from byollm.tokenizer.chat_template import encode_prompt, has_chat_tokens
 from byollm.train import distributed
 from byollm.train.loop import Trainer
 from byollm.train.optim import build_optimizer
@@ -314,8 +316,6 @@ def prompt_encoder(tokenizer: Tokenizer | None, chat: bool | None = None) -> Cal
     """How a prompt becomes ids. Token ids stay as they are; a list of messages goes through the chat template
     (ending in the assistant header, so the policy writes the reply); a string is one user turn of the chat
     template when `chat` (None: when the tokenizer has the chat tokens, i.e. after SFT), else plain text."""
-    from byollm.tokenizer.chat_template import encode_prompt, has_chat_tokens
-
     use_chat = has_chat_tokens(tokenizer) if chat is None else chat
 
     def encode(prompt: Any) -> list[int]:
@@ -345,6 +345,11 @@ def _encode_prompts(prompts: list[Any], encode: Callable[[Any], list[int]], limi
     if not kept:
         raise DataError(f"no usable {what} prompts ({empty} empty, {long} too long of {len(ids)})")
     return kept
+
+
+# --------------------------------------------------------------------------------------------------
+# The plot
+# --------------------------------------------------------------------------------------------------
 
 
 def plot_ppo_curves(metrics: str | Path | list[dict[str, Any]], out: str | Path, title: str | None = None) -> Path:
@@ -382,7 +387,6 @@ def plot_ppo_curves(metrics: str | Path | list[dict[str, Any]], out: str | Path,
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     return out
-
 
 
 __all__ = ["PPOConfig", "PPOResult", "PPORun", "plot_ppo_curves", "ppo", "prompt_encoder", "read_prompts"]

@@ -37,9 +37,10 @@ from byollm.data import (
 from byollm.data.registry import find_spec
 from byollm.data.streaming import StreamingTokenSource, held_out, open_stream, stream_tokenizer
 from byollm.errors import CheckpointError, ConfigError, DataError
-from byollm.generate import SamplingParams, generate_text
+from byollm.generate import generate_text
 from byollm.model import GPT, ModelConfig
 from byollm.model.config import model_choice_of, model_config_from
+from byollm.sampling import SamplingParams
 from byollm.train import distributed
 from byollm.train.config import DataConfig, TrainConfig, load_config
 from byollm.train.loop import CausalLM, Trainer, evaluate

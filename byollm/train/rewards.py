@@ -17,8 +17,9 @@ import torch.nn as nn
 
 from byollm.checkpoint import load_checkpoint
 from byollm.errors import CheckpointError
-from byollm.generate import SamplingParams, generate
+from byollm.generate import generate
 from byollm.model import GPT, position_ids_from_mask
+from byollm.sampling import SamplingParams
 from byollm.tokenizer import Tokenizer
 from byollm.train.loop import autocast_context
 from byollm.train.policy import pack_sequences, response_forward, vocab_limit_of
@@ -77,7 +78,6 @@ def token_fraction_reward(token_ids: Sequence[int]) -> RewardFn:
     return reward_fn
 
 
-
 def load_reward_model(path: str | Path, device: torch.device | str = "cpu",
                       tokenizer: Tokenizer | None = None) -> nn.Module:
     """A reward model checkpoint (written by `byollm reward`) as a RewardModel; with the policy's tokenizer
@@ -92,6 +92,10 @@ def load_reward_model(path: str | Path, device: torch.device | str = "cpu",
                                   "base model (for example the SFT checkpoint)")
     return loaded.model.requires_grad_(False)
 
+
+# --------------------------------------------------------------------------------------------------
+# Held-out evaluation
+# --------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -123,7 +127,6 @@ def evaluate_policy(policy: GPT, reference: GPT, reward_fn: RewardFn, prompts: l
         lengths.append(mask.sum(dim=1).float().cpu())
     return {"score": torch.cat(scores).mean().item(), "kl": torch.cat(kls).mean().item(),
             "response_len": torch.cat(lengths).mean().item(), "prompts": len(prompts)}
-
 
 
 __all__ = ["RewardFn", "RewardModelScorer", "evaluate_policy", "load_reward_model", "token_fraction_reward"]

@@ -26,6 +26,10 @@ import torch.nn as nn
 from byollm.errors import ByollmError, ConfigError
 from byollm.train.policy import response_forward
 
+# --------------------------------------------------------------------------------------------------
+# The per-token arithmetic: pure functions on (B, R) tensors, each tested against numbers worked by hand
+# --------------------------------------------------------------------------------------------------
+
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of x over the positions where mask is 1 (over everything, or along `dim`)."""
@@ -149,6 +153,11 @@ def ppo_losses(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: t
     return PPOLosses(policy_loss, value_loss, clipfrac, value_clipfrac, approx_kl)
 
 
+# --------------------------------------------------------------------------------------------------
+# The objective
+# --------------------------------------------------------------------------------------------------
+
+
 class PPOObjective:
     """loss(model, minibatch): the PPO loss of a PolicyWithValue on a minibatch from RolloutSource.
 
@@ -192,7 +201,6 @@ class PPOObjective:
             **extra, **batch.get("stats", {}), "tokens": int(mask.sum().item()),
         }
         return loss, metrics
-
 
 
 __all__ = ["PPOLosses", "PPOObjective", "gae", "grpo_advantages", "kl_penalized_rewards", "masked_mean",

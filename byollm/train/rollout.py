@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 
 from byollm.errors import ByollmError, ConfigError, DataError
-from byollm.generate import SamplingParams, generate
+from byollm.generate import generate
+from byollm.sampling import SamplingParams
 from byollm.tokenizer import Tokenizer
 from byollm.train.loop import autocast_context
 from byollm.train.policy import PolicyWithValue, pack_sequences, response_forward, vocab_limit_of
@@ -260,7 +261,6 @@ class RolloutSource:
                 "position_ids": batch["position_ids"], "mask": mask, "old_logprobs": logprobs,
                 **critic, "ref_logprobs": ref_logprobs, "advantages": advantages,
                 "scores": scores, "prompt_width": batch["prompt_width"], "stats": stats}
-
 
 
 __all__ = ["RolloutConfig", "RolloutSource"]
