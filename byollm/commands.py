@@ -16,6 +16,7 @@ from byollm.config import config_from_args
 from byollm.errors import ByollmError
 from byollm.model.config import list_presets, model_config_from, preset
 
+
 def _torch_dtype(name: str | None):
     import torch
 
@@ -236,7 +237,7 @@ def cmd_merge(a: Any) -> None:
 
 
 def cmd_ppo(a: Any) -> None:
-    from byollm.train.align import ppo_chat
+    from byollm.train.ppo import ppo_chat
 
     ppo_chat(recipe_config("ppo", a))
 

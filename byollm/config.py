@@ -205,5 +205,5 @@ def one_line(message: str) -> str:
     return " ".join(line.strip() for line in message.strip().splitlines() if line.strip()) or "invalid config"
 
 
-__all__ = ["Section", "add_config_arguments", "config_from_args", "instantiate", "known_keys", "one_line", "parse_config",
-           "read_yaml", "unknown_key"]
+__all__ = ["Section", "add_config_arguments", "config_from_args", "instantiate", "known_keys", "one_line",
+           "parse_config", "read_yaml", "unknown_key"]

@@ -42,11 +42,11 @@ from byollm.data.instruct import SPLIT_SEED, VAL_FRACTION, to_pairs
 from byollm.data.readers import load_records, record_to_text, source_text, split_records
 from byollm.tokenizer.chat_template import encode_prompt
 from byollm.train import PretrainResult, load_config, pretrain
-from byollm.train.align import answer_prompts, load_align_config, orpo, prompt_ids
+from byollm.train.align import answer_prompts, load_align_config, orpo
 from byollm.train.align import dpo as run_dpo
 from byollm.train.align import reward as run_reward
 from byollm.train.align import sft as run_sft
-from byollm.train.ppo import PPOConfig, ppo
+from byollm.train.ppo import PPOConfig, ppo, prompt_ids
 from byollm.train.rewards import RewardModelScorer, load_reward_model
 
 

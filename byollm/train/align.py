@@ -1,10 +1,9 @@
-"""The alignment recipes: SFT, reward model, DPO and ORPO (and PPO with chat prompts). Each reads top to bottom.
+"""The alignment recipes: SFT, reward model, DPO and ORPO (PPO is in ppo.py). Each reads top to bottom.
 
     byollm sft    --config configs/sft-alpaca-cpu.yaml --align.base runs/base
     byollm reward --config configs/reward-hh-cpu.yaml  --align.base runs/sft
     byollm dpo    --config configs/dpo-hh-cpu.yaml     --align.base runs/sft
     byollm orpo   --config configs/orpo-hh-cpu.yaml    --align.base runs/base
-    byollm ppo    --config configs/ppo-hh-cpu.yaml     --policy runs/sft --reward_model runs/reward
 
 Every recipe does the same seven things, and differs only in the objective and the held-out metric:
 
@@ -35,9 +34,7 @@ holds every recipe's settings for Python callers. The model and its tokenizer co
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -66,7 +63,6 @@ from byollm.model import GPT, RewardModel, resize_token_embeddings
 from byollm.sampling import SamplingParams
 from byollm.tokenizer import Tokenizer
 from byollm.tokenizer.chat_template import add_chat_tokens, encode_prompt, end_id, has_chat_tokens
-from byollm.train import distributed
 from byollm.train import distributed
 from byollm.train.examples import ExampleSource, collate_preference, collate_sft, example_batches
 from byollm.train.loop import LoopConfig, Trainer, evaluate
@@ -535,58 +531,6 @@ def answer_prompts(model: nn.Module, tok: Tokenizer, prompts: list[str] | list[l
         model.train(was_training)
 
 
-def ppo_chat(cfg: Any, *, prompts: list[list[int]] | None = None, eval_prompts: list[list[int]] | None = None,
-             max_prompt_len: int = 128, progress: bool = True) -> Any:
-    """`byollm ppo`: PPO (`byollm.train.ppo.ppo`) on chat prompts. cfg.prompts may be a prompt file (each line
-    a user turn, rendered with the chat template) or a preference dataset (hh-rlhf, or a local JSON/JSONL of
-    pairs): its training split's prompts are trained on and, with cfg.val_prompts > 0, that many of its
-    HELD-OUT split's prompts are the evaluation set (never the training pairs). Prompts longer than
-    max_prompt_len tokens are skipped and counted."""
-    from byollm.data.registry import find_spec
-    from byollm.train.ppo import ppo, read_prompts
-
-    if cfg.policy is None:
-        raise ConfigError("ppo needs a policy checkpoint (--policy CKPT), normally an SFT model")
-    tok = load_checkpoint(cfg.policy).tokenizer
-    if tok is None or not has_chat_tokens(tok):
-        raise ConfigError(f"the policy {cfg.policy} has no chat template; train it with `byollm sft` first")
-    if prompts is None and cfg.prompts is not None:
-        is_dataset = find_spec(cfg.prompts) is not None or Path(cfg.prompts).suffix in (".json", ".jsonl") and \
-            _looks_like_pairs(cfg.prompts)
-        if is_dataset:
-            prompts = prompt_ids(tok, cfg.prompts, "train", max_prompt_len)
-            if cfg.val_prompts and eval_prompts is None:
-                eval_prompts = prompt_ids(tok, cfg.prompts, "val", max_prompt_len)[:cfg.val_prompts]
-        else:
-            prompts = [encode_prompt(tok, [{"role": "user", "content": t}]) for t in read_prompts(cfg.prompts)]
-    if eval_prompts is not None:
-        cfg = dataclasses.replace(cfg, val_prompts=0)
-    return ppo(cfg, prompts=prompts, eval_prompts=eval_prompts, progress=progress)
-
-
-def _looks_like_pairs(path: str) -> bool:
-    try:
-        first = load_records(path)[:1]
-    except DataError:
-        return False
-    return bool(first) and isinstance(first[0], dict) and "chosen" in first[0]
-
-
-def prompt_ids(tok: Tokenizer, dataset: str, split: str, max_prompt_len: int, *,
-               val_fraction: float = VAL_FRACTION, seed: int = SPLIT_SEED) -> list[list[int]]:
-    """The chat-rendered prompts (ending with <|assistant|>) of a preference dataset's split, at most
-    max_prompt_len tokens each (longer ones are skipped, and the count is printed)."""
-    records = load_records(dataset)
-    train_idx, val_idx = split_records(len(records), val_fraction, seed)
-    pairs, report = to_pairs(records, indices=(train_idx if split == "train" else val_idx).tolist(),
-                             source=f"{Path(dataset).name} ({split})")
-    ids = [encode_prompt(tok, p.prompt) for p in pairs]
-    kept = [x for x in ids if len(x) <= max_prompt_len]
-    print(f"[byollm] prompts {split}: {len(kept)} of {report.total} records ({report.n_skipped} unusable, "
-          f"{len(ids) - len(kept)} longer than {max_prompt_len} tokens skipped)", file=sys.stderr)
-    return kept
-
-
 def _fmt(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) and k not in ("pairs", "tokens") else f"{k} {v:g}"
                      for k, v in metrics.items())
@@ -595,5 +539,5 @@ def _fmt(metrics: dict[str, float]) -> str:
 __all__ = ["CONFIGS", "RECIPES", "SAMPLE_PROMPTS", "AlignConfig", "AlignData", "AlignResult", "AlignTrainConfig",
            "DPOSettings", "DPOTrainConfig", "ModelHooks", "ORPOSettings", "ORPOTrainConfig", "PairData",
            "RewardTrainConfig", "SFTSettings", "SFTTrainConfig", "Samples", "align",
-           "answer_prompts", "build_examples", "dpo", "held_out_metrics", "load_align_config", "orpo", "ppo_chat",
-           "prepare_chat_model", "prompt_ids", "ranking_accuracy", "reward", "sft"]
+           "answer_prompts", "build_examples", "dpo", "held_out_metrics", "load_align_config", "orpo",
+           "prepare_chat_model", "ranking_accuracy", "reward", "sft"]

@@ -441,5 +441,5 @@ def _due(step: int, interval: int, last: bool) -> bool:
     return last or (interval > 0 and step % interval == 0)
 
 
-__all__ = ["BatchSource", "CausalLM", "LoopConfig", "Objective", "Trainer", "TrainingError", "autocast_context", "evaluate",
-           "rng_state", "seed_everything", "set_rng_state", "to_device"]
+__all__ = ["BatchSource", "CausalLM", "LoopConfig", "Objective", "Trainer", "TrainingError", "autocast_context",
+           "evaluate", "rng_state", "seed_everything", "set_rng_state", "to_device"]

@@ -252,5 +252,5 @@ def build_training_optimizer(model: nn.Module, cfg: OptimConfig, max_steps: int,
     return optimizer, build_scheduler(optimizer, schedule, cfg.lr)
 
 
-__all__ = ["MuonOptimConfig", "OptimConfig", "build_training_optimizer", "Muon", "build_muon", "build_optimizer", "build_scheduler", "is_hidden_matrix", "lr_at", "newton_schulz",
-           "param_groups"]
+__all__ = ["Muon", "MuonOptimConfig", "OptimConfig", "build_muon", "build_optimizer", "build_scheduler",
+           "build_training_optimizer", "is_hidden_matrix", "lr_at", "newton_schulz", "param_groups"]

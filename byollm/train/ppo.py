@@ -23,8 +23,6 @@ import copy
 import dataclasses
 import json
 import sys
-import time
-import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,19 +32,21 @@ import numpy as np
 import torch.nn as nn
 
 from byollm.checkpoint import load_checkpoint
+from byollm.data.instruct import SPLIT_SEED, VAL_FRACTION, to_pairs
+from byollm.data.readers import load_records, split_records
+from byollm.data.registry import find_spec
 from byollm.errors import ByollmError, CheckpointError, ConfigError, DataError
 from byollm.generate import generate
 from byollm.sampling import SamplingParams
 from byollm.tokenizer import Tokenizer
 from byollm.tokenizer.chat_template import encode_prompt, has_chat_tokens
-from byollm.train import distributed
-from byollm.train.loop import Trainer
-from byollm.train.optim import build_optimizer
+from byollm.train.loop import LoopConfig, Trainer
+from byollm.train.optim import OptimConfig, build_training_optimizer
 from byollm.train.policy import PolicyWithValue, disable_dropout, unwrap, vocab_limit_of
 from byollm.train.rewards import RewardFn, RewardModelScorer, evaluate_policy, load_reward_model
 from byollm.train.rl_objectives import PPOObjective
 from byollm.train.rollout import RolloutConfig, RolloutSource
-from byollm.train.run import Run, find_resume_checkpoint, load_train_state, resolve_dtype, run_meta, seed_everything
+from byollm.train.run import Run, RunConfig, launch, load_train_state, run_meta, start_run
 
 # --------------------------------------------------------------------------------------------------
 # The recipe
@@ -54,55 +54,57 @@ from byollm.train.run import Run, find_resume_checkpoint, load_train_state, reso
 
 
 @dataclass
-class PPOConfig:
-    """One PPO run. A step is one optimizer update on grad_accum minibatches; each rollout gives
+class PPOConfig(RunConfig, LoopConfig, OptimConfig):
+    """One PPO run: the run, loop and AdamW sections plus the policy, the reward, the prompts, `rollout` and the
+    loss. A step is one optimizer update on grad_accum minibatches; each rollout gives
     ppo_epochs * rollout_size / (mini_batch_size * grad_accum) steps (4 with the defaults)."""
 
-    policy: str | None = None  # CKPT of the policy to improve (normally an SFT model); also the reference
-    reward_model: str | None = None  # CKPT of a reward model (or pass reward_fn= to ppo())
-    prompts: str | None = None  # a file: .txt (one prompt a line), .jsonl / .json ("prompt" field or strings)
-    val_prompts: int = 0  # prompts held out (a seeded choice) for evaluations; never trained on
+    policy: str | None = None
+    """CKPT of the policy to improve (required; normally an SFT model); also the frozen reference"""
+    reward_model: str | None = None
+    """CKPT of a reward model written by `byollm reward` (required on the command line)"""
+    prompts: str | None = None
+    """a prompt file (.txt one prompt a line; .jsonl/.json strings, {"prompt": ...} or {"messages": [...]}) or a
+    preference dataset (hh-rlhf, or a .json/.jsonl of pairs) whose training prompts are used"""
+    val_prompts: int = 0
+    """held-out prompts for the evaluations (a dataset's held-out split, else a seeded choice never trained on)"""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    stop_token_ids: list[int] | None = None  # where answers end; None: the tokenizer's eos (<|end|> after SFT)
-    chat: bool | None = None  # render string prompts as a user turn of the chat template; None: if it has one
+    """how answers are generated and turned into advantages"""
+    stop_token_ids: list[int] | None = None
+    """token ids that end an answer; default: the tokenizer's eos (<|end|> after SFT)"""
+    chat: bool | None = None
+    """render string prompts as a user turn of the chat template; default: when the tokenizer has one"""
     clip_range: float = 0.2
+    """PPO's clip of the probability ratio (1 - c, 1 + c)"""
     clip_range_value: float = 0.2
+    """clip of the value prediction's change per update"""
     vf_coef: float = 0.1
+    """weight of the value loss"""
     ent_coef: float = 0.0
+    """weight of the entropy bonus"""
+    # The sections' defaults that differ for PPO (a constant small learning rate, no weight decay, ...).
     lr: float = 1e-5
+    """learning rate (constant by default)"""
+    min_lr: float = 0.0
+    """learning rate at the end of the decay (when schedule is not constant)"""
+    warmup_steps: int = 0
+    """linear warmup over this many steps"""
+    schedule: Literal["cosine", "linear", "constant"] = "constant"
+    """decay shape after warmup (constant: stay at lr)"""
     weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_accum: int = 1
-    grad_clip: float = 1.0
+    """AdamW weight decay, on matrices only"""
     max_steps: int = 100
-    device: str = "auto"
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool = False
+    """optimizer steps to train for"""
     log_interval: int = 1
-    eval_interval: int = 0  # held-out evaluation every N steps (0: at the start and the end only)
+    """write a train event (loss, score, KL) to metrics.jsonl every N steps"""
+    eval_interval: int = 0
+    """held-out evaluation (score, KL) and answers every N steps; 0: at the start and the end only"""
     checkpoint_interval: int = 100
-    keep_last: int = 2
-    seed: int = 1337
-    out_dir: str = "runs"
-    name: str | None = None
-    resume: bool = False
+    """save a resumable checkpoint every N steps (and at the last one)"""
 
-    def __post_init__(self) -> None:
-        if isinstance(self.rollout, dict):
-            self.rollout = RolloutConfig(**self.rollout)
-        self.betas = tuple(self.betas)  # type: ignore[assignment]
-        self.validate()
-
-    def validate(self) -> None:
-        self.rollout.validate()
-        for name in ("grad_accum", "max_steps", "keep_last"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("log_interval", "eval_interval", "checkpoint_interval", "val_prompts", "lr", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
-            raise ConfigError(f"name {self.name!r} must be a plain folder name (runs/<name>/)")
+    def check(self) -> None:
+        if self.val_prompts < 0:
+            raise ConfigError(f"val_prompts must be >= 0, got {self.val_prompts}")
         minibatches = self.rollout.ppo_epochs * self.rollout.rollout_size // self.rollout.mini_batch_size
         if minibatches % self.grad_accum:
             # An optimizer step must not straddle two rollouts (its minibatches would come from two policies).
@@ -172,14 +174,11 @@ def ppo(cfg: PPOConfig, *, reward_fn: RewardFn | None = None,
     The checkpoints are ordinary GPT checkpoints of the policy (`byollm chat` / `generate` load them); the
     value head lives in their train_state.pt, used only to resume. metrics.jsonl holds "train" events (with
     the rollout's score and kl) and "ppo_eval" events (held-out score and kl); plots/ppo.png draws both."""
-    cfg.validate()
     if cfg.policy is None:
         raise ConfigError("ppo needs a policy checkpoint (--policy CKPT), normally an SFT model")
-    dist = distributed.setup(cfg.device)
-    device = dist.device
-    say = (lambda m: print(m, file=sys.stderr, flush=True)) if (dist.is_main and progress) else (lambda m: None)
-    autocast_dtype = resolve_dtype(cfg.dtype, device)
-    try:
+    with launch(cfg) as where:
+        dist, device, autocast_dtype = where.dist, where.device, where.autocast_dtype
+        say = where.printer(progress)
         # 1. Policy, and the reference: a frozen copy of the same starting weights (also when resuming).
         loaded = load_checkpoint(cfg.policy, device=device)
         say(f"[byollm] policy: {loaded.describe()}")
@@ -218,13 +217,8 @@ def ppo(cfg: PPOConfig, *, reward_fn: RewardFn | None = None,
         pad_id = _pad_id(tokenizer)
 
         # 4. The run folder (new or resumed), the model with its value head, the optimizer.
-        name = distributed.broadcast_object(cfg.name or f"ppo-{time.strftime('%Y%m%d-%H%M%S')}", dist)
-        cfg = dataclasses.replace(cfg, name=name)
-        run = PPORun(Path(cfg.out_dir) / name, enabled=dist.is_main)
-        resume_from = find_resume_checkpoint(run, cfg.resume)
-        run.remove_partial_checkpoints()
-        run.write_config(json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n")
-        seed_everything(cfg.seed)
+        cfg, run, resume_from = start_run(cfg, where, "ppo", run_class=PPORun)
+        name = cfg.name
         model = PolicyWithValue(gpt)
         if cfg.rollout.advantage != "gae":  # no critic: frozen, so neither AdamW nor DDP waits for its gradient
             model.value_head.requires_grad_(False)
@@ -233,28 +227,25 @@ def ppo(cfg: PPOConfig, *, reward_fn: RewardFn | None = None,
             state = load_train_state(resume_from)
             gpt.load_state_dict(load_checkpoint(resume_from, device=device).model.state_dict())
             model.value_head.load_state_dict(state["value_head"])
-        optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, True, device.type)
+        optimizer, scheduler = build_training_optimizer(model, cfg, cfg.max_steps, device.type)
 
         # 5. The pieces that plug into the one loop.
-        source = RolloutSource(model, reference, reward_fn, train_ids, dataclasses.replace(cfg.rollout, seed=cfg.seed),
+        rollout = cfg.rollout if cfg.rollout.seed is not None else dataclasses.replace(cfg.rollout, seed=cfg.seed)
+        source = RolloutSource(model, reference, reward_fn, train_ids, rollout,
                                stop_token_ids=stop_ids, pad_id=pad_id, tokenizer=tokenizer, rank=dist.rank,
                                world_size=dist.world_size, autocast_dtype=autocast_dtype)
         grpo = cfg.rollout.advantage == "grpo"
         objective = PPOObjective(cfg.clip_range, cfg.clip_range_value, cfg.vf_coef, cfg.ent_coef,
                                  cfg.rollout.temperature, vocab_limit, kl_loss_coef=cfg.rollout.kl_coef if grpo else 0)
-        holder: dict[str, Any] = {}
 
-        def held_out_eval(step: int) -> dict[str, float]:
-            result = evaluate_policy(gpt, reference, reward_fn, held_ids, max_new_tokens=cfg.rollout.max_new_tokens,
-                                     temperature=cfg.rollout.temperature, stop_token_ids=stop_ids, seed=cfg.seed,
-                                     pad_id=pad_id, tokenizer=tokenizer)
-            run.log({"event": "ppo_eval", "step": step, **{f"eval_{k}": v for k, v in result.items()}})
-            say(f"[byollm] step {step}: held-out score {result['score']:.4f}, KL {result['kl']:.3f} "
-                f"({result['prompts']} prompts)")
-            return result
+        def held_out_eval(m: nn.Module) -> dict[str, float]:  # the loop's evaluation: score and KL, rank 0
+            if not dist.is_main:
+                return {}
+            return evaluate_policy(gpt, reference, reward_fn, held_ids, max_new_tokens=cfg.rollout.max_new_tokens,
+                                   temperature=cfg.rollout.temperature, stop_token_ids=stop_ids, seed=cfg.seed,
+                                   pad_id=pad_id, tokenizer=tokenizer)
 
-        def sample(m: nn.Module) -> str:  # the loop's sample hook: evaluate, and show a few answers
-            holder["after"] = held_out_eval(holder["trainer"].step)
+        def sample(m: nn.Module) -> str:  # the loop's sample hook: a few held-out answers
             if tokenizer is None:
                 return ""
             shown = held_ids[:3]
@@ -263,14 +254,13 @@ def ppo(cfg: PPOConfig, *, reward_fn: RewardFn | None = None,
             answers = generate(gpt, shown, params, tokenizer=tokenizer).texts
             return "\n---\n".join(tokenizer.decode(p) + (a or "") for p, a in zip(shown, answers, strict=True))
 
-        loop_cfg = types.SimpleNamespace(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
-        loop_cfg.sample_interval, loop_cfg.eval_interval = cfg.eval_interval, 0  # held-out eval via the sample hook
-        trainer = Trainer(model, objective, source, optimizer, None, loop_cfg, device=device, dist=dist,
+        trainer = Trainer(model, objective, source, optimizer, scheduler, cfg, device=device, dist=dist,
                           autocast_dtype=autocast_dtype, run=run, tokenizer=tokenizer,
-                          sample=sample if held_ids and dist.is_main else None,
+                          evaluate=held_out_eval if held_ids else None, eval_event="ppo_eval", eval_prefix="eval_",
+                          sample=sample if held_ids else None, sample_interval=cfg.eval_interval,
+                          compile=cfg.compile, seed=cfg.seed,
                           checkpoint_meta={"run": name, "recipe": "ppo", "policy": str(loaded.path)},
                           progress=progress)
-        holder["trainer"] = trainer
         if state is not None:
             trainer.load_state_dict(state)
             run.rewind(trainer.step)
@@ -285,26 +275,77 @@ def ppo(cfg: PPOConfig, *, reward_fn: RewardFn | None = None,
 
         # 6. Train (held-out evaluation before, every eval_interval, and at the end).
         before: dict[str, float] = {}
-        if held_ids and dist.is_main:
+        if held_ids:
             earlier = [e for e in run.history if e.get("event") == "ppo_eval" and e["step"] == 0]
-            before = ({k.removeprefix("eval_"): v for k, v in earlier[0].items() if k.startswith("eval_")}
-                      if earlier else held_out_eval(0))
+            if earlier:  # resumed: the starting policy was evaluated by the run that began it
+                before = {k.removeprefix("eval_"): v for k, v in earlier[0].items() if k.startswith("eval_")}
+            elif trainer.step == 0:
+                before = trainer.run_eval()
         trainer.fit()
         run.close()
         plot = None
         if dist.is_main and run.enabled:
             plot = plot_ppo_curves(run.history, run.path / "plots" / "ppo.png", title=name)
         checkpoint = trainer.last_checkpoint or resume_from
-        after = holder.get("after", {})
+        after = trainer.last_eval if held_ids else {}
         if before and after:
             say(f"[byollm] held-out score {before['score']:.4f} -> {after['score']:.4f}, KL to the reference "
                 f"{after['kl']:.3f} nats per answer")
         if checkpoint is not None:
             say(f"[byollm] policy checkpoint: {checkpoint}")
         return PPOResult(run.path, checkpoint, trainer.step, before, after, plot)
-    finally:
-        if dist.enabled:
-            distributed.teardown()
+
+
+def ppo_chat(cfg: PPOConfig, *, prompts: list[list[int]] | None = None, eval_prompts: list[list[int]] | None = None,
+             max_prompt_len: int = 128, progress: bool = True) -> Any:
+    """`byollm ppo`: PPO (`byollm.train.ppo.ppo`) on chat prompts. cfg.prompts may be a prompt file (each line
+    a user turn, rendered with the chat template) or a preference dataset (hh-rlhf, or a local JSON/JSONL of
+    pairs): its training split's prompts are trained on and, with cfg.val_prompts > 0, that many of its
+    HELD-OUT split's prompts are the evaluation set (never the training pairs). Prompts longer than
+    max_prompt_len tokens are skipped and counted."""
+    if cfg.policy is None:
+        raise ConfigError("ppo needs a policy checkpoint (--policy CKPT), normally an SFT model")
+    tok = load_checkpoint(cfg.policy).tokenizer
+    if tok is None or (cfg.chat is not False and not has_chat_tokens(tok)):
+        raise ConfigError(f"the policy {cfg.policy} has no chat template; train it with `byollm sft` first (or "
+                          "--chat false for plain-text prompts)")
+    if prompts is None and cfg.prompts is not None:
+        is_dataset = find_spec(cfg.prompts) is not None or Path(cfg.prompts).suffix in (".json", ".jsonl") and \
+            _looks_like_pairs(cfg.prompts)
+        if is_dataset:
+            prompts = prompt_ids(tok, cfg.prompts, "train", max_prompt_len)
+            if cfg.val_prompts and eval_prompts is None:
+                eval_prompts = prompt_ids(tok, cfg.prompts, "val", max_prompt_len)[:cfg.val_prompts]
+        else:
+            # strings become a user turn, {"messages": [...]} records keep their roles (a final reply is dropped)
+            encode = prompt_encoder(tok, cfg.chat)
+            prompts = [encode(p) for p in read_prompts(cfg.prompts)]
+    if eval_prompts is not None:
+        cfg = dataclasses.replace(cfg, val_prompts=0)
+    return ppo(cfg, prompts=prompts, eval_prompts=eval_prompts, progress=progress)
+
+
+def _looks_like_pairs(path: str) -> bool:
+    try:
+        first = load_records(path)[:1]
+    except DataError:
+        return False
+    return bool(first) and isinstance(first[0], dict) and "chosen" in first[0]
+
+
+def prompt_ids(tok: Tokenizer, dataset: str, split: str, max_prompt_len: int, *,
+               val_fraction: float = VAL_FRACTION, seed: int = SPLIT_SEED) -> list[list[int]]:
+    """The chat-rendered prompts (ending with <|assistant|>) of a preference dataset's split, at most
+    max_prompt_len tokens each (longer ones are skipped, and the count is printed)."""
+    records = load_records(dataset)
+    train_idx, val_idx = split_records(len(records), val_fraction, seed)
+    pairs, report = to_pairs(records, indices=(train_idx if split == "train" else val_idx).tolist(),
+                             source=f"{Path(dataset).name} ({split})")
+    ids = [encode_prompt(tok, p.prompt) for p in pairs]
+    kept = [x for x in ids if len(x) <= max_prompt_len]
+    print(f"[byollm] prompts {split}: {len(kept)} of {report.total} records ({report.n_skipped} unusable, "
+          f"{len(ids) - len(kept)} longer than {max_prompt_len} tokens skipped)", file=sys.stderr)
+    return kept
 
 
 def _pad_id(tokenizer: Tokenizer | None) -> int:
@@ -389,4 +430,5 @@ def plot_ppo_curves(metrics: str | Path | list[dict[str, Any]], out: str | Path,
     return out
 
 
-__all__ = ["PPOConfig", "PPOResult", "PPORun", "plot_ppo_curves", "ppo", "prompt_encoder", "read_prompts"]
+__all__ = ["PPOConfig", "PPOResult", "PPORun", "plot_ppo_curves", "ppo", "ppo_chat", "prompt_encoder", "prompt_ids",
+           "read_prompts"]

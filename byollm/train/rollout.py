@@ -19,6 +19,7 @@ seen. Everything random is seeded from (seed, rollout number, rank): prompt orde
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from byollm.config import Section
 from byollm.errors import ByollmError, ConfigError, DataError
 from byollm.generate import generate
 from byollm.sampling import SamplingParams
@@ -46,28 +48,42 @@ from byollm.train.rl_objectives import (
 
 
 @dataclass
-class RolloutConfig:
-    """What a rollout is made with (the PPO hyper-parameters that act before the loss)."""
+class RolloutConfig(Section):
+    """What a rollout is made with (the PPO hyper-parameters that act before the loss): `rollout.*`."""
 
-    rollout_size: int = 16  # prompts per rollout (per process)
-    mini_batch_size: int = 4  # sequences per minibatch (one Trainer micro-batch)
-    ppo_epochs: int = 2  # passes over each rollout before generating the next
+    rollout_size: int = 16
+    """answers per rollout (per process)"""
+    mini_batch_size: int = 4
+    """sequences per minibatch (one Trainer micro-batch)"""
+    ppo_epochs: int = 2
+    """passes over each rollout before generating the next"""
     max_new_tokens: int = 32
-    temperature: float = 1.0  # sampling temperature; log-probs use the same one
+    """longest answer, in tokens"""
+    temperature: float = 1.0
+    """sampling temperature of the answers; the log-probs use the same one"""
     kl_coef: float = 0.05
+    """weight of the KL to the reference (per-token penalty in the reward; GRPO: in the loss)"""
     gamma: float = 1.0
+    """discount of future rewards (GAE)"""
     lam: float = 0.95
-    whiten_advantages: bool = True  # (gae only: rloo/grpo advantages are already centred per prompt)
+    """GAE's lambda: bias/variance trade-off of the advantages"""
+    whiten_advantages: bool = True
+    """normalise the advantages over the rollout (gae only: rloo/grpo ones are already centred per prompt)"""
     # The advantage estimator. gae: PPO with the value head. rloo / grpo: no critic; samples_per_prompt answers
     # per prompt, each judged against the others (RLOO: Ahmadian et al. 2024, KL in the reward like PPO; GRPO:
     # Shao et al. 2024, group-normalised scores and kl_coef times the k3 KL estimate in the loss instead).
     advantage: Literal["gae", "rloo", "grpo"] = "gae"
-    samples_per_prompt: int = 1  # rollout_size counts answers: rollout_size / samples_per_prompt prompts
-    missing_eos_penalty: float | None = None  # subtracted from the score of answers that never stopped
-    generation_batch_size: int | None = None  # prompts generated at once (None: the whole rollout)
-    seed: int = 1337
+    """gae (PPO with the value head), rloo or grpo (no critic: answers judged against their siblings)"""
+    samples_per_prompt: int = 1
+    """answers per prompt (rloo/grpo need >= 2); rollout_size counts answers"""
+    missing_eos_penalty: float | None = None
+    """subtracted from the score of answers that never stopped (default: none)"""
+    generation_batch_size: int | None = None
+    """prompts generated at once (default: the whole rollout)"""
+    seed: int | None = None
+    """seed of the answers' sampling and the minibatch order; default: the run's seed (1337 outside a run)"""
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         self.validate()
 
     def validate(self) -> None:
@@ -117,6 +133,8 @@ class RolloutSource:
                  pad_id: int = 0, tokenizer: Tokenizer | None = None, rank: int = 0, world_size: int = 1,
                  autocast_dtype: torch.dtype | None = None) -> None:
         config.validate()
+        if config.seed is None:
+            config = dataclasses.replace(config, seed=1337)
         if not prompts:
             raise DataError("PPO needs at least one prompt")
         block = policy.config.block_size

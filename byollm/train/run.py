@@ -385,4 +385,5 @@ def run_meta(seed: int, device: torch.device, extra: dict[str, Any] | None = Non
 
 
 __all__ = ["Run", "RunConfig", "TRAIN_STATE", "Where", "find_resume_checkpoint", "format_duration", "git_info",
-           "hardware", "launch", "load_train_state", "printer", "resolve_dtype", "run_meta", "seed_everything", "start_run"]
+           "hardware", "launch", "load_train_state", "printer", "resolve_dtype", "run_meta", "seed_everything",
+           "start_run"]
