@@ -12,11 +12,13 @@ import torch.nn as nn
 from byollm.generate import generate, generate_text, iter_generate, stream_text
 from byollm.model import GPT, preset
 from byollm.sampling import (
+    MIN_TEMPERATURE,
     GenerationError,
     SamplingParams,
     apply_repetition_penalty,
     min_p_filter,
     sample_next,
+    seeded_generator,
     top_k_filter,
     top_p_filter,
 )
@@ -419,6 +421,19 @@ def test_padded_vocabulary_ids_are_never_sampled() -> None:
     params = SamplingParams(max_new_tokens=60, temperature=1.0, seed=0)
     text = generate_text(model, tok, "ab", params)[0]
     assert len(text) == 60
+
+
+def test_temperatures_below_min_temperature_are_greedy():
+    """One rule for generate, the engine and the server: below MIN_TEMPERATURE (1e-5) a token is the argmax and
+    no random number is drawn. Hand-computed: with a logit gap of 1e-6 at temperature 5e-6, sampling would pick
+    the runner-up with probability 1 / (1 + e^0.2) = 45%; greedy never does."""
+    logits = torch.tensor([[0.0, 1e-6, -1.0], [2.0, 2.0 - 1e-6, 0.0]])
+    cold = SamplingParams(temperature=MIN_TEMPERATURE / 2, seed=1)
+    assert cold.greedy and seeded_generator(cold, "cpu") is None
+    for seed in range(50):
+        assert sample_next(logits, cold, torch.Generator().manual_seed(seed)).tolist() == [1, 0]
+    at_the_rule = SamplingParams(temperature=MIN_TEMPERATURE, seed=1)
+    assert not at_the_rule.greedy and seeded_generator(at_the_rule, "cpu") is not None
 
 
 def test_extreme_but_valid_sampling_values_do_not_break_sampling():
