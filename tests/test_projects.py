@@ -493,18 +493,18 @@ def python_excerpts() -> list[tuple[str, str, str]]:
 def test_docs_have_code_excerpts():
     sources = {source for _, source, _ in python_excerpts()}
     for needed in ("byollm/model/model.py", "byollm/model/config.py", "byollm/tokenizer/bpe.py",
-                   "byollm/generate.py", "byollm/interop/hf.py"):
+                   "byollm/sampling.py", "byollm/interop/hf.py"):
         assert needed in sources, f"section 1 should show code from {needed}"
     for needed in ("byollm/data/sources.py", "byollm/data/prepare.py", "byollm/data/samplers.py",
                    "byollm/train/loop.py", "byollm/train/optim.py", "byollm/atomic.py", "byollm/train/run.py",
                    "byollm/train/distributed.py"):
         assert needed in sources, f"section 2 should show code from {needed}"
     for needed in ("byollm/tokenizer/chat_template.py", "byollm/data/instruct.py", "byollm/train/objectives.py",
-                   "byollm/model/heads.py", "byollm/train/ppo.py", "byollm/interop/trl.py"):
+                   "byollm/model/heads.py", "byollm/train/rl_objectives.py", "byollm/interop/trl.py"):
         assert needed in sources, f"section 2 (second half) should show code from {needed}"
     for needed in ("byollm/finetune/lora.py", "byollm/finetune/nf4.py", "projects/section_4_finetuning.py"):
         assert needed in sources, f"section 4 should show code from {needed}"
-    for needed in ("byollm/serve/engine.py", "byollm/serve/server.py", "byollm/interop/gguf.py"):
+    for needed in ("byollm/serve/engine.py", "byollm/serve/guards.py", "byollm/interop/gguf.py"):
         assert needed in sources, f"section 5 should show code from {needed}"
 
 
