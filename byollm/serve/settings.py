@@ -16,48 +16,49 @@ from byollm.errors import ByollmError
 
 @dataclass
 class ServeConfig:
-    """Settings of the OpenAI-compatible server (byollm.serve.server).
-
-    model_name: the id clients send as `model` (default: the checkpoint folder's name).
-    host, port: where to listen. The default, 127.0.0.1, is reachable from this machine only.
-    api_keys_file: a file with one API key a line; when keys are configured, every /v1 endpoint needs
-        `Authorization: Bearer KEY`. api_keys_env: an environment variable with comma-separated keys.
-    requests_per_minute, tokens_per_minute: per-key token buckets (None: no limit). Tokens are counted as
-        prompt tokens + max_tokens when a request arrives; what it did not generate is given back.
-    max_body_bytes: larger request bodies are refused with 413.
-    default_max_tokens: max_tokens of a request that gives none (capped by what is left of the context).
-    max_stop_sequences: how many `stop` strings a request may give (OpenAI allows 4).
-    max_batch_size, max_waiting: the engine's running batch and its waiting queue; beyond them: 503.
-    max_connections: open connections uvicorn accepts before answering 503.
-    int8: weight-only int8 quantisation of the linear layers for inference.
-    transpose_weights: on a CPU, keep linear weights transposed for faster one-row decode products
-        (byollm.serve.layout); ignored on other devices.
-    cors_origins: origins allowed by CORS (empty: CORS off, the default; ["*"]: any).
-    log_prompts: log prompts and replies (off by default: they may hold private data).
-    shutdown_timeout: on SIGINT/SIGTERM, seconds in-flight requests get to finish before they are cancelled.
-    device, dtype: where and in what precision the model runs (dtype auto: as saved).
-    """
+    """Settings of the OpenAI-compatible server (byollm.serve.server). API keys come from a file or an
+    environment variable, never the command line (see the module docstring)."""
 
     model_name: str | None = None
+    """the id clients send as `model` (default: the checkpoint folder's name)"""
     host: str = "127.0.0.1"
+    """address to listen on; the default is reachable from this machine only"""
     port: int = 8000
+    """port to listen on"""
     api_keys_file: str | None = None
+    """a file with one API key a line; with keys configured every /v1 endpoint needs `Authorization: Bearer KEY`"""
     api_keys_env: str = "BYOLLM_API_KEYS"
+    """an environment variable with comma-separated API keys"""
     requests_per_minute: int | None = None
+    """per-key request rate limit (token bucket; default: no limit)"""
     tokens_per_minute: int | None = None
+    """per-key token rate limit: prompt tokens + max_tokens on arrival, unused tokens given back (default: none)"""
     max_body_bytes: int = 1_000_000
+    """larger request bodies are refused with 413"""
     default_max_tokens: int = 256
+    """max_tokens of a request that gives none (capped by what is left of the context)"""
     max_stop_sequences: int = 4
+    """how many `stop` strings a request may give (OpenAI allows 4)"""
     max_batch_size: int = 8
+    """requests the engine decodes together (its running batch)"""
     max_waiting: int = 64
+    """requests that may wait for a slot; beyond them: 503"""
     max_connections: int = 512
+    """open connections uvicorn accepts before answering 503"""
     int8: bool = False
+    """weight-only int8 quantisation of the linear layers for inference"""
     transpose_weights: bool = True
+    """on a CPU, keep linear weights transposed for faster one-row decode products (ignored elsewhere)"""
     cors_origins: list[str] = field(default_factory=list)
+    """origins allowed by CORS (empty: CORS off, the default; ["*"]: any)"""
     log_prompts: bool = False
+    """log prompts and replies (off by default: they may hold private data)"""
     shutdown_timeout: float = 10.0
+    """on SIGINT/SIGTERM, seconds in-flight requests get to finish before they are cancelled"""
     device: str = "cpu"
+    """where the model runs: cpu, cuda, cuda:1, mps"""
     dtype: str = "auto"
+    """precision of the weights: float32, bfloat16, float16 or auto (as saved)"""
     # Keys given directly (tests, embedding in Python). Not a command-line option: see the module docstring.
     api_keys: list[str] | None = None
 
