@@ -363,6 +363,12 @@ def _bnb_linear4bit(linear: nn.Linear, double_quant: bool, compute_dtype: torch.
                                      blocksize=NF4_BLOCKSIZE).to(linear.weight.device)  # .to() quantises
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    # On CPUs with AVX-512-BF16, bitsandbytes (0.48-0.50) repacks the weight for a bf16 kernel the first time it
+    # runs in eval mode: that changes the numbers between training and held-out evaluation (bf16 scales), and
+    # fails outright when in_features is not a multiple of the block size (its scales are reshaped per row).
+    # Keep the one fp32 dequantise path everywhere, as on CPUs without that instruction set.
+    if hasattr(layer, "support_avx512bf16_for_cpu"):
+        layer.support_avx512bf16_for_cpu = False
     return layer
 
 
