@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -262,7 +264,13 @@ def test_quantize_model_rejects_unknown_backend_and_targets():
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_bitsandbytes_backend_gives_same_output(double_quant):
     _bnb()
-    ours, theirs = _llama(), _llama()
+    # Widths that are whole 64-weight blocks per row: bitsandbytes' AVX-512 CPU kernel gets other widths wrong
+    # (llama-tiny's down_proj reads 160 features; see test_bitsandbytes_wrong_dequantisation_is_refused).
+    def model() -> GPT:
+        torch.manual_seed(0)
+        return GPT(dataclasses.replace(preset("llama-tiny"), intermediate_size=192)).eval()
+
+    ours, theirs = model(), model()
     quantize_model(ours, double_quant=double_quant)
     quantize_model(theirs, backend="bitsandbytes", double_quant=double_quant)
     import bitsandbytes as bnb
@@ -273,3 +281,36 @@ def test_bitsandbytes_backend_gives_same_output(double_quant):
         a, b = ours(ids).logits, theirs(ids).logits
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
     assert model_nbytes(ours) == pytest.approx(model_nbytes(theirs), rel=0.01)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_bitsandbytes_wrong_dequantisation_is_refused(double_quant, monkeypatch):
+    """A layer whose rows are not whole blocks: where bitsandbytes dequantises it correctly the layer equals
+    ours; where it does not (its AVX-512 CPU kernel), building it is a clear error, never silent garbage."""
+    bnb = _bnb()
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    from byollm.errors import ByollmError
+    from byollm.finetune.nf4 import _bnb_linear4bit
+
+    torch.manual_seed(0)
+    linear = nn.Linear(160, 64, bias=False)
+    q, state = bnb.functional.quantize_4bit(linear.weight.data, blocksize=64, quant_type="nf4")
+    generic = _dequantize_4bit_compute(q.reshape(-1), state.absmax, _get_4bit_code("nf4", q.device), 64,
+                                       tuple(linear.weight.shape), torch.float32)
+    wrong = not torch.equal(bnb.functional.dequantize_4bit(q, state), generic)
+    if wrong:
+        with pytest.raises(ByollmError, match="multiple of 64"):
+            _bnb_linear4bit(linear, double_quant, torch.float32)
+        # With a correct dequantiser the same layer is accepted: the check is about the numbers, not the CPU.
+        monkeypatch.setattr(bnb.functional, "dequantize_4bit", lambda A, quant_state: _dequantize_4bit_compute(
+            A.reshape(-1), quant_state.absmax if not quant_state.nested else bnb.functional.dequantize_blockwise(
+                quant_state.absmax, quant_state.state2) + quant_state.offset, _get_4bit_code("nf4", A.device), 64,
+            tuple(quant_state.shape), torch.float32))
+    layer = _bnb_linear4bit(linear, double_quant, torch.float32)
+    if not wrong:
+        ours = NF4Linear.from_linear(linear, double_quant=double_quant)
+        x = torch.randn(4, 160)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), ours(x), atol=1e-4, rtol=1e-4)

@@ -369,7 +369,34 @@ def _bnb_linear4bit(linear: nn.Linear, double_quant: bool, compute_dtype: torch.
     # Keep the one fp32 dequantise path everywhere, as on CPUs without that instruction set.
     if hasattr(layer, "support_avx512bf16_for_cpu"):
         layer.support_avx512bf16_for_cpu = False
+    check_bnb_dequantize(bnb, layer, linear.weight)
     return layer
+
+
+# The largest distance from a value in [-1, 1] to its nearest NF4 level (half the widest gap, -1 .. -0.696),
+# with room for the 8-bit rounding of double-quantised scales: a correct dequantisation is never further away.
+NF4_MAX_ERROR = 0.5 * float((NF4_LEVELS[1:] - NF4_LEVELS[:-1]).max()) + 0.02
+
+
+@torch.no_grad()
+def check_bnb_dequantize(bnb: object, layer: nn.Module, weight: torch.Tensor) -> None:
+    """Refuse a bitsandbytes layer whose weight does not dequantise to within NF4's error of the original.
+
+    bitsandbytes 0.50's AVX-512 CPU kernel for `dequantize_4bit` takes the block scales row by row, so a
+    weight whose rows are not a whole number of 64-weight blocks (in_features % 64 != 0) comes back wrong
+    (measured: max error 2.08 on a (64, 160) normal matrix, vs 0.45 for its generic path and for ours). Only
+    such shapes are checked (real models' widths are multiples of 64)."""
+    if weight.device.type != "cpu" or weight.shape[1] % NF4_BLOCKSIZE == 0:
+        return
+    flat = weight.detach().float().reshape(-1)
+    got = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float().reshape(-1)
+    pad = (-flat.numel()) % NF4_BLOCKSIZE
+    absmax = F.pad(flat, (0, pad)).view(-1, NF4_BLOCKSIZE).abs().amax(1).repeat_interleave(NF4_BLOCKSIZE)
+    error = ((got - flat).abs() - NF4_MAX_ERROR * absmax[:flat.numel()]).max().item()
+    if error > 1e-6:
+        raise ByollmError(f"bitsandbytes dequantises this {tuple(weight.shape)} weight wrongly on this CPU (its "
+                          f"AVX-512 kernel needs in_features to be a multiple of {NF4_BLOCKSIZE}); use "
+                          "lora.quant_backend byollm, or leave such layers out of lora.targets")
 
 
 @torch.no_grad()
