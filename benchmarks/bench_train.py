@@ -6,7 +6,7 @@
 
 Both sides run one optimizer step exactly as `byollm train` does: `byollm.train.loop.Trainer`'s
 forward_backward (bf16 autocast through the loop's `autocast_context`, loss / grad_accum, backward) and
-optimizer_step (clip the gradient norm to 1.0, AdamW from `build_optimizer` with the TrainConfig defaults:
+optimizer_step (clip the gradient norm to 1.0, AdamW from `build_training_optimizer` with the TrainConfig defaults:
 fused where PyTorch has it, weight decay on matrices only; the warmup+cosine LambdaLR; zero_grad). The Trainer
 also applies `torch.compile` itself when asked. The only difference is the model:
 
@@ -65,7 +65,7 @@ from common import DTYPES, load_average, machine_info, matmul_peak, table, warn_
 from byollm.model import GPT, preset  # noqa: E402
 from byollm.train.config import TrainConfig  # noqa: E402
 from byollm.train.loop import CausalLM, Trainer, seed_everything  # noqa: E402
-from byollm.train.optim import build_optimizer, build_scheduler, lr_at  # noqa: E402
+from byollm.train.optim import build_training_optimizer  # noqa: E402
 from byollm.train.perf import gpu_peak_flops  # noqa: E402
 
 GPU_DEFAULTS = dict(preset="gpt2-124m", batch_size=16, seq_len=1024, dtype="bf16", compile=True, steps=30,
@@ -195,13 +195,9 @@ class Side:
 
 def build_side(name: str, model: nn.Module, objective: Any, batches: FixedBatches, cfg: TrainConfig,
                device: torch.device, autocast: torch.dtype | None) -> Side:
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.decay_embeddings, device.type)
-    scheduler = build_scheduler(optimizer, lambda step: lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr,
-                                                              warmup_steps=cfg.warmup_steps,
-                                                              decay_steps=cfg.max_steps, schedule=cfg.schedule),
-                                cfg.lr)
+    optimizer, scheduler = build_training_optimizer(model, cfg, cfg.max_steps, device.type)
     trainer = Trainer(model, objective, batches, optimizer, scheduler, cfg, device=device, autocast_dtype=autocast,
-                      progress=False)
+                      compile=cfg.compile, seed=cfg.seed, progress=False)
     model.train()
     return Side(name, model, trainer, compiled=cfg.compile)
 

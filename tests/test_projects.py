@@ -279,7 +279,8 @@ SMALL_RUNS = {
     "eval": ["--max-batches", "2"],
     # The alignment verbs: 2 steps on 16 training records, 4 held-out ones, 4-token samples.
     **{verb: ["--max_steps", "2", "--batch_size", "2", "--warmup_steps", "1", "--align.max_train", "16",
-              "--align.max_val", "4", "--align.eval_batch_size", "4", "--sample_tokens", "4"]
+              "--align.max_val", "4", "--align.eval_batch_size", "4"]
+       + (["--sample_tokens", "4"] if verb != "reward" else [])  # (a reward model writes no samples)
        for verb in ("sft", "reward", "dpo", "orpo", "finetune")},
     # PPO: one rollout of 4 answers of 8 tokens (2 minibatches of 2, 1 epoch), 2 held-out prompts.
     "ppo": ["--max_steps", "2", "--rollout.rollout_size", "4", "--rollout.mini_batch_size", "2",
