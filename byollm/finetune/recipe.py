@@ -45,7 +45,7 @@ from byollm.finetune.lora import (
 )
 from byollm.finetune.nf4 import NF4Linear, QLoRALinear, quantize_model
 from byollm.model import GPT, resize_token_embeddings
-from byollm.tokenizer import load_tokenizer
+from byollm.tokenizer import Tokenizer, load_tokenizer
 from byollm.train.align import AlignResult, ModelHooks, SFTTrainConfig, align
 from byollm.train.perf import return_large_frees_to_os
 
@@ -137,7 +137,7 @@ def finetune(cfg: FinetuneTrainConfig, *, progress: bool = True) -> AlignResult:
 
         return load_quantized(base, s.targets, double_quant=s.double_quant, device=device)
 
-    def save(model: nn.Module, run_dir: Path, tokenizer: Any) -> Path:
+    def save(model: nn.Module, run_dir: Path, tokenizer: Tokenizer) -> Path:
         out = save_adapter(model, run_dir / "adapter")
         tokenizer.save(out / TOKENIZER_DIR)
         (out / FINETUNE_META).write_text(json.dumps(

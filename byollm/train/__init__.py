@@ -1,36 +1,53 @@
-"""Sections 2-3: training. One loop (`Trainer`) that objectives plug into, and the pretraining recipe.
+"""Sections 2-3: training. One loop (`Trainer`) that objectives plug into, and the recipes.
 
-    loop.py         Trainer, the Objective and BatchSource protocols, CausalLM, evaluate
-    config.py       TrainConfig / DataConfig: the schema of configs/*.yaml
-    optim.py        AdamW with weight decay on matrices only, warmup + cosine schedule
-    run.py          the run folder: config.yaml, meta.json, metrics.jsonl, plots, samples, checkpoints
+    run.py          RunConfig; launch() and start_run(), the start-up every recipe shares; the run folder
+    loop.py         LoopConfig; Trainer, the Objective and BatchSource protocols, CausalLM, evaluate
+    optim.py        OptimConfig / MuonOptimConfig; AdamW (decay on matrices only), Muon, the lr schedule
+    config.py       TrainConfig / DataConfig: the pretraining config (configs/quickstart.yaml, ...)
     distributed.py  torchrun / DDP set-up and the few collectives the loop needs
     perf.py         tokens/s and MFU (peak FLOP/s of GPUs, measured on CPUs)
     pretrain.py     the recipe: `pretrain(config)`, `evaluate_checkpoint`, `quickstart_config`
-    objectives.py   SFT, RewardBT, DPO, ORPO objectives; collators, ExampleSource, sequence_logprobs
+    examples.py     collators, packing, ExampleSource: examples -> batches for SFT and preference pairs
+    objectives.py   SFT, RewardBT, DPO, ORPO objectives; sequence and token log-probs
+    align.py        the sft / reward / dpo / orpo recipes and their configs
+    rl_objectives.py, policy.py, rollout.py, rewards.py   PPO's math, policy + value head, rollouts, rewards
+    ppo.py          the PPO recipe (RLOO / GRPO too) and `byollm ppo` on chat prompts
 
 >>> from byollm.train import load_config, pretrain
 >>> pretrain(load_config("configs/quickstart.yaml", {"max_steps": 100}))
 """
 
 from byollm.train.config import DataConfig, TrainConfig, load_config
-from byollm.train.loop import BatchSource, CausalLM, Objective, Trainer, TrainingError, evaluate
-from byollm.train.optim import build_optimizer, build_scheduler, lr_at, param_groups
+from byollm.train.loop import BatchSource, CausalLM, LoopConfig, Objective, Trainer, TrainingError, evaluate
+from byollm.train.optim import (
+    MuonOptimConfig,
+    OptimConfig,
+    build_optimizer,
+    build_scheduler,
+    build_training_optimizer,
+    lr_at,
+    param_groups,
+)
 from byollm.train.pretrain import PretrainResult, evaluate_checkpoint, pretrain, quickstart_config
-from byollm.train.run import Run
+from byollm.train.run import Run, RunConfig
 
 __all__ = [
     "BatchSource",
     "CausalLM",
     "DataConfig",
+    "LoopConfig",
+    "MuonOptimConfig",
+    "OptimConfig",
     "Objective",
     "PretrainResult",
     "Run",
+    "RunConfig",
     "TrainConfig",
     "Trainer",
     "TrainingError",
     "build_optimizer",
     "build_scheduler",
+    "build_training_optimizer",
     "evaluate",
     "evaluate_checkpoint",
     "load_config",

@@ -155,7 +155,7 @@ class PPORun(Run):
     """A Run whose checkpoints hold the policy as an ordinary GPT checkpoint (what chat, generate and the HF
     export read) and the value head in train_state.pt: the critic is only needed to continue training."""
 
-    def save_checkpoint(self, step: int, model: nn.Module, tokenizer: Any, train_state: dict[str, Any],
+    def save_checkpoint(self, step: int, model: nn.Module, tokenizer: Tokenizer | None, train_state: dict[str, Any],
                         meta: dict[str, Any], keep_last: int) -> Path | None:
         head = {k: v.detach().cpu() for k, v in unwrap(model).value_head.state_dict().items()}
         return super().save_checkpoint(step, unwrap(model).policy, tokenizer, {**train_state, "value_head": head},

@@ -41,6 +41,7 @@ from byollm.generate import generate_text
 from byollm.model import GPT, ModelConfig
 from byollm.model.config import model_choice_of, model_config_from
 from byollm.sampling import SamplingParams
+from byollm.tokenizer import Tokenizer
 from byollm.train import distributed
 from byollm.train.config import DataConfig, TrainConfig, load_config
 from byollm.train.loop import CausalLM, Trainer, evaluate
@@ -208,7 +209,7 @@ class _StreamData:
 
     meta: dict[str, Any]
     val: Any
-    tokenizer: Any
+    tokenizer: Tokenizer
 
 
 def is_streaming(data: DataConfig) -> bool:

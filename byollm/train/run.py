@@ -46,6 +46,7 @@ from byollm.atomic import atomic_write_text
 from byollm.checkpoint import LATEST, WEIGHTS, latest_checkpoint, library_versions, save_checkpoint
 from byollm.config import Section
 from byollm.errors import ByollmError, ConfigError
+from byollm.tokenizer import Tokenizer
 from byollm.train import distributed
 
 TRAIN_STATE = "train_state.pt"
@@ -299,8 +300,8 @@ class Run:
         return self.plot_file
 
     # ---- checkpoints ------------------------------------------------------------------------------
-    def save_checkpoint(self, step: int, model: torch.nn.Module, tokenizer: Any, train_state: dict[str, Any],
-                        meta: dict[str, Any], keep_last: int) -> Path | None:
+    def save_checkpoint(self, step: int, model: torch.nn.Module, tokenizer: Tokenizer | None,
+                        train_state: dict[str, Any], meta: dict[str, Any], keep_last: int) -> Path | None:
         """checkpoints/step-<step>/ with the weights and train_state.pt in ONE atomic write, then `latest`,
         then delete all but the newest `keep_last`."""
         if not self.enabled:
