@@ -379,7 +379,7 @@ def create_app(model_or_engine: nn.Module | Engine | AsyncEngine, tokenizer: Tok
 # --------------------------------------------------------------------------------------------------
 
 
-class _Run:
+class _InFlight:
     """One request in the engine: its outputs, timing and accounting, released exactly once."""
 
     def __init__(self, service: _Service, job: _Job) -> None:
@@ -451,7 +451,7 @@ async def _until_disconnect(request: Request, awaitable: Awaitable[Any], every: 
 
 async def _respond(service: _Service, job: _Job, request: Request) -> Response:
     try:
-        run = _Run(service, job)
+        run = _InFlight(service, job)
     except BaseException as e:
         service.limiter.refund(job.key, job.reserved)
         if isinstance(e, ByollmError):  # the engine's own checks (the server's come first and say more)
@@ -493,7 +493,7 @@ async def _respond(service: _Service, job: _Job, request: Request) -> Response:
     return _json(TextCompletion(**common, object="text_completion", choices=[choice]))
 
 
-async def _stream(service: _Service, job: _Job, run: _Run, first: StepOutput | None,
+async def _stream(service: _Service, job: _Job, run: _InFlight, first: StepOutput | None,
                   request: Request) -> AsyncIterator[str]:
     """Server-sent events: OpenAI's chunk objects, then `data: [DONE]`.
 
