@@ -106,6 +106,9 @@ def add_config_arguments(parser: Any, cls: type, skip: set[str] | None = None, n
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML recipe (configs/*.yaml); options given "
                         "after it override its values")
     parser.add_class_arguments(cls, nested_key, skip=skip or set())
+    for action in parser._actions:  # a sub-section's own option (`--model FILE`) loads it from a file
+        if action.option_strings and (action.help or "").startswith("Path to a configuration file"):
+            action.help = f"a YAML file with the {action.dest}.* settings (its keys without the prefix)"
 
 
 def config_from_args(cls: type[T], args: Any, **values: Any) -> T:
