@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import sys
 from typing import Any, Literal, Optional  # noqa: UP035 - built at run time
 
@@ -287,8 +288,13 @@ def _dispatch(ns: Namespace) -> None:
 
 
 def _friendly(message: str, parser: ArgumentParser) -> str:
-    """One line, with a 'did you mean' when an option name was mistyped."""
+    """One line, with a 'did you mean' when a verb or an option name was mistyped."""
     first = message.strip().splitlines()[0] if message.strip() else "invalid arguments"
+    verb = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", first)
+    if verb:  # a mistyped verb: `byollm pretrian`, `byollm export hff`
+        close = difflib.get_close_matches(verb.group(1), re.findall(r"'([^']*)'", verb.group(2)), n=1)
+        if close:
+            return f"{first} (did you mean '{close[0]}'?)"
     if "nrecognized arguments" in first or "does not accept nested key" in first:
         known = [o for a in _all_actions(parser) for o in a.option_strings]
         for word in first.replace(":", " ").replace("'", " ").replace('"', " ").split():

@@ -2,28 +2,90 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from byollm.cli import COMMANDS, main
+from byollm.cli import COMMANDS, build_parser, main, verb_path
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "byollm.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("path", [(), *COMMANDS])
-def test_help_on_every_subcommand(path: tuple[str, ...], capsys: pytest.CaptureFixture) -> None:
+def parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """Every (sub)parser of the CLI by its verb path: () the root, ("export",), ("export", "hf"), ..."""
+    out = {path: parser}
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sub in a.choices.items():
+                out.update(parsers(sub, (*path, name)))
+    return out
+
+
+def sub_verbs(p: argparse.ArgumentParser) -> dict[str, str]:
+    """A parser's verbs and their one-line help (empty for a leaf verb)."""
+    return {c.dest: c.help for a in p._actions if isinstance(a, argparse._SubParsersAction) for c in a._choices_actions}
+
+
+@pytest.fixture(scope="module")
+def cli_parsers() -> dict[tuple[str, ...], argparse.ArgumentParser]:
+    return parsers(build_parser())
+
+
+GROUPS = [("export",), ("convert",), ("tokenizer",), ("model",), ("data",)]
+
+
+@pytest.mark.parametrize("path", [(), *GROUPS, *COMMANDS])
+def test_help_on_every_subcommand(path: tuple[str, ...], cli_parsers: dict, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as e:
         main([*path, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "usage: byollm" in out
+    squeezed = "".join(out.split())  # --help wraps lines
+    usage = out.split("\n\n")[0]
+    # the usage line is this verb's: `usage: byollm [options] export [options] hf [--dtype DTYPE] ckpt out_dir`
+    assert re.match(r"usage: byollm\b" + "".join(rf".*\b{re.escape(w)}\b" for w in path), usage, re.S), usage
+    p = cli_parsers[path]
+    assert p.description and "".join(p.description.split()) in squeezed  # what the verb does
+    for verb, text in sub_verbs(p).items():  # a group lists its verbs, each with its line
+        assert verb in out and text and "".join(text.split()) in squeezed, f"{verb} is not listed with its help"
+
+
+def test_every_verb_has_a_command_and_every_command_a_verb(cli_parsers: dict) -> None:
+    leaves = {path for path, p in cli_parsers.items() if path and not sub_verbs(p)}
+    assert leaves == set(COMMANDS)
+    assert set(sub_verbs(cli_parsers[()])) == {path[0] for path in COMMANDS}
+    ns = build_parser().parse_args(["export", "gguf", "ck", "out.gguf", "--dtype", "f16"])
+    path, args = verb_path(ns)
+    assert path == ("export", "gguf") and (args.ckpt, args.out, args.dtype) == ("ck", "out.gguf", "f16")
+
+
+@pytest.mark.parametrize(
+    ("args", "messages"),
+    [
+        (["pretrian"], ["invalid choice: 'pretrian'", "did you mean 'pretrain'?"]),
+        (["export", "hff", "a", "b"], ["'hff'", "did you mean 'hf'?"]),
+        (["pretrain", "--max_stpes", "3"], ["--max_stpes", "did you mean --max_steps?"]),
+        (["sft", "--method", "lora"], ["--method", "an option of another command"]),
+        (["pretrain", "--schedule", "cosin"], ['"schedule"', "'cosine', 'linear', 'constant'", "cosin"]),
+        (["export"], ["hf,gguf"]),
+        (["generate"], ["required", "ckpt"]),
+    ],
+)
+def test_argument_errors_are_one_line_naming_the_option(args: list[str], messages: list[str],
+                                                        capsys: pytest.CaptureFixture) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("byollm: error:"), err
+    assert all(m in err for m in messages), err
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +200,50 @@ def test_data_errors_are_one_clear_line(case: str, tmp_path: Path) -> None:
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("byollm: error:"), r.stderr
     assert message in lines[0], lines[0]
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_ppo_verb_on_a_file_of_chat_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `byollm ppo --prompts FILE` with {"messages": [...]} records (the format byollm.train.ppo.read_prompts
+    # documents): each record is the conversation it holds, rendered with the chat template up to the assistant
+    # header (a system turn kept, a final assistant reply dropped), not its text wrapped as one user message.
+    import torch
+    from conftest import tiny_chat_base
+
+    import byollm.train.ppo as ppo_module
+    from byollm.checkpoint import load_checkpoint, save_checkpoint
+    from byollm.model import RewardModel
+    from byollm.tokenizer.chat_template import encode_prompt
+    from byollm.train.align import prepare_chat_model
+
+    base = tiny_chat_base(tmp_path)
+    loaded = load_checkpoint(base)
+    policy = save_checkpoint(prepare_chat_model(loaded.model, loaded.tokenizer), tmp_path / "policy", loaded.tokenizer)
+    torch.manual_seed(1)
+    scorer = RewardModel(prepare_chat_model(load_checkpoint(base).model, loaded.tokenizer))
+    rm = save_checkpoint(scorer, tmp_path / "rm", loaded.tokenizer)
+    conversations = [
+        [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "How do I bake bread?"},
+         {"role": "assistant", "content": "Mix flour and water, then bake it."}],
+        [{"role": "user", "content": "Tell me a joke about cats."}],
+        [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."},
+         {"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "The quick brown fox?"}],
+    ]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
+    seen: list[list[int]] = []
+    real_ppo = ppo_module.ppo
+
+    def spy(cfg, **kwargs):  # what the recipe trains on
+        seen.extend(kwargs["prompts"])
+        return real_ppo(cfg, **kwargs)
+
+    monkeypatch.setattr(ppo_module, "ppo", spy)
+    assert main(["ppo", "--policy", str(policy), "--reward_model", str(rm), "--prompts", str(prompts),
+                 "--max_steps", "1", "--rollout.rollout_size", "4", "--rollout.mini_batch_size", "4",
+                 "--rollout.ppo_epochs", "1", "--rollout.max_new_tokens", "4", "--device", "cpu", "--dtype", "fp32",
+                 "--out_dir", str(tmp_path / "runs"), "--name", "ppo"]) == 0
+    tok = load_checkpoint(policy).tokenizer
+    expected = [encode_prompt(tok, c[:-1] if c[-1]["role"] == "assistant" else c) for c in conversations]
+    assert seen == expected
+    assert load_checkpoint(tmp_path / "runs" / "ppo").model.config.n_layer == 2  # the run wrote its policy
