@@ -23,6 +23,16 @@ raised to prompt + new tokens. tok/s = new tokens / seconds
 of the whole call, prompt processing (prefill) included: the time a user waits for --new-tokens tokens.
 The table also says whether each contender produced the same greedy tokens as ours (random weights have
 near-ties, so f16 may differ after a few tokens; f32 should agree).
+
+A packaged real model (`--presets smollm2-135m-instruct`, the `real` extra) runs its real weights instead:
+ours and the engine in fp32 after dequantisation, transformers on our HF export, llama.cpp on the ORIGINAL
+quantised file (`llama.cpp-orig`: Q4_1 for SmolLM2) and on our f32/f16 exports, from a real ChatML prompt
+(a question; end of turn ignored so every contender writes --new-tokens tokens). llama.cpp's quantised dot
+products round activations to 8 bits, so its Q4_1 tokens may part from ours after a near-tie.
+
+llama.cpp runs with its plain CPU buffers (`use_extra_bufts=False`): llama-cpp-python 0.3.36's repacked
+AMX / AVX-512 buffers segfault decoding Q4_1 on an AMX Xeon (tests/test_gguf_import.py); pass
+--llama-cpp-extra-bufts to use them where they work.
 """
 
 from __future__ import annotations
@@ -61,9 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, help="timed calls per contender (default 3; --quick 2)")
     p.add_argument("--threads", type=int, default=2, help="threads for every contender (torch and llama.cpp)")
     p.add_argument("--contenders", nargs="+",
-                   default=["ours", "engine", "engine-t", "hf", "llama.cpp-f32", "llama.cpp-f16"],
+                   default=["ours", "engine", "engine-t", "hf", "llama.cpp-f32", "llama.cpp-f16", "llama.cpp-orig"],
                    help="which to run (default: all that apply; also engine-int8, the engine with int8 weights)")
     p.add_argument("--quick", action="store_true", help="llama-tiny only, 16 tokens: a smoke run")
+    p.add_argument("--llama-cpp-extra-bufts", action="store_true",
+                   help="let llama.cpp repack weights for its AMX/AVX-512 kernels (segfaults on Q4_1 on some CPUs)")
     p.add_argument("--out", help="write all results (every call's seconds) to this JSON file")
     args = p.parse_args(argv)
     mode = QUICK if args.quick else FULL
@@ -132,11 +144,31 @@ def hf_fn(model: GPT, prompt: list[int], n: int):
     return run, type(hf).__name__
 
 
-def llama_cpp_fn(path: Path, prompt: list[int], n: int, threads: int):
+@contextlib.contextmanager
+def llama_cpp_buffers(extra: bool):
+    """llama.cpp model loading with (`extra`) or without its repacked CPU buffer types (see the docstring)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + n + 8, n_batch=len(prompt) + 8,
-                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():  # a ctypes llama_model_params
+        p = defaults()
+        p.use_extra_bufts = extra
+        return p
+
+    llama_cpp.llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
+
+
+def llama_cpp_fn(path: Path, prompt: list[int], n: int, threads: int, extra_bufts: bool = False):
+    import llama_cpp
+
+    with llama_cpp_buffers(extra_bufts):
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + n + 8, n_batch=len(prompt) + 8,
+                              n_threads=threads, n_threads_batch=threads, verbose=False)
 
     def run() -> list[int]:
         llm.reset()  # otherwise llama-cpp-python reuses the prompt's KV cache from the previous call
@@ -150,13 +182,36 @@ def llama_cpp_fn(path: Path, prompt: list[int], n: int, threads: int):
     return run, llm
 
 
+# The question a packaged real model is timed on (its own chat template renders the prompt).
+REAL_QUESTION = "Explain in a few sentences why the sky is blue."
+
+
+def real_model(name: str) -> tuple[GPT, Any, list[int], Path]:
+    """A packaged real model (byollm.interop.pretrained): our fp32 model, its tokenizer, a real chat prompt,
+    and the original GGUF file it was converted from."""
+    from byollm.checkpoint import load_checkpoint
+    from byollm.interop.pretrained import packaged_checkpoint, packaged_gguf
+    from byollm.tokenizer import chat_format
+
+    loaded = load_checkpoint(packaged_checkpoint(name))
+    prompt = chat_format(loaded.tokenizer).encode_prompt([{"role": "user", "content": REAL_QUESTION}])
+    return loaded.model.eval(), loaded.tokenizer, prompt, packaged_gguf(name)
+
+
 def bench_preset(name: str, args: argparse.Namespace, tok: Any, tmp: Path) -> dict[str, Any]:
-    model = make_model(name, tok.vocab_size, args.prompt_len + args.new_tokens)
+    from byollm.interop.pretrained import PACKAGED_MODELS
+
+    original: Path | None = None
+    if name in PACKAGED_MODELS:
+        model, tok, prompt, original = real_model(name)
+    else:
+        model = make_model(name, tok.vocab_size, args.prompt_len + args.new_tokens)
+        g = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, tok.vocab_size, (args.prompt_len,), generator=g).tolist()
     cfg = model.config
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, tok.vocab_size, (args.prompt_len,), generator=g).tolist()
     n = args.new_tokens
-    row: dict[str, Any] = {"preset": name, "params (M)": model.num_params() / 1e6, "vocab": cfg.vocab_size}
+    row: dict[str, Any] = {"preset": name, "params (M)": model.num_params() / 1e6, "vocab": cfg.vocab_size,
+                           "prompt tokens": len(prompt)}
     fns: dict[str, Any] = {}
     keep: list[Any] = []  # llama.cpp models stay alive while timed
     if "ours" in args.contenders:
@@ -182,7 +237,11 @@ def bench_preset(name: str, args: argparse.Namespace, tok: Any, tmp: Path) -> di
 
         path = export_gguf(model, tmp / f"{name}-{dtype}.gguf", tok, dtype=dtype)
         row[f"gguf_{dtype}_mb"] = path.stat().st_size / 1e6
-        fns[f"llama.cpp-{dtype}"], llm = llama_cpp_fn(path, prompt, n, args.threads)
+        fns[f"llama.cpp-{dtype}"], llm = llama_cpp_fn(path, prompt, n, args.threads, args.llama_cpp_extra_bufts)
+        keep.append(llm)
+    if original is not None and "llama.cpp-orig" in args.contenders:
+        row["gguf_orig_mb"] = original.stat().st_size / 1e6
+        fns["llama.cpp-orig"], llm = llama_cpp_fn(original, prompt, n, args.threads, args.llama_cpp_extra_bufts)
         keep.append(llm)
 
     outputs = {k: fn() for k, fn in fns.items()}  # warm-up, and the tokens to compare
@@ -197,7 +256,7 @@ def bench_preset(name: str, args: argparse.Namespace, tok: Any, tmp: Path) -> di
     for k in ("engine", "engine-t", "ours", "engine-int8"):
         if f"{k} tok/s" not in result:
             continue
-        for peer in ("hf", "llama.cpp-f32", "llama.cpp-f16"):
+        for peer in ("hf", "llama.cpp-f32", "llama.cpp-f16", "llama.cpp-orig"):
             if f"{peer} tok/s" in result:
                 result[f"{k}/{peer}"] = result[f"{k} tok/s"] / result[f"{peer} tok/s"]
     del keep
@@ -228,16 +287,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 results["presets"].append({"preset": name, "error": repr(e)})
     rows = results["presets"]
     speed_cols = [c for c in ("ours tok/s", "engine tok/s", "engine-t tok/s", "engine-int8 tok/s", "hf tok/s",
-                              "llama.cpp-f32 tok/s", "llama.cpp-f16 tok/s") if any(c in r for r in rows)]
+                              "llama.cpp-f32 tok/s", "llama.cpp-f16 tok/s", "llama.cpp-orig tok/s")
+                  if any(c in r for r in rows)]
     print(f"\n== decode at batch 1, fp32 weights (llama.cpp: f32 / f16 GGUF), {args.threads} threads: tokens/s "
           f"(median of {args.reps} interleaved calls, prefill included) ==")
     print(table(rows, ["preset", "params (M)", *speed_cols]))
     ratio_cols = [c for c in ("ours/hf", "ours/llama.cpp-f32", "ours/llama.cpp-f16", "engine/hf",
                               "engine/llama.cpp-f32", "engine/llama.cpp-f16", "engine-t/hf",
-                              "engine-t/llama.cpp-f32", "engine-t/llama.cpp-f16", "engine-int8/hf",
-                              "engine-int8/llama.cpp-f16") if any(c in r for r in rows)]
+                              "engine-t/llama.cpp-f32", "engine-t/llama.cpp-f16", "engine-t/llama.cpp-orig",
+                              "engine-int8/hf", "engine-int8/llama.cpp-f16") if any(c in r for r in rows)]
     same_cols = [c for c in ("engine same tokens", "engine-t same tokens", "engine-int8 same tokens", "hf same tokens",
-                             "llama.cpp-f32 same tokens", "llama.cpp-f16 same tokens") if any(c in r for r in rows)]
+                             "llama.cpp-f32 same tokens", "llama.cpp-f16 same tokens", "llama.cpp-orig same tokens")
+                 if any(c in r for r in rows)]
     print("\nratios (same run) and greedy agreement with ours (first differing position / new tokens):")
     print(table(rows, ["preset", *ratio_cols, *same_cols, "load_average_1min"]))
     for r in rows:

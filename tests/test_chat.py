@@ -263,7 +263,7 @@ def test_chat_cli_refuses_a_model_without_chat_tokens(chat_ckpts: tuple[Path, Pa
     assert main(["chat", str(chat_ckpts[0])]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 2  # the "loaded" line and the one-line error
-    assert "this model was not trained with a chat template" in err and "run byollm sft first" in err
+    assert "this model has no chat template" in err and "run byollm sft first" in err
 
 
 def test_exported_model_stops_at_end(tok: Tokenizer, tmp_path: Path) -> None:

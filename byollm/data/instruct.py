@@ -17,11 +17,13 @@ Three steps, each small:
    `byollm.data.split_records(n, val_fraction, seed)`: val = the first round(n * val_fraction) entries of
    numpy.random.default_rng(seed).permutation(n). Defaults: val_fraction=0.1, seed=0 (VAL_FRACTION, SPLIT_SEED);
    so alpaca_4500.json holds out 450 records and hh_rlhf_harmless_2000.jsonl 200 pairs, whatever the tokenizer.
-3. **Messages -> ids** (`sft_examples`, `preference_examples`), the format the objectives consume:
+3. **Messages -> ids** (`sft_examples`, `preference_examples`), the format the objectives consume, in the
+   tokenizer's chat format (`byollm.tokenizer.chat_format`: byollm's template once `add_chat_tokens` ran, or an
+   imported model's own Jinja template such as ChatML, whose tokens are then used and none of ours added):
    - SFT: {"input_ids": list[int], "labels": list[int]}, same length, labels -100 except on assistant
-     replies and their <|end|> (chat.encode_chat; not shifted).
+     replies and their end-of-turn token (<|end|>, <|im_end|>, ...; ChatFormat.encode_chat; not shifted).
    - Preference: {"prompt_ids", "chosen_ids", "rejected_ids"}: prompt_ids ends with the assistant header,
-     chosen/rejected are the reply tokens including the closing <|end|>.
+     chosen/rejected are the reply tokens including the closing end-of-turn token.
 
 Bad data is never dropped silently. A record of the wrong *shape* (not an object, a missing or non-string
 field, an unknown role, a transcript without Human/Assistant turns) raises `DataError` naming the record.
@@ -45,15 +47,8 @@ from typing import Any
 from byollm.data.readers import load_records, split_records
 from byollm.errors import DataError, TokenizerError
 from byollm.tokenizer.base import Tokenizer
-from byollm.tokenizer.chat_template import (
-    ROLES,
-    Message,
-    check_messages,
-    encode_chat,
-    encode_prompt,
-    encode_response,
-    require_chat_tokens,
-)
+from byollm.tokenizer.chat_format import chat_format
+from byollm.tokenizer.chat_template import ROLES, Message, check_messages
 
 logger = logging.getLogger(__name__)
 
@@ -330,12 +325,13 @@ def _new_report(what: str, n: int, report: DataReport | None, strict: bool) -> D
 def sft_examples(tok: Tokenizer, conversations: Iterable[Conversation | Sequence[Message]], max_len: int, *,
                  report: DataReport | None = None, strict: bool = False) -> tuple[list[dict[str, list[int]]],
                                                                                  DataReport]:
-    """Tokenise conversations into {"input_ids", "labels"} (chat.encode_chat), at most max_len tokens each.
+    """Tokenise conversations into {"input_ids", "labels"} (the tokenizer's ChatFormat.encode_chat), at most
+    max_len tokens each.
 
     Skipped and counted: no assistant reply, an empty assistant reply, more than max_len tokens.
     report: continue the DataReport of load_conversations (its total and indices refer to the file's records).
     """
-    require_chat_tokens(tok)
+    fmt = chat_format(tok)
     conversations = list(conversations)
     report = _new_report("conversations", len(conversations), report, strict)
     out = []
@@ -343,7 +339,7 @@ def sft_examples(tok: Tokenizer, conversations: Iterable[Conversation | Sequence
         msgs, i = (conv.messages, conv.index) if isinstance(conv, Conversation) else (conv, None)
         i = pos if i is None else i
         try:
-            msgs = check_messages(msgs)
+            msgs = fmt.check_messages(msgs)
         except TokenizerError as e:
             if "control token" not in str(e):
                 raise DataError(f"conversation {i}: {e}") from None
@@ -356,7 +352,7 @@ def sft_examples(tok: Tokenizer, conversations: Iterable[Conversation | Sequence
         if any(not r.strip() for r in replies):
             report.skip(i, "with an empty assistant reply")
             continue
-        ids, labels = encode_chat(tok, msgs)
+        ids, labels = fmt.encode_chat(msgs)
         if len(ids) > max_len:
             report.skip(i, f"over-long (> {max_len} tokens)")
             continue
@@ -370,12 +366,12 @@ def preference_examples(tok: Tokenizer, pairs: Iterable[PreferencePair], max_len
                         strict: bool = False) -> tuple[list[dict[str, list[int]]], DataReport]:
     """Tokenise pairs into {"prompt_ids", "chosen_ids", "rejected_ids"}; prompt + longer reply <= max_len.
 
-    Both replies are kept whole (with their <|end|>). A prompt that does not fit is cut from the left (its
+    Both replies are kept whole (with their end-of-turn token). A prompt that does not fit is cut from the left (its
     newest tokens and the assistant header kept; counted in report.truncated) if at least min_prompt_len
     (default max_len // 4) of its tokens remain; otherwise the pair is skipped as over-long.
     Skipped and counted as well: an empty chosen or rejected reply, chosen identical to rejected.
     """
-    require_chat_tokens(tok)
+    fmt = chat_format(tok)
     pairs = list(pairs)
     report = _new_report("pairs", len(pairs), report, strict)
     keep_prompt = max(1, max_len // 4 if min_prompt_len is None else min_prompt_len)
@@ -394,8 +390,9 @@ def preference_examples(tok: Tokenizer, pairs: Iterable[PreferencePair], max_len
         if last is None or (isinstance(last, Mapping) and last.get("role") == "assistant"):
             raise DataError(f"pair {i}: the prompt must be messages ending with a user (or system) turn")
         try:
-            prompt = encode_prompt(tok, pair.prompt)
-            chosen, rejected = encode_response(tok, pair.chosen), encode_response(tok, pair.rejected)
+            prompt = fmt.encode_prompt(pair.prompt)
+            chosen = fmt.encode_response(pair.prompt, pair.chosen)
+            rejected = fmt.encode_response(pair.prompt, pair.rejected)
         except TokenizerError as e:
             if "control token" not in str(e):
                 raise DataError(f"pair {i}: {e}") from None

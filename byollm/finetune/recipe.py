@@ -14,9 +14,9 @@ model changes, through `ModelHooks`:
     qlora  the base is read straight into NF4 (`load_quantized`, never in fp32 as a whole) and QLoRA adapters go
            on the 4-bit layers; the adapter is saved the same way and merges into the fp32 base
 
-The adapter folder also holds the run's tokenizer (the base's plus the chat tokens) and finetune.json (method,
-base, trainable parameters). `merge` grows the base's embedding to that tokenizer exactly as training did (new rows:
-the mean embedding), puts the adapter on and folds it in.
+The adapter folder also holds the run's tokenizer (the base's, plus the chat tokens when it had no chat template)
+and finetune.json (method, base, trainable parameters). `merge` grows the base's embedding to that tokenizer
+exactly as training did (new rows: the mean embedding), puts the adapter on and folds it in.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
     loaded = load_checkpoint(base)
     model, tok = loaded.model, loaded.tokenizer
     adapter = Path(adapter)
-    if (adapter / TOKENIZER_DIR).is_dir():  # the run's tokenizer: the base's plus the chat tokens
+    if (adapter / TOKENIZER_DIR).is_dir():  # the run's tokenizer: the base's (+ any chat tokens added)
         tok = load_tokenizer(adapter / TOKENIZER_DIR)
         if tok.vocab_size > model.config.vocab_size:
             resize_token_embeddings(model, tok.vocab_size)

@@ -11,8 +11,9 @@ tensors. Writing one is mostly renaming, as for Hugging Face (`byollm.interop.hf
    the same permutation llama.cpp's `convert_hf_to_gguf.py` applies to Hugging Face Llama checkpoints.
 2. Tokenizer. Our byte-level BPE is GPT-2's algorithm, which llama.cpp calls the `gpt2` tokenizer model:
    tokens in their printable byte-level spelling, merges as "a b" strings, and a pre-tokenizer name
-   (`gpt-2`: the GPT-2 split regex ours uses). Special tokens become CONTROL tokens (never produced from text
-   unless asked for), bos/eos/pad ids and the chat template are written as metadata.
+   (`gpt-2`: the GPT-2 split regex ours uses; `smollm`: digits split one by one first, as SmolLM's tokenizer
+   does, see PRE_TOKENIZERS). Special tokens become CONTROL tokens (never produced from text unless asked
+   for), bos/eos/pad ids and the chat template are written as metadata.
 
 Weights are written in f32 or f16 (norm weights always f32, as llama.cpp expects). Quantise further with
 llama.cpp's own `llama-quantize` tool.
@@ -71,6 +72,33 @@ GGUF_HPARAMS: list[tuple[str, str]] = [
 
 # The pre-tokenizer llama.cpp must use for our byte-level BPE (GPT-2's split regex).
 GPT2_PRE_TOKENIZER = "gpt-2"
+
+# llama.cpp's pre-tokenizer names (`tokenizer.ggml.pre`) that byollm writes and reads, each as the `tokenizers`
+# pre-tokenizer (its JSON form) that splits text into the same pieces. llama.cpp's src/llama-vocab.cpp gives each
+# name its list of split regexes, applied one after the other:
+#   gpt-2:  GPT-2's  's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)  = ByteLevel(use_regex)
+#   smollm: \p{N} (every digit a piece of its own), then GPT-2's             = Digits(individual) + ByteLevel
+# (`smollm` shares its regexes with starcoder, refact, command-r, codeshell, exaone and minerva, which are not
+# listed because no test covers them). Matching ignores ByteLevel's trim_offsets, which changes offsets, not ids.
+_BYTE_LEVEL: dict[str, Any] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
+    GPT2_PRE_TOKENIZER: _BYTE_LEVEL,
+    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]},
+}
+
+
+def _without_trim_offsets(spec: Any) -> Any:
+    if isinstance(spec, dict):
+        return {k: _without_trim_offsets(v) for k, v in spec.items() if k != "trim_offsets"}
+    if isinstance(spec, list):
+        return [_without_trim_offsets(v) for v in spec]
+    return spec
+
+
+def gguf_pre_name(pre_tokenizer: dict[str, Any] | None) -> str | None:
+    """The llama.cpp pre-tokenizer name of a `tokenizers` pre-tokenizer (its tokenizer.json entry), or None."""
+    found = _without_trim_offsets(pre_tokenizer)
+    return next((name for name, spec in PRE_TOKENIZERS.items() if _without_trim_offsets(spec) == found), None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,7 +220,7 @@ def gguf_vocab(tokenizer: Tokenizer, vocab_size: int) -> dict[str, Any]:
 
 
 def _fast_vocab(tokenizer: Tokenizer) -> tuple[list[str], list[str], str]:
-    """A FastTokenizer (tokenizers' JSON) that is plain byte-level BPE with GPT-2's pre-tokenizer."""
+    """A FastTokenizer (tokenizers' JSON) that is plain byte-level BPE with a pre-tokenizer llama.cpp knows."""
     import json
 
     hf = getattr(tokenizer, "hf", None)
@@ -200,15 +228,15 @@ def _fast_vocab(tokenizer: Tokenizer) -> tuple[list[str], list[str], str]:
         raise TokenizerError(f"cannot export a {type(tokenizer).__name__} to GGUF (supported: byte-level BPE, "
                              "character tokenizers)")
     spec = json.loads(hf.to_str())
-    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-    gpt2_pre = pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
-    if model.get("type") != "BPE" or spec.get("normalizer") or not gpt2_pre or model.get("byte_fallback"):
-        raise TokenizerError("cannot export this tokenizer to GGUF: only byte-level BPE with GPT-2's pre-tokenizer "
-                             "and no normalizer is supported (an imported tokenizer such as SmolLM's: export with "
-                             "`byollm export hf` and convert with llama.cpp's convert_hf_to_gguf.py)")
+    model = spec.get("model") or {}
+    pre = gguf_pre_name(spec.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or spec.get("normalizer") or pre is None or model.get("byte_fallback"):
+        raise TokenizerError("cannot export this tokenizer to GGUF: only byte-level BPE with no normalizer and the "
+                             f"pre-tokenizer of {' or '.join(PRE_TOKENIZERS)} is supported; export with `byollm "
+                             "export hf` and convert with llama.cpp's convert_hf_to_gguf.py")
     tokens = [tokenizer.id_to_token(i) for i in range(tokenizer.vocab_size)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return tokens, merges, GPT2_PRE_TOKENIZER
+    return tokens, merges, pre
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,8 +291,10 @@ def export_gguf(model: GPT, out_path: str | Path, tokenizer: Tokenizer | None,
         template = hf_tokenizer_config(tokenizer).get("chat_template") or tokenizer.hf_config.get("chat_template")
         if template:
             writer.add_chat_template(template)
-        if END in tokenizer.special_tokens:
-            writer.add_eot_token_id(tokenizer.special_tokens[END])  # the end of a chat turn
+        # The end of a chat turn: ours (<|end|>), else the one an imported tokenizer named (ChatML's <|im_end|>).
+        eot = END if END in tokenizer.special_tokens else tokenizer.hf_config.get("eot_token")
+        if isinstance(eot, str) and (eot_id := tokenizer.token_to_id(eot)) is not None:
+            writer.add_eot_token_id(eot_id)
 
         for tensor_name, t in tensors.items():
             writer.add_tensor(tensor_name, t.numpy())
@@ -284,5 +314,5 @@ def export_checkpoint_to_gguf(ckpt_path: str | Path, out_path: str | Path, dtype
     return export_gguf(loaded.model, out_path, loaded.tokenizer, dtype, name=Path(ckpt_path).resolve().name)
 
 
-__all__ = ["GGUF_HPARAMS", "GGUF_NAMES", "check_exportable", "export_checkpoint_to_gguf", "export_gguf", "gguf_tensors",
-           "gguf_vocab", "permute_rope"]
+__all__ = ["GGUF_HPARAMS", "GGUF_NAMES", "GPT2_PRE_TOKENIZER", "PRE_TOKENIZERS", "check_exportable",
+           "export_checkpoint_to_gguf", "export_gguf", "gguf_pre_name", "gguf_tensors", "gguf_vocab", "permute_rope"]

@@ -4,7 +4,8 @@ Endpoints (the shapes of OpenAI's API, so the official `openai` client and tools
 
     GET  /v1/models             the one model this server serves
     POST /v1/completions        text in, text out (`prompt`: a string or a list of token ids)
-    POST /v1/chat/completions   messages in, the assistant's reply out, rendered with byollm's chat template
+    POST /v1/chat/completions   messages in, the assistant's reply out, rendered with the model's chat format
+                                (byollm's template, or an imported model's own Jinja template, e.g. ChatML)
     GET  /health                200 while the engine runs (no key needed: for load balancers)
     GET  /metrics               Prometheus: requests by endpoint and status, tokens, time to first token,
                                 inter-token latency, running and waiting requests (no key needed)
@@ -19,7 +20,8 @@ What keeps it safe under load, in the order a request meets it:
    are compared in constant time and never logged (a short hash names a key in logs and limits);
 3. validation: the JSON schema (422), then what the model can do (400): `n` must be 1, at most
    `max_stop_sequences` stop strings, prompt + max_tokens within the context, valid UTF-8, token ids in the
-   vocabulary, chat control tokens refused inside messages (they would forge turns);
+   vocabulary, chat control tokens (any special token of an imported template) refused inside messages
+   (they would forge turns);
 4. rate limits: per key (or per client address without keys), token buckets of requests per minute and
    tokens per minute (prompt + max_tokens, the unused part refunded), 429 with `Retry-After`;
 5. the engine's bounded waiting queue: full -> 503 with `Retry-After`, instead of unbounded memory;
@@ -91,7 +93,7 @@ from byollm.serve.protocol import (  # noqa: E402
 )
 from byollm.serve.settings import ServeConfig  # noqa: E402
 from byollm.tokenizer.base import Tokenizer  # noqa: E402
-from byollm.tokenizer.chat_template import END, encode_prompt, has_chat_tokens  # noqa: E402
+from byollm.tokenizer.chat_format import ChatFormat, chat_format  # noqa: E402
 
 log = logging.getLogger("byollm.serve")
 
@@ -155,10 +157,13 @@ class _Service:
         self.created = int(time.time())
         self.accepting = False
         self.shutdown_task: asyncio.Future | None = None
-        self.chat_stop_ids: tuple[int, ...] | None = None
-        if has_chat_tokens(tokenizer):
-            ids = {tokenizer.special_tokens[END]} | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
-            self.chat_stop_ids = tuple(sorted(ids))
+        # The chat format (byollm's, or the tokenizer's own template); without one, chat requests get a 400.
+        self.chat: ChatFormat | None = None
+        self.chat_unavailable = ""
+        try:
+            self.chat = chat_format(tokenizer)
+        except ByollmError as e:
+            self.chat_unavailable = str(e)
 
     # -- validation ---------------------------------------------------------------------------------------
 
@@ -186,21 +191,20 @@ class _Service:
 
     async def prepare_chat(self, req: ChatCompletionRequest, key: str, arrived: float) -> _Job:
         self.limits.check_model(req.model)
-        if self.chat_stop_ids is None:
-            raise bad_request("this model was not trained with a chat template (its tokenizer lacks the chat "
-                              "tokens); use /v1/completions, or serve a model trained with byollm sft", "messages",
-                              "chat_not_supported")
+        chat = self.chat
+        if chat is None:
+            raise bad_request(f"{self.chat_unavailable}; or use /v1/completions", "messages", "chat_not_supported")
         self.limits.check_only(req, "logprobs")
         messages = [{"role": "system" if m.role == "developer" else m.role,
                      "content": check_text(m.text(), f"messages[{i}].content")} for i, m in enumerate(req.messages)]
         texts = [m["content"] for m in messages]
         self.limits.check_size(texts, "messages")
         try:
-            ids = await self._tokenize(lambda: encode_prompt(self.tokenizer, messages), texts)
+            ids = await self._tokenize(lambda: chat.encode_prompt(messages), texts)
         except ByollmError as e:  # a control token inside a message, ...
             raise bad_request(str(e), "messages") from None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params, max_tokens = self._params(req, len(ids), max_tokens, self.chat_stop_ids, "messages")
+        params, max_tokens = self._params(req, len(ids), max_tokens, chat.stop_ids, "messages")
         log_text = json.dumps(messages)[:2000] if self.settings.log_prompts else None
         return self._job("chat", ids, params, req, key, max_tokens, arrived, log_text)
 

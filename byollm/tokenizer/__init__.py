@@ -13,6 +13,7 @@ Example:
 from byollm.tokenizer.base import META_FILE, StreamDecoder, Tokenizer, guess_roles, split_on_special, stream_decode
 from byollm.tokenizer.bpe import GPT2_SPLIT_PATTERN, BPETokenizer, bytes_to_unicode
 from byollm.tokenizer.char import CharTokenizer
+from byollm.tokenizer.chat_format import ChatFormat, chat_format, has_chat_format
 from byollm.tokenizer.chat_template import add_chat_tokens, encode_chat, encode_prompt, has_chat_tokens, render
 from byollm.tokenizer.loading import load_tokenizer
 from byollm.tokenizer.train import train_tokenizer
@@ -32,14 +33,17 @@ __all__ = [
     "META_FILE",
     "BPETokenizer",
     "CharTokenizer",
+    "ChatFormat",
     "FastTokenizer",
     "StreamDecoder",
     "Tokenizer",
     "add_chat_tokens",
     "bytes_to_unicode",
+    "chat_format",
     "encode_chat",
     "encode_prompt",
     "guess_roles",
+    "has_chat_format",
     "has_chat_tokens",
     "load_tokenizer",
     "render",

@@ -19,6 +19,8 @@ from byollm.tokenizer.base import META_FILE, Tokenizer, check_new_special_tokens
 from byollm.tokenizer.bpe import check_bpe_vocab_size, from_byte_level
 from byollm.tokenizer.hf_files import write_hf_files
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
 
 class FastTokenizer(Tokenizer):
     """Wraps a `tokenizers.Tokenizer`. Its special tokens are its added tokens marked special."""
@@ -130,6 +132,10 @@ class FastTokenizer(Tokenizer):
         fast = cls(tok, roles=_read_roles(directory, tok))
         if (directory / "tokenizer_config.json").exists():
             fast.hf_config = read_json(directory / "tokenizer_config.json")
+        # transformers >= 4.50 saves the chat template as its own file, which wins over the config's entry.
+        if (directory / CHAT_TEMPLATE_FILE).is_file():
+            template = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+            fast.hf_config = {**fast.hf_config, "chat_template": template}
         return fast
 
 

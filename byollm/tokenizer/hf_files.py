@@ -1,8 +1,10 @@
 """A tokenizer as Hugging Face files: tokenizer.json, tokenizer_config.json and special_tokens_map.json.
 
-`transformers.AutoTokenizer.from_pretrained(directory)` then gives the same ids as our encode, and, when the
-tokenizer has byollm's chat tokens, `apply_chat_template` renders exactly as `byollm.tokenizer.chat_template`
-does (its Jinja twin is written as `chat_template`). Every tokenizer's `save_hf` method calls `write_hf_files`.
+`transformers.AutoTokenizer.from_pretrained(directory)` then gives the same ids as our encode, and its
+`apply_chat_template` renders what `byollm.tokenizer.chat_format` renders: with byollm's chat tokens, our
+template's Jinja twin is written as `chat_template`; otherwise an imported model's own template (read from its
+tokenizer_config.json, chat_template.jinja or GGUF file into `hf_config`) is written back as it came.
+Every tokenizer's `save_hf` method calls `write_hf_files`.
 
 It imports both `base` (the interface) and `chat_template` (which itself imports `base`); `base` imports
 neither, so there is no import cycle.
@@ -35,7 +37,8 @@ def tokenizer_config(tok: Tokenizer) -> dict[str, Any]:
     # PreTrainedTokenizerFast loads tokenizer.json as it is. Without clean_up_tokenization_spaces=False,
     # transformers' decode would remove spaces before punctuation and differ from ours.
     config.update({"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **_roles(tok)})
-    # With byollm's chat tokens, the chat template that renders exactly as byollm.tokenizer.chat_template does.
+    # With byollm's chat tokens, the chat template that renders exactly as byollm.tokenizer.chat_template does
+    # (chat_format's choice too); without them an imported template stays, from hf_config above.
     config.update(hf_tokenizer_config(tok))
     return config
 

@@ -8,8 +8,10 @@
 Every recipe does the same seven things, and differs only in the objective and the held-out metric:
 
 1. load the starting checkpoint (`align.base`: ours, a run folder, or a Hugging Face directory);
-2. make sure its tokenizer has the chat control tokens (`add_chat_tokens`), growing the model's embedding
-   and LM head to the new vocabulary (`resize_token_embeddings`: new rows start at the mean embedding);
+2. make sure its tokenizer has a chat format (`byollm.tokenizer.chat_format`): an imported instruct model keeps
+   its own template (e.g. SmolLM2's ChatML; nothing is added); a tokenizer without any gets byollm's control
+   tokens (`add_chat_tokens`), growing the model's embedding and LM head to the new vocabulary
+   (`resize_token_embeddings`: new rows start at the mean embedding);
 3. build examples from a named dataset (alpaca, hh-rlhf, through the mirror) or a local JSON/JSONL file,
    split into train and held-out by record BEFORE tokenising (`byollm.data.instruct`), and print the
    DataReport line: every skipped record is counted and reported, never dropped silently;
@@ -62,7 +64,8 @@ from byollm.generate import generate
 from byollm.model import GPT, RewardModel, resize_token_embeddings
 from byollm.sampling import SamplingParams
 from byollm.tokenizer import Tokenizer
-from byollm.tokenizer.chat_template import add_chat_tokens, encode_prompt, end_id, has_chat_tokens
+from byollm.tokenizer.chat_format import chat_format, has_chat_format
+from byollm.tokenizer.chat_template import add_chat_tokens
 from byollm.train import distributed
 from byollm.train.examples import ExampleSource, collate_preference, collate_sft, example_batches
 from byollm.train.loop import LoopConfig, Trainer, evaluate
@@ -316,7 +319,7 @@ def align(cfg: RewardTrainConfig, recipe: str, *, progress: bool = True,
     with launch(cfg) as where:
         dist, device, autocast_dtype = where.dist, where.device, where.autocast_dtype
         say = where.printer(progress)
-        # 1-2. The starting model, with the chat tokens in its tokenizer and rows for them in its embedding.
+        # 1-2. The starting model, with a chat format in its tokenizer (and embedding rows for added tokens).
         loaded = (hooks.load or load_checkpoint)(a.base, device=device)
         label = hooks.label or recipe
         say(f"[byollm] {label}: starting from {loaded.describe()} ({loaded.model.num_params() / 1e6:.2f}M parameters)")
@@ -447,14 +450,18 @@ def align(cfg: RewardTrainConfig, recipe: str, *, progress: bool = True,
 
 
 def prepare_chat_model(model: GPT, tok: Tokenizer | None, say: Any = None) -> GPT:
-    """Add the chat control tokens to `tok` when missing (in place) and make the model's vocabulary cover
-    them (`resize_token_embeddings`; a table already larger than the tokenizer is left alone)."""
+    """Give `tok` a chat format when it has none: byollm's control tokens (in place), with the model's vocabulary
+    grown to cover them (`resize_token_embeddings`; a table already larger than the tokenizer is left alone).
+    A tokenizer with byollm's tokens or a chat template of its own (an imported instruct model) is kept as it is:
+    the model is trained further in the format it already knows."""
     if tok is None:
         raise ConfigError("the base checkpoint has no tokenizer/; alignment needs one to render conversations")
-    if not has_chat_tokens(tok):
+    if not has_chat_format(tok):
         add_chat_tokens(tok)
         if say is not None:
             say(f"[byollm] added the chat tokens to the tokenizer ({tok.vocab_size} ids)")
+    elif say is not None and (fmt := chat_format(tok)).name != "byollm":
+        say(f"[byollm] chat format: the tokenizer's own {fmt.name} template (stop ids {list(fmt.stop_ids)})")
     if tok.vocab_size > model.config.vocab_size:
         if say is not None:
             say(f"[byollm] resized the embedding{'' if model.config.tie_embeddings else ' and LM head'} "
@@ -518,10 +525,11 @@ def ranking_accuracy(model: nn.Module, pairs: list[dict], collate: Any, batch_si
 @torch.no_grad()
 def answer_prompts(model: nn.Module, tok: Tokenizer, prompts: list[str] | list[list[dict]], max_new_tokens: int = 64,
                    temperature: float = 0.0, seed: int = 0) -> list[str]:
-    """The model's replies to user prompts (strings, or conversations as message lists), in the chat format,
-    stopping at <|end|>; greedy with temperature 0, else seeded sampling."""
-    ids = [encode_prompt(tok, [{"role": "user", "content": p}] if isinstance(p, str) else p) for p in prompts]
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop_token_ids=(end_id(tok),),
+    """The model's replies to user prompts (strings, or conversations as message lists), in the tokenizer's chat
+    format, stopping at its end of turn (<|end|>, <|im_end|>, ...); greedy with temperature 0, else seeded sampling."""
+    fmt = chat_format(tok)
+    ids = [fmt.encode_prompt([{"role": "user", "content": p}] if isinstance(p, str) else p) for p in prompts]
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop_token_ids=fmt.stop_ids,
                             seed=seed)
     was_training = model.training
     model.eval()

@@ -39,7 +39,7 @@ from byollm.errors import ByollmError, CheckpointError, ConfigError, DataError
 from byollm.generate import generate
 from byollm.sampling import SamplingParams
 from byollm.tokenizer import Tokenizer
-from byollm.tokenizer.chat_template import encode_prompt, has_chat_tokens
+from byollm.tokenizer.chat_format import chat_format, has_chat_format
 from byollm.train.loop import LoopConfig, Trainer
 from byollm.train.optim import OptimConfig, build_training_optimizer
 from byollm.train.policy import PolicyWithValue, disable_dropout, unwrap, vocab_limit_of
@@ -71,7 +71,7 @@ class PPOConfig(RunConfig, LoopConfig, OptimConfig):
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """how answers are generated and turned into advantages"""
     stop_token_ids: list[int] | None = None
-    """token ids that end an answer; default: the tokenizer's eos (<|end|> after SFT)"""
+    """token ids that end an answer; default: the chat format's end-of-turn ids with chat prompts, else the eos"""
     chat: bool | None = None
     """render string prompts as a user turn of the chat template; default: when the tokenizer has one"""
     clip_range: float = 0.2
@@ -211,8 +211,8 @@ def ppo(cfg: PPOConfig, *, reward_fn: RewardFn | None = None,
         encode = encode or prompt_encoder(tokenizer, cfg.chat)
         train_ids = _encode_prompts(train_texts, encode, limit, "training", say)
         held_ids = _encode_prompts(held_texts, encode, limit, "held-out", say) if held_texts else []
-        stop_ids = tuple(cfg.stop_token_ids) if cfg.stop_token_ids is not None else (
-            (tokenizer.eos_id,) if tokenizer is not None and tokenizer.eos_id is not None else ())
+        stop_ids = (tuple(cfg.stop_token_ids) if cfg.stop_token_ids is not None
+                    else default_stop_ids(tokenizer, cfg.chat))
         vocab_limit = vocab_limit_of(gpt.config, tokenizer)
         pad_id = _pad_id(tokenizer)
 
@@ -306,7 +306,7 @@ def ppo_chat(cfg: PPOConfig, *, prompts: list[list[int]] | None = None, eval_pro
     if cfg.policy is None:
         raise ConfigError("ppo needs a policy checkpoint (--policy CKPT), normally an SFT model")
     tok = load_checkpoint(cfg.policy).tokenizer
-    if tok is None or (cfg.chat is not False and not has_chat_tokens(tok)):
+    if tok is None or (cfg.chat is not False and not has_chat_format(tok)):
         raise ConfigError(f"the policy {cfg.policy} has no chat template; train it with `byollm sft` first (or "
                           "--chat false for plain-text prompts)")
     if prompts is None and cfg.prompts is not None:
@@ -335,13 +335,14 @@ def _looks_like_pairs(path: str) -> bool:
 
 def prompt_ids(tok: Tokenizer, dataset: str, split: str, max_prompt_len: int, *,
                val_fraction: float = VAL_FRACTION, seed: int = SPLIT_SEED) -> list[list[int]]:
-    """The chat-rendered prompts (ending with <|assistant|>) of a preference dataset's split, at most
+    """The chat-rendered prompts (ending with the assistant header) of a preference dataset's split, at most
     max_prompt_len tokens each (longer ones are skipped, and the count is printed)."""
     records = load_records(dataset)
     train_idx, val_idx = split_records(len(records), val_fraction, seed)
     pairs, report = to_pairs(records, indices=(train_idx if split == "train" else val_idx).tolist(),
                              source=f"{Path(dataset).name} ({split})")
-    ids = [encode_prompt(tok, p.prompt) for p in pairs]
+    fmt = chat_format(tok)
+    ids = [fmt.encode_prompt(p.prompt) for p in pairs]
     kept = [x for x in ids if len(x) <= max_prompt_len]
     print(f"[byollm] prompts {split}: {len(kept)} of {report.total} records ({report.n_skipped} unusable, "
           f"{len(ids) - len(kept)} longer than {max_prompt_len} tokens skipped)", file=sys.stderr)
@@ -353,11 +354,24 @@ def _pad_id(tokenizer: Tokenizer | None) -> int:
     return pad if pad is not None else 0  # pads are masked everywhere, so any id in range works
 
 
+def _uses_chat(tokenizer: Tokenizer | None, chat: bool | None) -> bool:
+    return has_chat_format(tokenizer) if chat is None else chat
+
+
+def default_stop_ids(tokenizer: Tokenizer | None, chat: bool | None = None) -> tuple[int, ...]:
+    """Where an answer ends by default: the chat format's end-of-turn ids (<|end|>, <|im_end|>, ... and the eos)
+    when prompts are chat-rendered (`chat`, None: when the tokenizer has a chat format), else the eos."""
+    if tokenizer is not None and _uses_chat(tokenizer, chat) and has_chat_format(tokenizer):
+        return chat_format(tokenizer).stop_ids
+    return (tokenizer.eos_id,) if tokenizer is not None and tokenizer.eos_id is not None else ()
+
+
 def prompt_encoder(tokenizer: Tokenizer | None, chat: bool | None = None) -> Callable[[Any], list[int]]:
-    """How a prompt becomes ids. Token ids stay as they are; a list of messages goes through the chat template
-    (ending in the assistant header, so the policy writes the reply); a string is one user turn of the chat
-    template when `chat` (None: when the tokenizer has the chat tokens, i.e. after SFT), else plain text."""
-    use_chat = has_chat_tokens(tokenizer) if chat is None else chat
+    """How a prompt becomes ids. Token ids stay as they are; a list of messages goes through the chat format
+    (`byollm.tokenizer.chat_format`: byollm's template after SFT here, or an imported model's own; ending in the
+    assistant header, so the policy writes the reply); a string is one user turn of it when `chat` (None: when
+    the tokenizer has a chat format), else plain text."""
+    use_chat = _uses_chat(tokenizer, chat)
 
     def encode(prompt: Any) -> list[int]:
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
@@ -369,7 +383,7 @@ def prompt_encoder(tokenizer: Tokenizer | None, chat: bool | None = None) -> Cal
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if messages and messages[-1].get("role") == "assistant":
             messages = messages[:-1]  # a conversation with its reply: the prompt is everything before it
-        return encode_prompt(tokenizer, messages)
+        return chat_format(tokenizer).encode_prompt(messages)
 
     return encode
 
@@ -430,5 +444,5 @@ def plot_ppo_curves(metrics: str | Path | list[dict[str, Any]], out: str | Path,
     return out
 
 
-__all__ = ["PPOConfig", "PPOResult", "PPORun", "plot_ppo_curves", "ppo", "ppo_chat", "prompt_encoder", "prompt_ids",
-           "read_prompts"]
+__all__ = ["PPOConfig", "PPOResult", "PPORun", "default_stop_ids", "plot_ppo_curves", "ppo", "ppo_chat",
+           "prompt_encoder", "prompt_ids", "read_prompts"]
