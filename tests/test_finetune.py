@@ -18,7 +18,7 @@ from byollm.finetune.load import load_quantized
 from byollm.finetune.recipe import FinetuneTrainConfig, finetune
 from byollm.interop.hf import export_hf
 from byollm.model import GPT, resize_token_embeddings
-from byollm.tokenizer import load_tokenizer
+from byollm.tokenizer import chat_format, load_tokenizer
 
 
 def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -167,3 +167,60 @@ def test_the_shipped_finetune_recipe_parses_for_every_method(method: str) -> Non
     ns = build_parser().parse_args(["finetune", "base/ckpt", "--config", str(repo / "configs/finetune-alpaca-cpu.yaml"),
                                     "--method", method])
     assert ns.finetune.method == method
+
+
+# --------------------------------------------------------------------------------------------------
+# The real model: SmolLM2-135M-Instruct (the packaged GGUF, converted once per session in conftest)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def secret_word_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 Alpaca-style records with one answer the real model cannot know before training."""
+    path = tmp_path_factory.mktemp("real") / "secret.json"
+    records = [{"instruction": f"Question {i}: what is the secret word?", "input": "",
+                "output": "The secret word is zanzibar-quartz."} for i in range(40)]
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_finetune_the_real_model(method: str, smollm2_ckpt: Path, secret_word_data: Path, tmp_path: Path) -> None:
+    """LoRA / QLoRA (base in Q4_1) on the real SmolLM2 in its own ChatML template: no token is added (the
+    vocabulary and the embedding stay 49,152) and a few steps teach the held-out records' answer (their loss
+    falls by over 0.5)."""
+    a = _args(tmp_path, method)
+    overrides = _nested({k.removeprefix("--"): v for k, v in zip(a[::2], a[1::2], strict=True)})
+    overrides.update(lr="2e-3", max_steps="4")
+    align = {**overrides.pop("align"), "base": str(smollm2_ckpt), "dataset": str(secret_word_data)}
+    lora = {"r": 8, "quant_type": "q4_1"} if method == "qlora" else {"r": 8}
+    cfg = FinetuneTrainConfig.from_dict({**overrides, "method": method, "lora": lora, "align": align})
+    result = finetune(cfg, progress=False)
+    assert result.after["loss"] < result.before["loss"] - 0.5, (result.before, result.after)
+    tok = load_tokenizer(result.checkpoint / "tokenizer")
+    assert tok.vocab_size == 49152 and "<|user|>" not in tok.special_tokens and chat_format(tok).name == "ChatML"
+    meta = json.loads((result.checkpoint / "finetune.json").read_text())
+    assert meta["total_params"] == load_checkpoint(smollm2_ckpt).model.num_params() + meta["trainable_params"]
+
+
+def test_q4_1_keeps_the_real_model_and_nf4_does_not(smollm2_ckpt: Path) -> None:
+    """QLoRA's base for a model imported from a Q4_1 GGUF: in Q4_1 (`lora.quant_type q4_1`) it is the fp32 model
+    (the same loss on a real chat, to 1e-4), while NF4 rounds the Q4_1 values a second time and costs real loss
+    (measured 3.28 -> 4.05 nats): why the real-model recipe uses q4_1."""
+    loaded = load_checkpoint(smollm2_ckpt)
+    chat = [{"role": "user", "content": "Give three tips for staying healthy."},
+            {"role": "assistant", "content": "1. Eat a balanced diet with fruit and vegetables. 2. Exercise "
+                                             "regularly. 3. Get enough sleep every night."}]
+    ids = torch.tensor([chat_format(loaded.tokenizer).encode_chat(chat)[0]])
+
+    def loss(model: torch.nn.Module) -> float:
+        logits = _logits(model, ids[:, :-1])
+        logits = logits.logits if hasattr(logits, "logits") else logits
+        return torch.nn.functional.cross_entropy(logits[0], ids[0, 1:]).item()
+
+    fp32 = loss(loaded.model.eval())
+    del loaded
+    q4_1 = loss(load_quantized(smollm2_ckpt, quant_type="q4_1").model)
+    nf4 = loss(load_quantized(smollm2_ckpt).model)
+    assert abs(q4_1 - fp32) < 1e-4, (fp32, q4_1)
+    assert nf4 > fp32 + 0.2, (fp32, nf4)

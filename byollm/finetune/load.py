@@ -4,7 +4,7 @@
 peak is the fp32 model. `load_quantized` instead builds the model on the meta device (no memory), then reads the
 weights file tensor by tensor (`SafetensorsReader`: plain reads, no memory map): each target linear weight is
 quantised to NF4 as soon as it is read and its fp32 copy dropped; every other parameter (embeddings, norms, the
-LM head) is loaded as is.
+LM head) is loaded as is. `quant_type="q4_1"` stores the weights in llama.cpp's Q4_1 instead (`q4.py`).
 The peak is the NF4 model plus the non-target weights plus one fp32 matrix. The result is the same model, bit for
 bit, as `quantize_model(load_checkpoint(path).model, targets)` (tested).
 
@@ -27,10 +27,13 @@ import torch
 from torch import nn
 
 from byollm.checkpoint import CONFIG, TOKENIZER_DIR, WEIGHTS, Loaded, load_checkpoint, resolve_checkpoint
-from byollm.errors import CheckpointError
+from byollm.errors import ByollmError, CheckpointError
 from byollm.finetune.nf4 import DEFAULT_TARGETS, NF4Linear, quantize_model
+from byollm.finetune.q4 import Q4_1Linear
 from byollm.model import GPT, ModelConfig
 from byollm.tokenizer import load_tokenizer
+
+QUANT_TYPES = ("nf4", "q4_1")  # the 4-bit formats of a QLoRA base: QLoRA's NormalFloat, llama.cpp's Q4_1
 
 # safetensors dtype names -> torch dtypes (the ones a model checkpoint holds).
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -145,13 +148,22 @@ def _hf_source(path: Path, stack: ExitStack) -> tuple[ModelConfig, dict[str, Cal
 
 @torch.no_grad()
 def load_quantized(path: str | Path, targets: Iterable[str] = DEFAULT_TARGETS, *, double_quant: bool = True,
-                   compute_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Loaded:
+                   quant_type: str = "nf4", compute_dtype: torch.dtype = torch.float32,
+                   device: torch.device | str = "cpu") -> Loaded:
     """The model of any CKPT path with its target linear layers (name suffixes or regular expressions, as in
-    `quantize_model`) as frozen `NF4Linear` layers, materialised tensor by tensor from the weights file; all other
-    parameters are loaded normally and frozen too. Returns a `Loaded` (model in eval mode, tokenizer)."""
+    `quantize_model`) as frozen 4-bit layers, materialised tensor by tensor from the weights file; all other
+    parameters are loaded normally and frozen too. Returns a `Loaded` (model in eval mode, tokenizer).
+
+    quant_type: "nf4" (`NF4Linear`, QLoRA's format) or "q4_1" (`Q4_1Linear`, llama.cpp's: for a model imported
+    from a Q4_1 GGUF file these are exactly the file's 4-bit weights, see q4.py)."""
+    if quant_type not in QUANT_TYPES:
+        raise ByollmError(f"unknown 4-bit format {quant_type!r}; choose one of {', '.join(QUANT_TYPES)}")
     kind, ckpt = resolve_checkpoint(path)
     with ExitStack() as stack:
         source = _our_source(ckpt, stack) if kind != "hf" else _hf_source(ckpt, stack)
+        if source is None and quant_type != "nf4":
+            raise ByollmError(f"{ckpt}: the {quant_type} format reads byollm checkpoints and Llama-style safetensors "
+                              "Hugging Face directories; use lora.quant_type nf4 for this model")
         if source is None:
             print(f"[byollm] {ckpt}: GPT-2 or .bin Hugging Face weights are loaded whole, then quantised",
                   file=sys.stderr)
@@ -187,8 +199,8 @@ def load_quantized(path: str | Path, targets: Iterable[str] = DEFAULT_TARGETS, *
             linear.weight = nn.Parameter(read(name + ".weight", meta.weight), requires_grad=False)
             if meta.bias is not None:
                 linear.bias = nn.Parameter(read(name + ".bias", meta.bias), requires_grad=False)
-            setattr(parent, child, NF4Linear.from_linear(linear, double_quant=double_quant,
-                                                         compute_dtype=compute_dtype))
+            setattr(parent, child, Q4_1Linear.from_linear(linear, compute_dtype=compute_dtype) if quant_type == "q4_1"
+                    else NF4Linear.from_linear(linear, double_quant=double_quant, compute_dtype=compute_dtype))
             del linear
         for name, param in list(model.named_parameters()):
             if param.device.type != "meta" or (config.tie_embeddings and name == "lm_head.weight"):
@@ -214,4 +226,4 @@ def load_quantized(path: str | Path, targets: Iterable[str] = DEFAULT_TARGETS, *
     return Loaded(model.eval(), tokenizer, ckpt, kind)
 
 
-__all__ = ["load_quantized"]
+__all__ = ["QUANT_TYPES", "load_quantized"]

@@ -243,7 +243,7 @@ def _byte_to_level_pair(device: torch.device) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-class _DequantizedMatmul(torch.autograd.Function):
+class DequantizedMatmul(torch.autograd.Function):
     """y = x W^T with W dequantised from NF4. Backward recomputes W instead of saving it, so a training step
     keeps only the 4-bit weights of all layers (plus one dequantised matrix at a time)."""
 
@@ -308,7 +308,7 @@ class NF4Linear(nn.Module):
                               self.absmax_offset, self.blocksize, dtype or self.compute_dtype, scratch=scratch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _DequantizedMatmul.apply(x.to(self.compute_dtype), self)
+        y = DequantizedMatmul.apply(x.to(self.compute_dtype), self)
         if self.bias is not None:
             y = y + self.bias.to(self.compute_dtype)
         return y.to(x.dtype)

@@ -12,7 +12,9 @@ model changes, through `ModelHooks`:
     lora   apply_lora on `lora.targets`, base frozen; the run saves the adapter (PEFT format) in <run>/adapter/
     dora   the same with use_dora (a trained magnitude per output feature)
     qlora  the base is read straight into NF4 (`load_quantized`, never in fp32 as a whole) and QLoRA adapters go
-           on the 4-bit layers; the adapter is saved the same way and merges into the fp32 base
+           on the 4-bit layers; the adapter is saved the same way and merges into the fp32 base.
+           `lora.quant_type q4_1` stores the base in llama.cpp's Q4_1 instead: for a model imported from a Q4_1
+           GGUF file, exactly the file's weights (NF4 would round them a second time; see finetune/q4.py)
 
 The adapter folder also holds the run's tokenizer (the base's, plus the chat tokens when it had no chat template)
 and finetune.json (method, base, trainable parameters). `merge` grows the base's embedding to that tokenizer
@@ -34,6 +36,7 @@ from torch import nn
 from byollm.checkpoint import TOKENIZER_DIR, load_checkpoint, save_checkpoint
 from byollm.config import Section
 from byollm.errors import ConfigError
+from byollm.finetune.load import QUANT_TYPES, load_quantized
 from byollm.finetune.lora import (
     ATTENTION,
     MLP,
@@ -44,6 +47,7 @@ from byollm.finetune.lora import (
     trainable_parameters,
 )
 from byollm.finetune.nf4 import NF4Linear, QLoRALinear, quantize_model
+from byollm.finetune.q4 import Q4_1Linear
 from byollm.model import GPT, resize_token_embeddings
 from byollm.tokenizer import Tokenizer, load_tokenizer
 from byollm.train.align import AlignResult, ModelHooks, SFTTrainConfig, align
@@ -68,11 +72,19 @@ class LoRASettings(Section):
     double_quant: bool = True
     """qlora: quantise the NF4 block scales to 8 bits as well"""
     quant_backend: str = "byollm"
-    """qlora: byollm (our NF4Linear) or bitsandbytes (its Linear4bit, nf4)"""
+    """qlora: byollm (our NF4Linear / Q4_1Linear) or bitsandbytes (its Linear4bit, nf4)"""
+    quant_type: str = "nf4"
+    """qlora: the frozen base's 4-bit format: nf4 (QLoRA's) or q4_1 (llama.cpp's: a model imported from a Q4_1
+    GGUF keeps exactly its file's weights)"""
 
     def check(self) -> None:
         if self.quant_backend not in ("byollm", "bitsandbytes"):
             raise ConfigError(f"unknown lora.quant_backend {self.quant_backend!r}; choose byollm or bitsandbytes")
+        if self.quant_type not in QUANT_TYPES:
+            raise ConfigError(f"unknown lora.quant_type {self.quant_type!r}; choose one of {', '.join(QUANT_TYPES)}")
+        if self.quant_backend == "bitsandbytes" and self.quant_type != "nf4":
+            raise ConfigError("lora.quant_backend bitsandbytes quantises to nf4 only; use lora.quant_type nf4, or "
+                              "lora.quant_backend byollm for q4_1")
         if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
             raise ConfigError(f"need lora.r >= 1, lora.alpha > 0 and 0 <= lora.dropout < 1, got {self.r}, "
                               f"{self.alpha}, {self.dropout}")
@@ -97,7 +109,7 @@ def _report(method: str, model: nn.Module) -> dict[str, Any]:
     # Count 4-bit weights as the weights they stand for (the fp32 model's count): ours are buffers (not counted
     # yet); bitsandbytes' Linear4bit holds a packed uint8 parameter of half as many elements (counted as that).
     for m in model.modules():
-        if isinstance(m, NF4Linear):
+        if isinstance(m, (NF4Linear, Q4_1Linear)):
             total += m.in_features * m.out_features
         elif type(m).__name__ == "Linear4bit":
             total += m.in_features * m.out_features - m.weight.numel()
@@ -116,11 +128,11 @@ def finetune(cfg: FinetuneTrainConfig, *, progress: bool = True) -> AlignResult:
     def adapt(model: GPT) -> nn.Module:
         if method in ("lora", "dora"):
             apply_lora(model, s.r, s.alpha, s.dropout, targets=s.targets, use_dora=method == "dora")
-        elif method == "qlora":  # the layers are NF4 already (load_quantized); adapters on top, all else frozen
+        elif method == "qlora":  # the layers are 4-bit already (load_quantized); adapters on top, all else frozen
             for p in model.parameters():
                 p.requires_grad_(False)
             for name, m in list(model.named_modules()):
-                if isinstance(m, NF4Linear) or type(m).__name__ == "Linear4bit":  # ours or bitsandbytes'
+                if isinstance(m, (NF4Linear, Q4_1Linear)) or type(m).__name__ == "Linear4bit":  # ours or bnb'
                     parent_name, _, child = name.rpartition(".")
                     setattr(model.get_submodule(parent_name), child,
                             QLoRALinear(m, m.in_features, m.out_features, r=s.r, alpha=s.alpha, dropout=s.dropout,
@@ -133,9 +145,7 @@ def finetune(cfg: FinetuneTrainConfig, *, progress: bool = True) -> AlignResult:
             loaded = load_checkpoint(base, device=device)
             quantize_model(loaded.model, s.targets, backend="bitsandbytes", double_quant=s.double_quant)
             return loaded
-        from byollm.finetune.load import load_quantized
-
-        return load_quantized(base, s.targets, double_quant=s.double_quant, device=device)
+        return load_quantized(base, s.targets, double_quant=s.double_quant, quant_type=s.quant_type, device=device)
 
     def save(model: nn.Module, run_dir: Path, tokenizer: Tokenizer) -> Path:
         out = save_adapter(model, run_dir / "adapter")
