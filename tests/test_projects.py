@@ -86,9 +86,25 @@ def test_section1_project_runs_and_all_checks_pass(section1):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "FAILED" not in proc.stdout
     assert re.search(r"(\d+)/\1 checks passed", proc.stdout)
-    for step in ("1. Tokenizer", "2. Counting", "3. Parity", "4. KV cache", "5. Attention", "6. Figures"):
+    for step in ("1. Tokenizer", "2. Counting", "3. Parity", "4. KV cache", "5. Attention", "6. Figures",
+                 "7. Real weights"):
         assert f"== {step}" in proc.stdout
     assert "124,439,808 parameters (published: 124,439,808)" in proc.stdout
+
+
+def test_section1_real_weights(section1, smollm2_gguf):
+    """Step 7 on the packaged SmolLM2-135M-Instruct (skipped where the `real` extra is not installed): a Q4_1 block
+    decoded by hand, the import against llama.cpp on the same file, a question answered and one got wrong."""
+    proc, tmp = section1
+    real = json.loads((tmp / "out" / "report.json").read_text())["real"]
+    assert "skipped" not in real, real
+    assert real["tensor_types"] == {"Q4_1": 210, "Q8_0": 1, "F32": 61}
+    assert len(real["block"]["q"]) == 32 and all(0 <= q <= 15 for q in real["block"]["q"]) and real["block"]["d"] > 0
+    assert "Paris" in real["answers"]["What is the capital of France?"]
+    llama = real["llama_cpp"]
+    assert llama["same_ids"] and llama["top1_agree"] >= 0.9 * llama["positions"]  # measured 47/49
+    assert llama["max_abs_diff"] < 4  # measured 2.55 on logits up to 37.6 (8-bit activations in llama.cpp)
+    assert "transformers_max_abs_diff" not in real  # a full run only (measured 0.0)
 
 
 def test_section1_report_numbers(section1):
@@ -286,6 +302,7 @@ SMALL_RUNS = {
     "ppo": ["--max_steps", "2", "--rollout.rollout_size", "4", "--rollout.mini_batch_size", "2",
             "--rollout.ppo_epochs", "1", "--rollout.max_new_tokens", "8", "--val_prompts", "2", "--eval_interval", "2"],
     "chat": ["--max-new-tokens", "8"],
+    "generate": ["--max-new-tokens", "8"],
 }
 
 
@@ -301,10 +318,15 @@ def test_docs_exist_and_show_the_cli():
         assert path.is_file(), path
     verbs = {" ".join(byollm_argv(c)[:2]) for _, c in doc_byollm_commands()}
     for verb in ("model presets", "model info", "tokenizer train", "export hf", "convert from-hf", "data list",
-                 "data prepare"):
+                 "data prepare", "convert from-gguf", "download smollm2-135m-instruct"):
         assert verb in verbs, f"the guide should show `byollm {verb}`"
     first = {byollm_argv(c)[0] for _, c in doc_byollm_commands()}
     assert {"init", "generate", "quickstart", "pretrain", "eval"} <= first
+    # Sections 1 and 5 run the real model: downloaded (from its package), generated from, chatted with, served.
+    for doc, verb in ((DOCS[1].name, "download"), (DOCS[1].name, "generate"), (DOCS[1].name, "chat"),
+                      (SECTION_5.name, "download"), (SECTION_5.name, "chat"), (SECTION_5.name, "serve")):
+        assert any(d == doc and byollm_argv(c)[0] == verb and "smollm2-135m-instruct" in c
+                   for d, c in doc_byollm_commands()), (doc, verb)
     # Section 2 shows the nanoGPT recipe, a resume, and torchrun on the CPU and on 8 GPUs.
     section2 = [c for doc, c in doc_byollm_commands() if doc == SECTION_2.name]
     assert any("configs/nanogpt-shakespeare-char-cpu.yaml" in c and c.startswith("byollm ") for c in section2)
@@ -370,8 +392,13 @@ def run_page(path: Path, capsys: pytest.CaptureFixture) -> int:
     return ran
 
 
-def test_docs_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
-    """Sections 0 and 1 as a reader would run them from the repo root."""
+def test_docs_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys,
+                                                  smollm2_gguf: Path):
+    """Sections 0 and 1 as a reader would run them from the repo root. Section 1 converts the real model from its
+    package (`byollm download`, about 15 s; the test is skipped where the `real` extra is not installed), and
+    `byollm chat` reads one question from stdin."""
+    import io
+
     data = mirror()
     if not (data / "tinyshakespeare.txt").is_file():  # no mirror here: the same commands on other text
         from pydoc_data.topics import topics
@@ -380,9 +407,13 @@ def test_docs_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: py
         data.mkdir()
         (data / "tinyshakespeare.txt").write_text("\n".join(topics[k] for k in sorted(topics)), encoding="utf-8")
     monkeypatch.setenv("BYOLLM_DATA_MIRROR", str(data))
+    monkeypatch.setenv("BYOLLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n"))
     ran = sum(run_page(path, capsys) for path in DOCS if path not in (SECTION_2, SECTION_4, SECTION_5))
-    assert ran >= 9
+    assert ran >= 14
+    meta = json.loads((tmp_path / "models" / "smollm2-135m-instruct" / "meta.json").read_text())
+    assert meta["packaged_model"] == "smollm2-135m-instruct" and meta["converted_from"] == "gguf/llama"
 
 
 SECTION_2_DATA = ("tinyshakespeare.txt", "alpaca_4500.json", "hh_rlhf_harmless_2000.jsonl")
@@ -453,13 +484,17 @@ def test_section4_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch
     assert (tmp_path / "out" / "qlora-merged-hf" / "config.json").is_file()
 
 
-def test_section5_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
-    """Section 5: the GGUF and Hugging Face exports and the page's Python snippets, from a tiny stand-in for the
-    section 2 project's SFT model. `byollm serve` blocks, so the page shows it in a `# needs a second terminal`
-    block (parsed, not run here); the project test above runs the real server."""
+def test_section5_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys,
+                                                      smollm2_ckpt: Path):
+    """Section 5: the real model's download, chat and the page's Python snippets on it (chat template, engine),
+    then the GGUF and Hugging Face exports of a tiny stand-in for the section 2 project's SFT model. The real
+    model is the session's conversion (tests/conftest.py), where section 1 left it, so `byollm download` finds it
+    converted; `byollm chat` reads one question from stdin. `byollm serve` blocks, so the page shows it in a
+    `# needs a second terminal` block (parsed, not run here); the project test above runs the real server."""
     pytest.importorskip("gguf")
     pytest.importorskip("transformers")
     import dataclasses
+    import io
 
     import torch
 
@@ -475,7 +510,10 @@ def test_section5_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch
     torch.manual_seed(0)
     model = GPT(dataclasses.replace(preset("llama-tiny"), vocab_size=tok.vocab_size, block_size=128))
     save_checkpoint(model, tmp_path / "out" / "section2-align" / "runs" / "sft", tok)
-    assert run_page(SECTION_5, capsys) >= 2
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "smollm2-135m-instruct").symlink_to(smollm2_ckpt)
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n"))
+    assert run_page(SECTION_5, capsys) >= 6
     assert (tmp_path / "out" / "model.gguf").is_file()
     assert (tmp_path / "out" / "hf" / "config.json").is_file()
 
