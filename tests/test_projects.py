@@ -465,9 +465,12 @@ def test_section2_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch
         assert held_out["before"] and held_out["after"], run
 
 
-def test_section4_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+def test_section4_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys,
+                                                      smollm2_ckpt: Path):
     """Section 4: `byollm finetune` with each method, merge, export, and the page's Python snippets, each a few
-    steps long, from a tiny stand-in for the base model that the section 2 project pretrains."""
+    steps long, from a tiny stand-in for the base model that the section 2 project pretrains; then LoRA and
+    QLoRA (Q4_1 base) on the real SmolLM2, whose conversion is the session's (tests/conftest.py), linked where
+    `byollm download --out` puts it, so the download finds it converted."""
     pytest.importorskip("transformers")
     missing = [name for name in SECTION_2_DATA if not (mirror() / name).is_file()]
     if missing:
@@ -477,11 +480,23 @@ def test_section4_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs").symlink_to(REPO / "configs")
     stand_in_base(tmp_path / PROJECT_2_BASE)
-    assert run_page(SECTION_4, capsys) >= 8
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "smollm2-135m-instruct").symlink_to(smollm2_ckpt)
+    assert run_page(SECTION_4, capsys) >= 11
+    for run in ("smollm2-lora", "smollm2-qlora"):
+        adapter = tmp_path / "runs" / run / "adapter"
+        assert json.loads((adapter / "finetune.json").read_text())["lora"]["quant_type"] == "q4_1"
+        assert load_tokenizer_size(adapter / "tokenizer") == 49152  # the model's own template: no token added
     for run in ("full-alpaca", "lora-alpaca", "qlora-alpaca", "dora-alpaca"):
         assert json.loads((tmp_path / "runs" / run / "held_out.json").read_text())["after"], run
     assert (tmp_path / "runs" / "qlora-alpaca" / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "out" / "qlora-merged-hf" / "config.json").is_file()
+
+
+def load_tokenizer_size(path: Path) -> int:
+    from byollm.tokenizer import load_tokenizer
+
+    return load_tokenizer(path).vocab_size
 
 
 def test_section5_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys,
