@@ -122,8 +122,8 @@ EXTRAS = {"serve": {"ckpt"}, "finetune": {"ckpt", "data"}}
 NOT_OPTIONS = {"serve": {"api_keys"}}  # keys come from a file or the environment, never the command line
 # Values for strings whose meaning the type does not carry (each candidate in turn, the first valid one wins).
 STRINGS = {"device": ["cpu", "cuda"], "dtype": ["bfloat16", "float32"], "method": ["full", "qlora", "dora"],
-           "lora.quant_backend": ["bitsandbytes"], "model.preset": ["llama-tiny"], "data.tokenizer": ["bpe:300"],
-           "host": ["0.0.0.0"], "name": ["my-run"], "out_dir": ["elsewhere"]}
+           "lora.quant_backend": ["bitsandbytes"], "lora.quant_type": ["q4_1"], "model.preset": ["llama-tiny"],
+           "data.tokenizer": ["bpe:300"], "host": ["0.0.0.0"], "name": ["my-run"], "out_dir": ["elsewhere"]}
 
 
 def config_class(verb: str) -> type:
