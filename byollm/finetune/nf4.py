@@ -259,6 +259,15 @@ class DequantizedMatmul(torch.autograd.Function):
         return grad @ ctx.layer.dequantized_weight(grad.dtype, scratch=True), None  # the weight itself is frozen
 
 
+def dequantized_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Forward of a frozen quantised layer (NF4Linear, Q4_1Linear): x W^T + b with W dequantised on the fly in the
+    layer's compute dtype (`layer.dequantized_weight`), the result in x's dtype."""
+    y = DequantizedMatmul.apply(x.to(layer.compute_dtype), layer)
+    if layer.bias is not None:
+        y = y + layer.bias.to(layer.compute_dtype)
+    return y.to(x.dtype)
+
+
 class NF4Linear(nn.Module):
     """A frozen linear layer stored in NF4: packed 4-bit codes plus (optionally double-quantised) scales,
     all buffers. Forward dequantises the weight in `compute_dtype` (fp32 or bf16) and multiplies.
@@ -308,10 +317,7 @@ class NF4Linear(nn.Module):
                               self.absmax_offset, self.blocksize, dtype or self.compute_dtype, scratch=scratch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = DequantizedMatmul.apply(x.to(self.compute_dtype), self)
-        if self.bias is not None:
-            y = y + self.bias.to(self.compute_dtype)
-        return y.to(x.dtype)
+        return dequantized_linear(self, x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -18,7 +18,7 @@ in fp16, exactly as llama.cpp's `quantize_row_q4_1_ref` (and the `gguf` library'
 So every block's minimum gets code 0 and its maximum code 15; a block that is already Q4_1 values has that
 minimum and maximum again, the same d and m after fp16 rounding, and the same codes.
 
-`Q4_1Linear` dequantises its weight on the fly in forward and backward (the `DequantizedMatmul` of nf4.py), so
+`Q4_1Linear` dequantises its weight on the fly in forward and backward (nf4.py's `dequantized_linear`), so
 training keeps only the 5-bit weights plus one dequantised matrix at a time.
 """
 
@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from byollm.errors import ByollmError
-from byollm.finetune.nf4 import DequantizedMatmul
+from byollm.finetune.nf4 import dequantized_linear
 
 Q4_1_BLOCK = 32  # weights per block (llama.cpp's QK4_1)
 Q4_1_BYTES = 20  # bytes per block: d, m (2 each), 16 bytes of codes
@@ -100,10 +100,7 @@ class Q4_1Linear(nn.Module):
                                dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = DequantizedMatmul.apply(x.to(self.compute_dtype), self)
-        if self.bias is not None:
-            y = y + self.bias.to(self.compute_dtype)
-        return y.to(x.dtype)
+        return dequantized_linear(self, x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
