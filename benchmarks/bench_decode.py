@@ -144,31 +144,11 @@ def hf_fn(model: GPT, prompt: list[int], n: int):
     return run, type(hf).__name__
 
 
-@contextlib.contextmanager
-def llama_cpp_buffers(extra: bool):
-    """llama.cpp model loading with (`extra`) or without its repacked CPU buffer types (see the docstring)."""
-    import llama_cpp
-
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
-
-    def params():  # a ctypes llama_model_params
-        p = defaults()
-        p.use_extra_bufts = extra
-        return p
-
-    llama_cpp.llama_cpp.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        llama_cpp.llama_cpp.llama_model_default_params = defaults
-
-
 def llama_cpp_fn(path: Path, prompt: list[int], n: int, threads: int, extra_bufts: bool = False):
-    import llama_cpp
+    from byollm.interop.gguf import load_llama_cpp
 
-    with llama_cpp_buffers(extra_bufts):
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + n + 8, n_batch=len(prompt) + 8,
-                              n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = load_llama_cpp(path, extra_bufts=extra_bufts, n_ctx=len(prompt) + n + 8, n_batch=len(prompt) + 8,
+                         n_threads=threads, n_threads_batch=threads, verbose=False)
 
     def run() -> list[int]:
         llm.reset()  # otherwise llama-cpp-python reuses the prompt's KV cache from the previous call

@@ -548,20 +548,10 @@ def llama_cpp_model(path: Path) -> Any:
     """llama.cpp on the file, one thread, fp32 KV cache, logits at every position. Its extra CPU buffer types
     (weights repacked for AMX / AVX-512 kernels) segfault decoding Q4_1 on some CPUs (llama-cpp-python 0.3.36),
     so they are turned off: the plain CPU buffers run the same quantised formats."""
-    llama_cpp = require("llama_cpp", "llama-cpp-python")
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
+    from byollm.interop.gguf import load_llama_cpp
 
-    def params() -> Any:
-        p = defaults()
-        p.use_extra_bufts = False
-        return p
-
-    llama_cpp.llama_cpp.llama_model_default_params = params
-    try:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=1, logits_all=True,
-                               verbose=False, seed=0, type_k=0, type_v=0)
-    finally:
-        llama_cpp.llama_cpp.llama_model_default_params = defaults
+    return load_llama_cpp(path, n_ctx=256, n_batch=256, n_threads=1, logits_all=True, verbose=False, seed=0,
+                          type_k=0, type_v=0)
 
 
 def llama_cpp_greedy(llm: Any, ids: list[int], n: int, stop: tuple[int, ...]) -> list[int]:

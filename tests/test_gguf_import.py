@@ -7,10 +7,8 @@ of our reader: llama.cpp itself (llama-cpp-python) on the same file, and transfo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from byollm.cli import main
 from byollm.errors import ByollmError, CheckpointError, TokenizerError
 from byollm.generate import generate
 from byollm.interop.gguf import export_gguf, permute_rope
+from byollm.interop.gguf import load_llama_cpp as llama_cpp_load
 from byollm.interop.gguf_read import (
     config_from_gguf,
     convert_from_gguf,
@@ -59,29 +58,10 @@ TEXTS = [  # tokenizer parity: Unicode, emoji, code, whitespace, digits, special
 ]
 
 
-@contextlib.contextmanager
-def plain_cpu_buffers() -> Iterator[None]:
-    """llama.cpp's extra CPU buffer types (weights repacked for its AMX / AVX-512 kernels) segfault in decode on
-    this machine's CPU for Q4_1 (llama-cpp-python 0.3.36); the plain CPU buffers run the same quantised formats."""
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
-
-    def params():  # a ctypes llama_model_params
-        p = defaults()
-        p.use_extra_bufts = False
-        return p
-
-    llama_cpp.llama_cpp.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        llama_cpp.llama_cpp.llama_model_default_params = defaults
-
-
 def load_llama_cpp(path: Path, n_ctx: int = 256) -> llama_cpp.Llama:
     # f32 KV cache (GGML_TYPE_F32 = 0): the default f16 cache would add its own rounding
-    with plain_cpu_buffers():
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=1, logits_all=True,
-                               verbose=False, seed=0, type_k=0, type_v=0)
+    return llama_cpp_load(path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=1, logits_all=True, verbose=False,
+                                      seed=0, type_k=0, type_v=0)
 
 
 def llama_cpp_logits(llm: llama_cpp.Llama, ids: list[int]) -> torch.Tensor:
@@ -205,8 +185,7 @@ def test_tokenizer_matches_llama_cpp_and_transformers(smollm2, smollm2_gguf, tmp
     in transformers.AutoTokenizer with the same ids, and its chat template renders the ChatML prompt."""
     transformers = pytest.importorskip("transformers")
     tok = smollm2.tokenizer
-    with plain_cpu_buffers():
-        vocab = llama_cpp.Llama(model_path=str(smollm2_gguf), vocab_only=True, verbose=False)
+    vocab = llama_cpp_load(smollm2_gguf, vocab_only=True, verbose=False)
     tok.save_hf(tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     for text in TEXTS:

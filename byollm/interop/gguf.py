@@ -314,5 +314,27 @@ def export_checkpoint_to_gguf(ckpt_path: str | Path, out_path: str | Path, dtype
     return export_gguf(loaded.model, out_path, loaded.tokenizer, dtype, name=Path(ckpt_path).resolve().name)
 
 
+def load_llama_cpp(path: str | Path, *, extra_bufts: bool = False, **kwargs: Any) -> Any:
+    """`llama_cpp.Llama(model_path=path, **kwargs)` with llama.cpp's extra CPU buffer types off by default.
+
+    Those buffers (weights repacked for its AMX / AVX-512 kernels) segfault decoding Q4_1 files on an AMX Xeon
+    (llama-cpp-python 0.3.36); the plain CPU buffers run the same quantised formats. llama-cpp-python takes its
+    model parameters from `llama_model_default_params`, so that function is swapped for the load only."""
+    llama_cpp = require("llama_cpp", "llamacpp")
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params() -> Any:  # a ctypes llama_model_params
+        p = defaults()
+        p.use_extra_bufts = extra_bufts
+        return p
+
+    llama_cpp.llama_cpp.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
+
+
 __all__ = ["GGUF_HPARAMS", "GGUF_NAMES", "GPT2_PRE_TOKENIZER", "PRE_TOKENIZERS", "check_exportable",
-           "export_checkpoint_to_gguf", "export_gguf", "gguf_pre_name", "gguf_tensors", "gguf_vocab", "permute_rope"]
+           "export_checkpoint_to_gguf", "export_gguf", "gguf_pre_name", "gguf_tensors", "gguf_vocab", "load_llama_cpp",
+           "permute_rope"]
