@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -75,3 +77,13 @@ def smollm2_ckpt(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BYOLLM_CACHE", str(tmp_path_factory.mktemp("byollm-cache")))
         return packaged_checkpoint(SMOLLM2)
+
+
+def parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """Every (sub)parser of the CLI by its verb path: () the root, ("export",), ("export", "hf"), ..."""
+    out = {path: parser}
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sub in a.choices.items():
+                out.update(parsers(sub, (*path, name)))
+    return out

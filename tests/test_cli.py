@@ -9,25 +9,15 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
+from conftest import parsers
 
 from byollm.cli import COMMANDS, build_parser, main, verb_path
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "byollm.cli", *args], capture_output=True, text=True, timeout=300)
-
-
-def parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    """Every (sub)parser of the CLI by its verb path: () the root, ("export",), ("export", "hf"), ..."""
-    out = {path: parser}
-    for a in parser._actions:
-        if isinstance(a, argparse._SubParsersAction):
-            for name, sub in a.choices.items():
-                out.update(parsers(sub, (*path, name)))
-    return out
 
 
 def sub_verbs(p: argparse.ArgumentParser) -> dict[str, str]:

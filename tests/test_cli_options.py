@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import pytest
-from conftest import tiny_chat_base
+from conftest import parsers, tiny_chat_base
 
 from byollm import config as config_module
 from byollm.cli import build_parser, main
@@ -35,16 +35,6 @@ GENERIC_HELP = "Path to a configuration file."  # jsonargparse's text for a sect
 @pytest.fixture(scope="module")
 def parser() -> Any:
     return build_parser()
-
-
-def subcommands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    """Every (sub)parser by its verb path: () the root, ("export", "hf"), ..."""
-    out = {path: parser}
-    for a in parser._actions:
-        if isinstance(a, argparse._SubParsersAction):
-            for name, sub in a.choices.items():
-                out.update(subcommands(sub, (*path, name)))
-    return out
 
 
 def options(p: argparse.ArgumentParser) -> list[argparse.Action]:
@@ -67,7 +57,7 @@ def squeeze(text: str) -> str:
 
 
 def test_every_option_of_every_subcommand_has_a_description(parser: Any) -> None:
-    verbs = subcommands(parser)
+    verbs = parsers(parser)
     nested = {("export", "hf"), ("export", "gguf"), ("convert", "from-hf"), ("tokenizer", "train"),
               ("model", "presets"), ("model", "info"), ("data", "list"), ("data", "download"), ("data", "prepare")}
     assert nested <= set(verbs), f"not walked: {nested - set(verbs)}"
@@ -100,7 +90,7 @@ def test_help_through_main_names_every_option(path: tuple[str, ...], parser: Any
         main([*path, "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for a in options(subcommands(parser)[path]):
+    for a in options(parsers(parser)[path]):
         assert label(a) in out, f"byollm {' '.join(path)} --help does not name {label(a)}"
         assert squeeze(a.help) in squeeze(out), f"byollm {' '.join(path)} --help lacks the help of {label(a)}"
 
@@ -208,7 +198,7 @@ def listed(parser: Any, verb: str) -> set[str]:
     """The dests of the options `byollm VERB --help` lists (not --config / --print_config / a section's FILE)."""
     fields = config_fields(config_class(verb))
     sections = {d.rsplit(".", 1)[0] for d in fields if "." in d}
-    return {a.dest for a in options(subcommands(parser)[(verb,)])
+    return {a.dest for a in options(parsers(parser)[(verb,)])
             if a.dest not in ("config", "print_config") and a.dest not in sections}
 
 
@@ -220,7 +210,7 @@ def test_every_listed_option_reaches_the_recipes_config(verb: str, parser: Any) 
     # Both ways: no option that is not a config field (or a documented extra), no field without an option.
     assert shown - set(fields) == EXTRAS.get(verb, set()), f"{verb}: options that are not config fields"
     assert set(fields) - shown == NOT_OPTIONS.get(verb, set()), f"{verb}: config fields without an option"
-    sub = subcommands(parser)[(verb,)]
+    sub = parsers(parser)[(verb,)]
     defaults = cls()
     failures = []
     for dotted in sorted(set(fields) & shown):
@@ -244,12 +234,12 @@ def test_every_listed_option_reaches_the_recipes_config(verb: str, parser: Any) 
 
 
 def test_finetune_and_serve_positionals_reach_the_config(parser: Any) -> None:
-    sub = subcommands(parser)[("finetune",)]
+    sub = parsers(parser)[("finetune",)]
     cfg = recipe_config("finetune", instantiate(sub, sub.parse_args(["runs/base", "--data", "mine.jsonl"])))
     assert cfg.align.base == "runs/base" and cfg.align.dataset == "mine.jsonl"
     cfg = recipe_config("finetune", instantiate(sub, sub.parse_args(["--align.dataset", "other.json"])))
     assert cfg.align.base is None and cfg.align.dataset == "other.json"  # without the shortcuts: the dotted keys
-    serve = subcommands(parser)[("serve",)]
+    serve = parsers(parser)[("serve",)]
     ns = instantiate(serve, serve.parse_args(["runs/sft", "--port", "9000"]))
     assert ns.ckpt == "runs/sft" and recipe_config("serve", ns).port == 9000  # cmd_serve hands serve() ns.ckpt
 
