@@ -7,11 +7,16 @@ block_size + 1 consecutive tokens: inputs x = window[:-1], targets y = window[1:
     >>> x, y = sampler.next_batch()          # two (12, 64) int64 tensors
     >>> state = sampler.state_dict()         # save with the checkpoint; load_state_dict continues identically
 
-Data parallel: `batch_size` is the per-rank micro-batch. The GLOBAL batch at step s is
-batch_size * world_size window offsets drawn by numpy.random.default_rng([seed, s]); rank r takes
-offsets [r * batch_size, (r + 1) * batch_size). So the windows depend only on (seed, step, global batch):
-2 ranks x 6 windows see exactly the 12 windows that 1 rank x 12 sees, and a run resumed at step s (on any
-number of ranks, same global batch) sees the same data as one that never stopped.
+Data parallel: sampling is defined by a GLOBAL SAMPLE INDEX. Sample i is one window whose offset is a pure
+function of (seed, i): the offsets come in chunks of `chunk` samples, chunk c drawn by
+numpy.random.default_rng([seed, c]). Each call of next_batch consumes the next batch_size * world_size
+samples, and rank r takes samples [position + r * batch_size, position + (r + 1) * batch_size). The state
+to resume from is just `position` (samples consumed so far, over all ranks) and the chunk size, so:
+  - 2 ranks x 6 windows see exactly the 12 windows that 1 rank x 12 sees;
+  - a run saved at world size 2 resumes at 1 or at 3 (same global batch: batch_size x grad_accum x ranks)
+    and consumes exactly the samples an uninterrupted run would have: none twice, none skipped. (With
+    another global batch it still continues at the same sample, only the step boundaries move.)
+A fresh run's chunk is its per-call global batch, so chunk c is exactly the global batch of call c.
 """
 
 from __future__ import annotations
@@ -73,22 +78,39 @@ class RandomWindowSampler:
         self.tokens = tokens
         self.batch_size, self.block_size, self.seed = batch_size, block_size, int(seed)
         self.rank, self.world_size = rank, world_size
-        self.step = 0  # the number of batches drawn so far: the next batch is the one of this step
+        self.position = 0  # global samples consumed so far (all ranks): the next call starts at this index
+        self.chunk = self.global_batch_size  # samples per random draw (kept from the run's start on resume)
+        self._cached: tuple[int, np.ndarray] | None = None
 
     @property
     def global_batch_size(self) -> int:
         return self.batch_size * self.world_size
 
+    @property
+    def step(self) -> int:
+        """Calls of next_batch so far (at this global batch size)."""
+        return self.position // self.global_batch_size
+
+    def sample_offsets(self, start: int, count: int) -> np.ndarray:
+        """Window start positions of global samples start, ..., start + count - 1: a pure function of
+        (seed, chunk, sample index), whatever the number of ranks."""
+        out = np.empty(count, dtype=np.int64)
+        for j, i in enumerate(range(start, start + count)):
+            c, k = divmod(i, self.chunk)
+            if self._cached is None or self._cached[0] != c:
+                rng = np.random.default_rng([self.seed, c])
+                self._cached = (c, rng.integers(0, len(self.tokens) - self.block_size, size=self.chunk))
+            out[j] = self._cached[1][k]
+        return out
+
     def global_offsets(self, step: int) -> np.ndarray:
-        """Start positions of all ranks' windows at `step`: a pure function of (seed, step, global batch)."""
-        rng = np.random.default_rng([self.seed, step])
-        return rng.integers(0, len(self.tokens) - self.block_size, size=self.global_batch_size)
+        """Start positions of all ranks' windows at call `step` (from a fresh start at this global batch)."""
+        return self.sample_offsets(step * self.global_batch_size, self.global_batch_size)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's (batch_size, block_size) int64 inputs and targets for the current step; then step += 1."""
-        r = self.rank * self.batch_size
-        offsets = self.global_offsets(self.step)[r : r + self.batch_size]
-        self.step += 1
+        """This rank's (batch_size, block_size) int64 inputs and targets of the next samples."""
+        offsets = self.sample_offsets(self.position + self.rank * self.batch_size, self.batch_size)
+        self.position += self.global_batch_size
         return windows(self.tokens, offsets, self.block_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -97,6 +119,8 @@ class RandomWindowSampler:
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "position": self.position,
+            "chunk": self.chunk,
             "step": self.step,
             "seed": self.seed,
             "block_size": self.block_size,
@@ -104,8 +128,19 @@ class RandomWindowSampler:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved state. A different seed, block size or global batch still loads (you may
-        change them on purpose) but the data then differs from an uninterrupted run, which is logged."""
+        """Continue from a saved state, on any number of ranks: at the saved global sample index, with the
+        saved chunk. A different seed or block size still loads (you may change them on purpose) but the data
+        then differs from an uninterrupted run, which is logged."""
+        if "position" in state:  # (older states had only "step", at their global batch)
+            position, chunk = state["position"], state.get("chunk", state.get("global_batch_size"))
+            if not isinstance(position, int) or position < 0 or not isinstance(chunk, int) or chunk < 1:
+                raise DataError(f"sampler state has an invalid position/chunk ({position!r}, {chunk!r})")
+            self.position, self.chunk, self._cached = position, chunk, None
+            for key in ("seed", "block_size"):
+                if key in state and state[key] != getattr(self, key):
+                    logger.warning("resuming the data sampler with %s=%s (saved: %s): batches differ from an "
+                                   "uninterrupted run", key, getattr(self, key), state[key])
+            return
         for key in ("seed", "block_size", "global_batch_size"):
             if key in state and state[key] != getattr(self, key):
                 logger.warning(
@@ -117,7 +152,7 @@ class RandomWindowSampler:
         step = state.get("step")
         if not isinstance(step, int) or step < 0:
             raise DataError(f"sampler state has no valid 'step' (got {step!r}); is it from another kind of sampler?")
-        self.step = step
+        self.position = step * self.global_batch_size
 
 
 def eval_batches(

@@ -20,6 +20,7 @@ from byollm.errors import ConfigError
 from byollm.model.config import ModelChoice
 from byollm.train.loop import LoopConfig
 from byollm.train.optim import MuonOptimConfig
+from byollm.train.parallel import ParallelConfig
 from byollm.train.run import RunConfig
 
 
@@ -57,6 +58,8 @@ class TrainConfig(RunConfig, LoopConfig, MuonOptimConfig):
     """the model's shape: a preset plus overrides (vocab_size follows the tokenizer)"""
     data: DataConfig = field(default_factory=DataConfig)
     """the text and its tokenizer"""
+    dist: ParallelConfig = field(default_factory=ParallelConfig)
+    """how training is spread over the processes torchrun starts: ddp, fsdp or fsdp+tp"""
     batch_size: int = 12
     """sequences per micro-batch, per process"""
     block_size: int | None = None
@@ -82,6 +85,9 @@ class TrainConfig(RunConfig, LoopConfig, MuonOptimConfig):
             raise ConfigError(f"sample_interval must be >= 0, got {self.sample_interval}")
         if self.block_size is not None and self.block_size < 1:
             raise ConfigError(f"block_size must be at least 1, got {self.block_size}")
+        if self.dist.sharded and self.optimizer == "muon":
+            raise ConfigError("optimizer muon orthogonalises whole matrices, which dist.strategy "
+                              f"{self.dist.strategy} splits over ranks; use optimizer adamw with it")
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:

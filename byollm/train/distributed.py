@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from byollm.errors import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -51,12 +53,33 @@ def setup(device: str = "auto") -> DistInfo:
         return DistInfo(device=pick_device(device))
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     dev = pick_device(device)
+    check_environment(dev, local_rank, world)
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return DistInfo(rank, local_rank, world, dev)
+
+
+def check_environment(device: torch.device, local_rank: int, world_size: int) -> None:
+    """One clear error for the launches that would otherwise hang or fail deep inside torch.distributed."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if world_size < 1 or local_world > world_size:
+        raise ConfigError(f"inconsistent torchrun environment: WORLD_SIZE={world_size}, LOCAL_WORLD_SIZE="
+                          f"{local_world}; start the run with torchrun, which sets both")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device cuda was asked for but this machine has no usable GPU; use --device cpu "
+                              "(gloo) or run where CUDA is available")
+        if not dist.is_nccl_available():
+            raise ConfigError("this PyTorch build has no NCCL backend for multi-GPU training; install a CUDA "
+                              "build of torch (see DEVELOPERS.md), or train on CPU with gloo (--device cpu)")
+        if local_world > torch.cuda.device_count():
+            raise ConfigError(f"torchrun started {local_world} processes on this node but it has "
+                              f"{torch.cuda.device_count()} GPU(s): set --nproc_per_node {torch.cuda.device_count()}")
+    elif not dist.is_gloo_available():
+        raise ConfigError("this PyTorch build has no gloo backend for CPU training across processes")
 
 
 def teardown() -> None:
@@ -80,12 +103,12 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
-def broadcast_object(obj: Any, info: DistInfo) -> Any:
-    """Rank 0's `obj` on every rank (e.g. a run name made from the clock)."""
+def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank (e.g. a run name made from rank 0's clock)."""
     if not info.enabled:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
@@ -103,5 +126,5 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-__all__ = ["DistInfo", "all_reduce_mean", "all_reduce_sum", "barrier", "broadcast_object", "gather_objects",
-           "pick_device", "setup", "teardown"]
+__all__ = ["DistInfo", "all_reduce_mean", "all_reduce_sum", "barrier", "broadcast_object", "check_environment",
+           "gather_objects", "pick_device", "setup", "teardown"]

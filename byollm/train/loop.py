@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -40,8 +41,17 @@ from tqdm.auto import tqdm
 from byollm.config import Section
 from byollm.errors import ByollmError, ConfigError
 from byollm.tokenizer import Tokenizer
-from byollm.train.distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier, gather_objects
-from byollm.train.run import Run, seed_everything
+from byollm.train import sharded_checkpoint
+from byollm.train.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    gather_objects,
+)
+from byollm.train.parallel import ParallelConfig, Parallelism
+from byollm.train.run import Run, load_train_state, seed_everything
 
 # --------------------------------------------------------------------------------------------------
 # What plugs into the loop
@@ -137,23 +147,39 @@ def _tuples(x: Any) -> Any:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, objective: Objective, batches: Iterable[Any], *, device: torch.device,
-             autocast_dtype: torch.dtype | None = None, dist: DistInfo | None = None) -> dict[str, float]:
+             autocast_dtype: torch.dtype | None = None, dist: DistInfo | None = None,
+             collective: bool = False, replicas: int = 1) -> dict[str, float]:
     """The objective's loss over `batches` (this rank's share), averaged over all ranks: per token when the
     objective reports "tokens" (an exact mean over unequal batches), else per batch. Returns
-    {"loss": mean, "tokens": what it was averaged over}."""
+    {"loss": mean, "tokens": what it was averaged over}.
+
+    collective: every forward is a collective (a sharded model all-gathers its parameters), so every rank must
+    run the same number of them. Ranks with fewer batches (or none: a small validation split over many
+    ranks) run extra forwards on a borrowed batch that count with weight 0, instead of waiting forever.
+    replicas: ranks that evaluate the same batches (tensor-parallel peers); their sums are divided back out."""
     dist = dist or DistInfo(device=device)
+    weights = None
+    if collective and dist.enabled:
+        batches = list(batches)
+        counts = gather_objects(len(batches), dist)
+        if min(counts) < max(counts):
+            src = counts.index(max(counts))
+            filler = broadcast_object(batches[0] if dist.rank == src else None, dist, src=src)
+            weights = [1.0] * len(batches) + [0.0] * (max(counts) - len(batches))
+            batches = batches + [filler] * (max(counts) - len(batches))
     was_training = model.training
     model.eval()
     weighted, weight = 0.0, 0.0
     try:
-        for batch in batches:
+        for i, batch in enumerate(batches):
             with autocast_context(device, autocast_dtype):
                 loss, metrics = objective.loss(model, to_device(batch, device))
-            w = float(metrics.get("tokens", 1))
+            w = float(metrics.get("tokens", 1)) * (weights[i] if weights is not None else 1.0)
             weighted += loss.item() * w
             weight += w
     finally:
         model.train(was_training)
+    weighted, weight = weighted / replicas, weight / replicas
     dtype = torch.float32 if device.type == "mps" else torch.float64  # (MPS has no float64)
     totals = all_reduce_sum(torch.tensor([weighted, weight], device=device, dtype=dtype), dist)
     if totals[1] == 0:
@@ -210,6 +236,8 @@ class Trainer:
     seed: re-seeds the generators on a resume with another number of ranks.
     flops_per_token / peak_flops: for MFU (omitted when either is unknown).
     checkpoint_meta: written into each checkpoint's meta.json (for example the run's name and data).
+    parallel: how the model is spread over ranks (dist.strategy; default DDP). A sharded model (FSDP, TP)
+        must already be sharded by `parallel.shard(model)` when the optimizer is built, before the Trainer.
     """
 
     def __init__(self, model: nn.Module, objective: Objective, train_data: BatchSource,
@@ -224,7 +252,7 @@ class Trainer:
                  stop_at_val_loss: float | None = None, compile: bool = False, seed: int = 0,
                  flops_per_token: float | None = None, peak_flops: float | None = None,
                  checkpoint_meta: dict[str, Any] | None = None, checkpoints: bool = True,
-                 progress: bool = True) -> None:
+                 progress: bool = True, parallel: Parallelism | None = None) -> None:
         if eval_data is not None and evaluate is not None:
             raise ValueError("give the Trainer eval_data (a loss on held-out batches) or evaluate, not both")
         self.model, self.objective, self.train_data = model, objective, train_data
@@ -248,13 +276,17 @@ class Trainer:
         self._bar: tqdm | None = None
         self._timed = [0, 0.0]  # training tokens and seconds in this process, evaluation excluded
 
-        # What forward/backward runs through: compiled (optional), then wrapped for data parallelism.
-        self.train_model: nn.Module = torch.compile(model) if compile else model
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
+        self.parallel = parallel or Parallelism(ParallelConfig(), self.dist)
+        # What forward/backward runs through. Sharded (FSDP, TP): the model itself, which the recipe sharded
+        # (and compiled per block) before building the optimizer. DDP: compiled (optional), then wrapped.
+        self.train_model: nn.Module = model
+        if not self.parallel.sharded:
+            self.train_model = torch.compile(model) if compile else model
+            if self.dist.enabled:
+                from torch.nn.parallel import DistributedDataParallel as DDP
 
-            ids = [self.dist.local_rank] if device.type == "cuda" else None
-            self.train_model = DDP(self.train_model, device_ids=ids)
+                ids = [self.dist.local_rank] if device.type == "cuda" else None
+                self.train_model = DDP(self.train_model, device_ids=ids)
 
     @property
     def evaluates(self) -> bool:
@@ -269,9 +301,8 @@ class Trainer:
         tokens = 0
         for micro in range(k):
             batch = to_device(self.train_data.next_batch(), self.device)
-            # With DDP, gradients are averaged across ranks during backward; only on the last micro-batch.
-            sync = contextlib.nullcontext() if micro == k - 1 or not self.dist.enabled else self.train_model.no_sync()
-            with sync:
+            # Gradients are averaged (DDP) or reduce-scattered (FSDP) across ranks on the last micro-batch only.
+            with self.parallel.gradient_sync(self.train_model, micro == k - 1):
                 with autocast_context(self.device, self.autocast_dtype):
                     loss, m = self.objective.loss(self.train_model, batch)
                 (loss / k).backward()  # the mean over micro-batches, like one big batch
@@ -286,7 +317,7 @@ class Trainer:
         out = {"lr": self.optimizer.param_groups[0]["lr"]}
         if self.config.grad_clip > 0:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            out["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+            out["grad_norm"] = self.parallel.clip_grad_norm_(params, self.config.grad_clip)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -345,6 +376,7 @@ class Trainer:
         values = torch.tensor([loss, *metrics.values()], device=self.device)
         values = all_reduce_mean(values, self.dist).tolist()  # every rank takes part, only rank 0 writes
         tokens = int(all_reduce_sum(torch.tensor(float(tokens), device=self.device), self.dist).item())
+        tokens //= self.parallel.tp  # tensor-parallel peers trained on the same tokens
         self.tokens_seen += tokens
         if not math.isfinite(values[0]):
             raise TrainingError(f"the training loss is {values[0]} at step {self.step}: lower the learning rate "
@@ -372,7 +404,8 @@ class Trainer:
             result = self.evaluate_fn(self.model)
         else:
             loss = evaluate(self.model, self.objective, self.eval_data(), device=self.device,
-                            autocast_dtype=self.autocast_dtype, dist=self.dist)["loss"]
+                            autocast_dtype=self.autocast_dtype, dist=self.dist, collective=self.parallel.sharded,
+                            replicas=self.parallel.tp)["loss"]
             result = {"loss": loss, **(self.eval_extras(loss) if self.eval_extras else {})}
         self.last_eval, self.last_eval_step = result, self.step
         if result:
@@ -385,9 +418,17 @@ class Trainer:
         return result
 
     def run_sample(self) -> None:
+        if self.parallel.tp > 1:
+            return  # generation's KV cache is not split over heads: no samples under tensor parallelism
+        if self.parallel.sharded:  # every rank takes part in each forward; all draw the same tokens (same seed)
+            text = self.sample(self.model)
+        elif self.dist.is_main and self.run is not None:
+            text = self.sample(self.model)
+        else:
+            return
         if self.dist.is_main and self.run is not None:
-            self.last_sample = self.sample(self.model)
-            self.run.add_sample(self.step, self.last_sample)
+            self.last_sample = text
+            self.run.add_sample(self.step, text)
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -395,16 +436,31 @@ class Trainer:
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "optimizer": self.optimizer.state_dict(),
+            # sharded runs keep the optimizer in the checkpoint's DCP shards, beside the weights
+            **({} if self.parallel.cfg.sharded else {"optimizer": self.optimizer.state_dict()}),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "data": self.train_data.state_dict(),
             "rng": gather_objects(rng_state(), self.dist),  # one per rank (their dropout masks differ)
             "world_size": self.dist.world_size,
         }
 
+    def resume(self, checkpoint: Path) -> None:
+        """Continue from a checkpoint: its DCP shards (weights and optimizer, resharded to this world size)
+        when it has them, then the rest of the training state."""
+        state = load_train_state(checkpoint)
+        if sharded_checkpoint.has_shards(checkpoint):
+            sharded_checkpoint.load_shards(checkpoint / sharded_checkpoint.SHARDS, self.model, self.optimizer)
+        elif "optimizer" not in state:
+            raise TrainingError(f"{checkpoint} has neither DCP shards nor an optimizer state to resume from")
+        elif self.parallel.sharded:
+            raise TrainingError(f"{checkpoint} was saved by an unsharded run (dist.strategy ddp); resume it "
+                                "with dist.strategy ddp, or start a new sharded run from its weights")
+        self.load_state_dict(state)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.train_data.load_state_dict(state["data"])
@@ -421,7 +477,13 @@ class Trainer:
         if self.run is not None:
             meta = {**self.checkpoint_meta, "tokens_seen": self.tokens_seen,
                     **{f"val_{k}": v for k, v in self.last_eval.items()}}
-            path = self.run.save_checkpoint(self.step, self.model, self.tokenizer, state, meta, self.config.keep_last)
+            if self.parallel.cfg.sharded:  # every rank writes its shards
+                meta["strategy"] = self.parallel.cfg.strategy
+                path = sharded_checkpoint.save_sharded(self.run, self.step, self.model, self.optimizer,
+                                                       self.tokenizer, state, meta, self.config.keep_last, self.dist)
+            else:
+                path = self.run.save_checkpoint(self.step, self.model, self.tokenizer, state, meta,
+                                                self.config.keep_last)
             if path is not None:
                 self.last_checkpoint = path
         barrier(self.dist)

@@ -51,7 +51,6 @@ from byollm.train.run import (
     Where,
     format_duration,
     launch,
-    load_train_state,
     resolve_dtype,
     run_meta,
     seed_everything,
@@ -110,12 +109,25 @@ def _pretrain(cfg: TrainConfig, where: Where, progress: bool) -> PretrainResult:
                                       check_resume=lambda checkpoint: check_same_model(checkpoint, model_cfg))
     name = cfg.name
 
-    # 4. The model: random initialisation (seeded by start_run), or the weights of the checkpoint we resume from.
-    if resume_from is None:
+    # 4. The model: random initialisation (seeded by start_run), or the weights of the checkpoint we resume from
+    #    (a sharded run reads them from the checkpoint's DCP shards instead, at whatever world size it has now).
+    #    Then spread it over the ranks (dist.strategy): sharded (FSDP, TP) before the optimizer sees it.
+    parallel = where.parallel
+    if parallel.tp > 1 and block_size % parallel.tp:
+        raise ConfigError(f"block_size={block_size} must be a multiple of dist.tp={parallel.tp}: sequence "
+                          "parallelism splits every sequence into equal slices")
+    if cfg.dist.meta_init and parallel.sharded:
+        with torch.device("meta"):
+            model = GPT(model_cfg)
+    elif resume_from is None or cfg.dist.sharded:
         model = GPT(model_cfg).to(device)
     else:
         model = load_checkpoint(resume_from, device=device).model
-    seed_everything(cfg.seed + dist.rank)  # each rank draws its own dropout masks
+    fsdp_dtype = autocast_dtype if parallel.sharded else None  # FSDP's mixed precision replaces autocast
+    parallel.shard(model, compile=cfg.compile, autocast_dtype=fsdp_dtype)
+    if fsdp_dtype is not None:
+        autocast_dtype = None
+    seed_everything(cfg.seed + parallel.data_rank)  # each replica draws its own dropout masks
 
     # 5. Optimiser and schedule.
     optimizer, scheduler = build_training_optimizer(model, cfg, cfg.max_steps, device.type)
@@ -123,15 +135,19 @@ def _pretrain(cfg: TrainConfig, where: Where, progress: bool) -> PretrainResult:
     # 6. Batches: each rank its own share of every step's windows; fixed windows for validation.
     sampler: Any
     if streaming:  # each rank reads every world_size-th document after the held-out ones
+        if parallel.tp > 1:
+            raise ConfigError("streaming data with dist.strategy fsdp+tp is not supported yet: use a prepared "
+                              "dataset (data.streaming false) or dist.strategy fsdp")
         sampler = StreamingTokenSource(stream, tokenizer, cfg.batch_size, block_size, skip_docs=cfg.data.val_docs,
                                        rank=dist.rank, world_size=dist.world_size, prefetch=cfg.data.prefetch,
                                        gather=lambda obj: distributed.gather_objects(obj, dist))
     else:
-        sampler = RandomWindowSampler(data.train, cfg.batch_size, block_size, cfg.seed, dist.rank, dist.world_size)
+        sampler = RandomWindowSampler(data.train, cfg.batch_size, block_size, cfg.seed, parallel.data_rank,
+                                      parallel.data_world)
 
     def val_batches():
         return eval_batches(data.val, cfg.batch_size, block_size, cfg.eval_batches, seed=cfg.seed,
-                            rank=dist.rank, world_size=dist.world_size)
+                            rank=parallel.data_rank, world_size=parallel.data_world)
 
     def val_extras(loss: float) -> dict[str, float]:
         return {"ppl": math.exp(min(loss, 700.0)), "bpb": bits_per_byte(loss, data.meta, "val")}
@@ -147,14 +163,16 @@ def _pretrain(cfg: TrainConfig, where: Where, progress: bool) -> PretrainResult:
                       eval_extras=val_extras, sample=sample, sample_interval=cfg.sample_interval,
                       stop_at_val_loss=cfg.stop_at_val_loss, compile=cfg.compile, seed=cfg.seed,
                       flops_per_token=flops_per_token, peak_flops=peak,
-                      checkpoint_meta={"run": name, "data": data.meta.get("dataset")}, progress=progress)
+                      checkpoint_meta={"run": name, "data": data.meta.get("dataset")}, progress=progress,
+                      parallel=parallel)
     if resume_from is not None:
-        trainer.load_state_dict(load_train_state(resume_from))
+        trainer.resume(resume_from)
         run.rewind(trainer.step)
 
-    tokens_per_step = cfg.batch_size * block_size * cfg.grad_accum * dist.world_size
+    tokens_per_step = cfg.batch_size * block_size * cfg.grad_accum * parallel.data_world
     run.write_meta(run_meta(cfg.seed, device, {
-        "run": name, "world_size": dist.world_size, "autocast_dtype": str(autocast_dtype or torch.float32),
+        "run": name, "world_size": dist.world_size, "strategy": cfg.dist.strategy, "tp": parallel.tp,
+        "autocast_dtype": str(fsdp_dtype or autocast_dtype or torch.float32),
         "compile": cfg.compile, "num_params": model.num_params(), "tokens_per_step": tokens_per_step,
         "flops_per_token": flops_per_token, "peak_flops": peak, "peak_flops_source": peak_source,
         "data": {"dir": str(data_dir) if data_dir else None, "dataset": data.meta.get("dataset"),
@@ -168,9 +186,11 @@ def _pretrain(cfg: TrainConfig, where: Where, progress: bool) -> PretrainResult:
     else:
         say(f"[byollm] data {data.meta.get('dataset')} ({data.meta['tokenizer']['type']} tokenizer, "
             f"{tokenizer.vocab_size} ids): {len(data.train):,} train / {len(data.val):,} val tokens  [{data_dir}]")
-    say(f"[byollm] {device} {str(autocast_dtype or torch.float32).removeprefix('torch.')}"
-        f"{' compiled' if cfg.compile else ''}, {dist.world_size} process(es); {tokens_per_step:,} tokens/step "
-        f"({cfg.batch_size} x {block_size} x {cfg.grad_accum} accum x {dist.world_size}), {cfg.max_steps} steps")
+    strategy = f", {cfg.dist.strategy}" + (f" (tp {parallel.tp})" if parallel.tp > 1 else "") if dist.enabled else ""
+    say(f"[byollm] {device} {str(fsdp_dtype or autocast_dtype or torch.float32).removeprefix('torch.')}"
+        f"{' compiled' if cfg.compile else ''}, {dist.world_size} process(es){strategy}; {tokens_per_step:,} "
+        f"tokens/step ({cfg.batch_size} x {block_size} x {cfg.grad_accum} accum x {parallel.data_world}), "
+        f"{cfg.max_steps} steps")
     if resume_from is not None:
         say(f"[byollm] resumed from {resume_from} (step {trainer.step})")
 

@@ -48,6 +48,7 @@ from byollm.config import Section
 from byollm.errors import ByollmError, ConfigError
 from byollm.tokenizer import Tokenizer
 from byollm.train import distributed
+from byollm.train.parallel import ParallelConfig, Parallelism
 
 TRAIN_STATE = "train_state.pt"
 DTYPES = ("auto", "fp32", "bf16")
@@ -94,6 +95,7 @@ class Where:
 
     dist: distributed.DistInfo
     autocast_dtype: torch.dtype | None
+    parallel: Parallelism
 
     @property
     def device(self) -> torch.device:
@@ -113,7 +115,8 @@ def launch(cfg: RunConfig) -> Iterator[Where]:
         if dist.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        yield Where(dist, resolve_dtype(cfg.dtype, dist.device))
+        parallel = Parallelism(getattr(cfg, "dist", None) or ParallelConfig(), dist)  # (the recipes with a dist.*)
+        yield Where(dist, resolve_dtype(cfg.dtype, dist.device), parallel)
     finally:
         if dist.enabled:
             distributed.teardown()
@@ -301,14 +304,16 @@ class Run:
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, step: int, model: torch.nn.Module, tokenizer: Tokenizer | None,
-                        train_state: dict[str, Any], meta: dict[str, Any], keep_last: int) -> Path | None:
+                        train_state: dict[str, Any], meta: dict[str, Any], keep_last: int,
+                        extra: Callable[[Path], None] | None = None) -> Path | None:
         """checkpoints/step-<step>/ with the weights and train_state.pt in ONE atomic write, then `latest`,
-        then delete all but the newest `keep_last`."""
+        then delete all but the newest `keep_last`. `extra(tmp)` writes train_state.pt (and more, such as
+        a sharded run's DCP folder) into the checkpoint's temporary folder instead."""
         if not self.enabled:
             return None
         path = self.checkpoints / f"step-{step}"
         save_checkpoint(model, path, tokenizer, meta={"step": step, **meta},
-                        extra=lambda tmp: torch.save(train_state, tmp / TRAIN_STATE))
+                        extra=extra or (lambda tmp: torch.save(train_state, tmp / TRAIN_STATE)))
         atomic_write_text(self.checkpoints / LATEST, path.name + "\n")
         for old in self.list_checkpoints()[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
