@@ -117,6 +117,17 @@ def build_parser() -> ArgumentParser:
     p.add_argument("ckpt", type=str, help="output checkpoint directory")
     convert_verbs.add_subcommand("from-gguf", p, help="from a GGUF file (llama.cpp, Ollama)")
 
+    from byollm.scale.sagemaker import add_sagemaker_arguments
+
+    cloud_verbs = _group(verbs, "cloud", "Launch a training recipe on a cloud service.",
+                         "launch training in the cloud (Amazon SageMaker)", "action")
+    p = _sub("Run a recipe config as an Amazon SageMaker training job: N instances, torchrun on each (one process per "
+             "GPU), an S3 data channel as the data mirror, checkpoints synced to S3 so a spot job resumes. "
+             "--dry-run prints the CreateTrainingJob request and a cost estimate without calling AWS. "
+             "Needs the cloud extra to launch: pip install 'byollm[cloud]'.")
+    add_sagemaker_arguments(p)
+    cloud_verbs.add_subcommand("sagemaker", p, help="a SageMaker training job (multi-node, spot, S3 data, checkpoints)")
+
     from byollm.interop.pretrained import PACKAGED_MODELS
 
     p = _sub("Get a real pretrained model as a byollm checkpoint and print its path. Honest about where it comes "
@@ -269,6 +280,7 @@ COMMANDS = {
     ("export", "gguf"): commands.cmd_export_gguf,
     ("convert", "from-hf"): commands.cmd_convert_from_hf,
     ("convert", "from-gguf"): commands.cmd_convert_from_gguf,
+    ("cloud", "sagemaker"): commands.cmd_cloud_sagemaker,
     ("download",): commands.cmd_download,
     ("tokenizer", "train"): commands.cmd_tokenizer_train,
     ("model", "presets"): commands.cmd_model_presets,

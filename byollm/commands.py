@@ -116,6 +116,21 @@ def cmd_convert_from_gguf(a: Any) -> None:
     print(f"  try: byollm generate {out} --prompt 'Hello'")
 
 
+def cmd_cloud_sagemaker(a: Any) -> None:
+    from byollm.scale.sagemaker import cost_estimate, describe, launch, plan_job, spec_from_args
+
+    job = plan_job(spec_from_args(a), dry_run=a.dry_run)
+    if a.dry_run:
+        print(describe(job))
+        return
+    print(cost_estimate(job.spec))
+    arn = launch(job)
+    print(f"[byollm] created SageMaker training job {job.request['TrainingJobName']} ({arn})")
+    print(f"  follow it: aws sagemaker describe-training-job --training-job-name {job.request['TrainingJobName']} "
+          f"--region {job.region}; logs in CloudWatch, /aws/sagemaker/TrainingJobs")
+    print(f"  checkpoints: {job.request['CheckpointConfig']['S3Uri']}/{job.run_name}")
+
+
 def cmd_download(a: Any) -> None:
     import importlib.metadata
 
