@@ -269,6 +269,51 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--dtype", type=Literal["auto", "fp32", "bf16"], default="fp32",
                    help="bf16: autocast; auto: bf16 on GPUs that have it")
     verbs.add_subcommand("eval", p, help="val loss, perplexity and bits per byte of a checkpoint")
+
+    p = _sub("Plan a distributed training run before renting it: memory per GPU (parameters, gradients, optimizer "
+             "state, activations, an overhead allowance), the largest micro-batch that fits, tokens/s at an MFU, time "
+             "and cost to N tokens, communication per step, and the simplest strategy that fits (ddp, ZeRO-1/2, FSDP, "
+             "FSDP + tensor parallel, then activation checkpointing). Arithmetic only (byollm/scale/plan.py).")
+    p.add_argument("--model", type=Optional[str], default=None, help="a model preset (byollm model presets)")  # noqa: UP045
+    p.add_argument("--params", type=Optional[float], default=None,  # noqa: UP045
+                   help="a bare parameter count instead of a preset, e.g. 7.5e9")
+    p.add_argument("--layers", type=Optional[int], default=None,  # noqa: UP045
+                   help="with --params: layers (with --hidden, activations are counted)")
+    p.add_argument("--hidden", type=Optional[int], default=None, help="with --params: width of the residual stream")  # noqa: UP045
+    p.add_argument("--vocab", type=Optional[int], default=None, help="with --params: vocabulary size (default 50257)")  # noqa: UP045
+    p.add_argument("--gpus", type=Optional[int], default=None,  # noqa: UP045
+                   help="GPUs in all (default: nodes x gpus per node)")
+    p.add_argument("--nodes", type=Optional[int], default=None,  # noqa: UP045
+                   help="machines the GPUs are spread over (default: 1, or 8 GPUs each beyond 8)")
+    p.add_argument("--gpus-per-node", "--gpus_per_node", type=Optional[int], default=None,  # noqa: UP045
+                   help="GPUs per machine (default: gpus / nodes)")
+    p.add_argument("--gpu", type=Optional[str], default=None,  # noqa: UP045
+                   help="GPU name for memory and peak FLOP/s: H100, H200, A100, A100-40GB, A10G, L4, L40S, RTX 4090, "
+                        "V100, T4 (default H100)")
+    p.add_argument("--memory", "--gpu-memory", "--gpu_memory", type=Optional[float], default=None,  # noqa: UP045
+                   help="memory per GPU (or the CPU's) in GB, overriding the GPU's")
+    p.add_argument("--peak-flops", "--peak_flops", type=Optional[float], default=None,  # noqa: UP045
+                   help="peak FLOP/s of one device, overriding the table (or the CPU measurement)")
+    p.add_argument("--device", type=Literal["gpu", "cpu"], default="gpu",
+                   help="gpu, or cpu (fp32, peak FLOP/s measured here)")
+    p.add_argument("--strategy", type=Optional[Literal["ddp", "zero1", "zero2", "fsdp", "fsdp+tp"]],  # noqa: UP045
+                   default=None, help="ddp, zero1, zero2, fsdp (ZeRO-3) or fsdp+tp (default: the recommended one)")
+    p.add_argument("--tp", type=Optional[int], default=None, help="tensor-parallel degree, with --strategy fsdp+tp")  # noqa: UP045
+    p.add_argument("--micro-batch", "--micro_batch", type=int, default=1, help="sequences per GPU per step")
+    p.add_argument("--seq-len", "--seq_len", type=Optional[int], default=None,  # noqa: UP045
+                   help="tokens per sequence (default: the model's block_size; 2048 for --params)")
+    p.add_argument("--activation-checkpointing", "--activation_checkpointing", action="store_true",
+                   help="keep only each block's input and recompute the block in backward")
+    p.add_argument("--precision", type=Optional[Literal["bf16", "autocast", "fp32"]], default=None,  # noqa: UP045
+                   help="bf16 (ZeRO's 2+2+12 bytes/param), autocast (fp32 weights, 18) or fp32 (4+4+8); "
+                        "default bf16 on GPUs, fp32 on a CPU")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume")
+    p.add_argument("--tokens", type=Optional[float], default=None,  # noqa: UP045
+                   help="tokens to train on, for the time and cost (default: 20 per parameter)")
+    p.add_argument("--price", type=Optional[float], default=None,  # noqa: UP045
+                   help="price of one GPU-hour, for a cost estimate")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    verbs.add_subcommand("plan", p, help="plan memory, throughput, time and cost of a distributed training run")
     return parser
 
 
@@ -299,6 +344,7 @@ COMMANDS = {
     ("ppo",): commands.cmd_ppo,
     ("quickstart",): commands.cmd_quickstart,
     ("eval",): commands.cmd_eval,
+    ("plan",): commands.cmd_plan,
 }
 
 

@@ -328,6 +328,17 @@ def cmd_eval(a: Any) -> None:
     print(f"{r['split']} loss {r['loss']:.4f}  perplexity {r['ppl']:.3f}  bits/byte {r['bpb']:.4f}")
 
 
+def cmd_plan(a: Any) -> None:
+    from byollm.scale.plan import format_plan, plan
+
+    result = plan(a.model, params=a.params, layers=a.layers, hidden=a.hidden, vocab=a.vocab, gpus=a.gpus,
+                  nodes=a.nodes, gpus_per_node=a.gpus_per_node, gpu=a.gpu, memory_gb=a.memory,
+                  peak_flops=a.peak_flops, device=a.device, strategy=a.strategy, tp=a.tp, micro_batch=a.micro_batch,
+                  seq_len=a.seq_len, checkpointing=a.activation_checkpointing, precision=a.precision, mfu=a.mfu,
+                  target_tokens=a.tokens, price_per_gpu_hour=a.price)
+    print(json.dumps(result.to_dict(), indent=2) if a.json else format_plan(result))
+
+
 def cmd_data_list(a: Any) -> None:
     from byollm.data import get_spec, list_datasets
 

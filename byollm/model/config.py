@@ -164,6 +164,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                          vocab_size=49152, block_size=8192, rope_theta=100000.0),
     "smollm2-360m": dict(_LLAMA_BLOCKS, n_layer=32, n_head=15, n_kv_head=5, n_embd=960, intermediate_size=2560,
                          vocab_size=49152, block_size=8192, rope_theta=100000.0),
+    # Meta's Llama 3 8B shape (grouped-query attention, 128K vocab, untied head), for planning (`byollm plan`).
+    "llama3-8b": dict(_LLAMA_BLOCKS, n_layer=32, n_head=32, n_kv_head=8, n_embd=4096, intermediate_size=14336,
+                      vocab_size=128256, block_size=8192, rope_theta=500000.0, tie_embeddings=False),
     "llama-40m": dict(_LLAMA_BLOCKS, n_layer=8, n_head=8, n_kv_head=2, n_embd=512, intermediate_size=1408,
                       vocab_size=32000, block_size=1024),
     "llama-13m": dict(_LLAMA_BLOCKS, n_layer=6, n_head=6, n_kv_head=2, n_embd=384, intermediate_size=1024,

@@ -1,0 +1,1 @@
+"""Scaling training out: planning (plan.py) and cloud launchers (sagemaker.py)."""
