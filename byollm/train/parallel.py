@@ -131,25 +131,12 @@ class Parallelism:
         return self.mesh is not None
 
     # ---- the model ---------------------------------------------------------------------------------------
-    def check_model(self, model: nn.Module) -> None:
-        """One clear error for a model this strategy cannot split."""
-        c = getattr(getattr(model, "backbone", model), "config", None)
-        if self.tp > 1 and c is not None:
-            for name, value in (("n_head", c.n_head), ("n_kv_head", c.n_kv_head),
-                                ("intermediate_size", c.intermediate_size)):
-                if value % self.tp:
-                    raise ConfigError(f"dist.tp={self.tp} does not divide the model's {name}={value}: tensor "
-                                      "parallelism gives each rank whole heads and an equal MLP slice")
-            if c.tie_embeddings:
-                raise ConfigError("dist.strategy fsdp+tp needs untied embeddings (model.tie_embeddings false): "
-                                  "the input table is split by rows and the head by output columns")
-
     def shard(self, model: nn.Module, *, compile: bool = False, autocast_dtype: torch.dtype | None = None
               ) -> nn.Module:
         """Apply tensor parallelism, activation checkpointing, compilation and FSDP, in torchtitan's order,
         to `model` in place; returns it. Build the optimizer after this (FSDP swaps the parameters)."""
-        self.check_model(model)
         if self.tp > 1:
+            check_splittable(getattr(model, "backbone", model).config, self.tp)
             tensor_parallel(model, self.mesh["tp"])
         if self.cfg.activation_checkpointing:
             checkpoint_blocks(model)
@@ -195,6 +182,18 @@ class Parallelism:
         """The global norm over all gradients and ranks (clip_grad_norm_ reduces DTensor shards itself)."""
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def check_splittable(config: Any, tp: int) -> None:
+    """One clear error for a model (a ModelConfig) that tensor parallelism over `tp` ranks cannot split."""
+    for name in ("n_head", "n_kv_head", "intermediate_size"):
+        value = getattr(config, name)
+        if value % tp:
+            raise ConfigError(f"dist.tp={tp} does not divide the model's {name}={value}: tensor parallelism "
+                              "gives each rank whole heads and an equal slice of the MLP")
+    if config.tie_embeddings:
+        raise ConfigError("dist.strategy fsdp+tp needs untied embeddings (model.tie_embeddings false): the input "
+                          "table is split by rows and the head by output columns")
 
 
 def tensor_parallel(model: nn.Module, mesh: Any) -> None:
@@ -245,4 +244,5 @@ def tensor_parallel(model: nn.Module, mesh: Any) -> None:
         block.attn.n_kv_head //= tp
 
 
-__all__ = ["STRATEGIES", "ParallelConfig", "Parallelism", "blocks_of", "checkpoint_blocks", "tensor_parallel"]
+__all__ = ["STRATEGIES", "ParallelConfig", "Parallelism", "blocks_of", "check_splittable", "checkpoint_blocks",
+           "tensor_parallel"]
