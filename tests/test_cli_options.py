@@ -105,7 +105,8 @@ BASE_ARGS = {"pretrain": [], "sft": ["--align.base", "runs/base"], "reward": ["-
              "finetune": ["--align.base", "runs/base"], "ppo": ["--policy", "runs/sft", "--reward_model", "runs/rm"],
              "serve": ["runs/sft"]}
 # Options that are valid only together with another one.
-REQUIRES = {"rollout.advantage": ["--rollout.samples_per_prompt", "2"]}  # rloo/grpo compare several answers
+REQUIRES = {"rollout.advantage": ["--rollout.samples_per_prompt", "2"],  # rloo/grpo compare several answers
+            "dist.cpu_offload": ["--dist.strategy", "fsdp"], "dist.meta_init": ["--dist.strategy", "fsdp"]}
 # Options that are not config fields, and where they go (tested below).
 EXTRAS = {"serve": {"ckpt"}, "finetune": {"ckpt", "data"}}
 # Config fields that are deliberately not options.
@@ -377,7 +378,10 @@ def test_the_read_recorder_counts_uses_not_bookkeeping() -> None:
 
 
 # Listed fields a recipe reads only in a configuration these runs do not take, with the reason. Keep it short.
-UNREAD: dict[str, dict[str, str]] = {}
+UNREAD: dict[str, dict[str, str]] = {
+    "pretrain": {"dist.tp": "read under dist.strategy fsdp+tp with several processes (tests/test_distributed.py)",
+                 "dist.reshard_after_forward": "read by FSDP with several processes (tests/test_distributed.py)"},
+}
 
 
 @pytest.mark.parametrize("verb", [*RECIPE_VERBS])
