@@ -58,8 +58,28 @@ def setup(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        store = restart_safe_store(world)
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
     return DistInfo(rank, local_rank, world, dev)
+
+
+def restart_safe_store(world_size: int) -> dist.Store | None:
+    """The torchrun agent's key-value store, seen through a prefix unique to this restart attempt.
+
+    torchrun (c10d rendezvous) keeps one store for the whole job and hands it to every attempt of the
+    workers. After an elastic restart (`--max-restarts`) the keys of the dead attempt are still in it, and a
+    new rank can read a dead rank's address from them and fail to connect (pytorch/pytorch issues 135712 and
+    167288). Separating attempts by TORCHELASTIC_RESTART_COUNT fixes that for a fixed set of nodes, which all
+    restart together; None outside torchrun's shared store (init_process_group then reads MASTER_ADDR/PORT).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False)
+    return dist.PrefixStore(f"byollm/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
 
 
 def check_environment(device: torch.device, local_rank: int, world_size: int) -> None:
