@@ -28,10 +28,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "docs" / "section_0_introduction.md", REPO / "docs" / "section_1_transformer.md",
-        REPO / "docs" / "section_2_training.md", REPO / "docs" / "section_4_finetuning.md",
-        REPO / "docs" / "section_5_deployment.md"]
-SECTION_2, SECTION_4, SECTION_5 = DOCS[2], DOCS[3], DOCS[4]
+        REPO / "docs" / "section_2_training.md", REPO / "docs" / "section_3_scaling.md",
+        REPO / "docs" / "section_4_finetuning.md", REPO / "docs" / "section_5_deployment.md"]
+SECTION_2, SECTION_3, SECTION_4, SECTION_5 = DOCS[2], DOCS[3], DOCS[4], DOCS[5]
 PROJECT_1 = REPO / "projects" / "section_1_transformer.py"
+PROJECT_3 = REPO / "projects" / "section_3_scaling.py"
 PROJECT_4 = REPO / "projects" / "section_4_finetuning.py"
 PROJECT_5 = REPO / "projects" / "section_5_deployment.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -132,6 +133,44 @@ def test_section1_figures_written_to_out_and_figures_dir(section1):
             path = tmp / folder / name
             assert path.is_file() and path.stat().st_size > 10_000, path
             assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+# --------------------------------------------------------------------------------------------------
+# Section 3 project
+# --------------------------------------------------------------------------------------------------
+
+
+def test_section3_project_fsdp_matches_one_process_and_resumes_on_other_world_sizes(tmp_path: Path):
+    """--quick: 6 steps of llama-tiny on 1 process and FSDP on 2 gloo processes (the same global batch), the
+    2-process step-3 checkpoint resumed on 1 and on 3 processes, and `byollm plan` for GPT-2 XL and Llama 3 8B."""
+    if not (mirror() / "tinyshakespeare.txt").is_file():
+        pytest.skip("needs tinyshakespeare.txt in the data mirror ($BYOLLM_DATA_MIRROR)")
+    env = {**os.environ, "BYOLLM_DATA_MIRROR": str(mirror()), "BYOLLM_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, str(PROJECT_3), "--quick", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["quick"] is True and all(report["checks"].values()), report["checks"]
+    steps = report["sizes"]["steps"]
+    assert all(len(losses) == steps for losses in report["losses"].values())
+    # FSDP on 2 against 1 process: float32 rounding (measured 1.8e-7 on the losses, 7.4e-6 on the weights).
+    assert report["fsdp_vs_one_max_rel"] < 1e-5 and report["grad_norm_max_rel"] < 1e-4
+    assert report["weights_fsdp_vs_one_max_abs"] < 1e-4
+    assert report["dcp_files"] == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # one file of shards per rank
+    middle = report["data_middle"]
+    assert middle["step"] == steps // 2 and middle["position"] == steps // 2 * report["sizes"]["global_batch"]
+    for name, world in (("resumed1", 1), ("resumed3", 3)):
+        resumed = report["resume"][name]
+        assert resumed["world_size"] == world and resumed["resumed_from"] == f"step-{steps // 2}"
+        assert resumed["max_rel_vs_fsdp2"] < 1e-5 and resumed["weights_vs_fsdp2_max_abs"] < 1e-4
+        assert resumed["data"] == report["data"]["fsdp2"] == report["data"]["one"]  # the same global sample index
+        assert resumed["tokens_seen"] == report["tokens_seen"]["one"] and resumed["steps_logged"]
+    assert report["data"]["one"]["position"] == steps * report["sizes"]["global_batch"]
+    assert report["plan"]["zero_paper"] == {"ddp": 120.0, "zero1": 31.4, "zero2": 16.6, "fsdp": 1.9}
+    assert report["plan"]["plans"]["Llama 3 8B"]["strategy"] == "fsdp+tp"
+    for step in ("1. One process against FSDP on 2", "2. The step-3 checkpoint", "3. Planning GPT-2 XL"):
+        assert f"== {step}" in proc.stdout
+    assert "6 of 6 checks met" in proc.stdout
 
 
 # --------------------------------------------------------------------------------------------------
@@ -336,6 +375,12 @@ def test_docs_exist_and_show_the_cli():
     for verb in ("sft", "reward", "dpo", "orpo", "ppo"):
         assert any(c.startswith(f"byollm {verb} --config configs/{verb}-") for c in section2), verb
     assert any(c.startswith("byollm chat ") for c in section2)
+    # Section 3: the planner, the SageMaker dry run, and torchrun with FSDP, FSDP + TP, several nodes, restarts.
+    section3 = [c for doc, c in doc_byollm_commands() if doc == SECTION_3.name]
+    assert any(c.startswith("byollm plan ") for c in section3)
+    assert any(c.startswith("byollm cloud sagemaker ") and "--dry-run" in c for c in section3)
+    for needed in ("--dist.strategy fsdp ", "--dist.strategy fsdp+tp", "--rdzv_backend c10d", "--max-restarts"):
+        assert any(c.startswith("torchrun ") and needed in c for c in section3), needed
     # Section 4: fine-tuning with each method on the shipped recipe, merge and export.
     section4 = [c for doc, c in doc_byollm_commands() if doc == SECTION_4.name]
     for method in ("full", "lora", "qlora", "dora"):
@@ -410,7 +455,7 @@ def test_docs_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("BYOLLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n"))
-    ran = sum(run_page(path, capsys) for path in DOCS if path not in (SECTION_2, SECTION_4, SECTION_5))
+    ran = sum(run_page(path, capsys) for path in DOCS if path not in (SECTION_2, SECTION_3, SECTION_4, SECTION_5))
     assert ran >= 14
     meta = json.loads((tmp_path / "models" / "smollm2-135m-instruct" / "meta.json").read_text())
     assert meta["packaged_model"] == "smollm2-135m-instruct" and meta["converted_from"] == "gguf/llama"
@@ -463,6 +508,19 @@ def test_section2_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch
     for run in ("sft", "reward", "dpo", "orpo"):
         held_out = json.loads((tmp_path / "runs" / run / "held_out.json").read_text())
         assert held_out["before"] and held_out["after"], run
+
+
+def test_section3_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    """Section 3: `byollm plan` (arithmetic), the SageMaker dry run (no AWS call), a short run with activation
+    checkpointing, and the page's Python snippets. Its torchrun and multi-GPU commands are parsed (above); the
+    section 3 project runs the CPU ones for real."""
+    if not (mirror() / "tinyshakespeare.txt").is_file():
+        pytest.skip("needs tinyshakespeare.txt in the data mirror ($BYOLLM_DATA_MIRROR)")
+    monkeypatch.setenv("BYOLLM_DATA_MIRROR", str(mirror()))
+    monkeypatch.setenv("BYOLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    assert run_page(SECTION_3, capsys) >= 4
 
 
 def test_section4_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys,
@@ -556,6 +614,10 @@ def test_docs_have_code_excerpts():
     for needed in ("byollm/tokenizer/chat_template.py", "byollm/data/instruct.py", "byollm/train/objectives.py",
                    "byollm/model/heads.py", "byollm/train/rl_objectives.py", "byollm/interop/trl.py"):
         assert needed in sources, f"section 2 (second half) should show code from {needed}"
+    for needed in ("byollm/train/parallel.py", "byollm/train/sharded_checkpoint.py", "byollm/data/samplers.py",
+                   "byollm/train/loop.py", "byollm/train/distributed.py"):
+        assert needed in {source for doc, source, _ in python_excerpts() if doc == SECTION_3.name}, \
+            f"section 3 should show code from {needed}"
     for needed in ("byollm/finetune/lora.py", "byollm/finetune/nf4.py", "projects/section_4_finetuning.py"):
         assert needed in sources, f"section 4 should show code from {needed}"
     for needed in ("byollm/serve/engine.py", "byollm/serve/guards.py", "byollm/interop/gguf.py"):
