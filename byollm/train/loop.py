@@ -225,7 +225,7 @@ class Trainer:
     """Runs the loop for a model, an objective and a batch source; saves and restores its whole state.
 
     model: the plain module (its weights are what checkpoints hold); the Trainer compiles it (`compile`) and
-        wraps it in DistributedDataParallel itself when asked.
+        wraps it (`parallel.wrap`: DistributedDataParallel, or Accelerate's prepare) itself.
     loop: the loop's settings (a LoopConfig, normally the recipe's config, which is one).
     Evaluation, every loop.eval_interval steps and at the last: either `eval_data` (returns a fresh iterable of
         this rank's validation batches; the objective's mean loss over them, and `eval_extras(loss)` turns it
@@ -277,16 +277,8 @@ class Trainer:
         self._timed = [0, 0.0]  # training tokens and seconds in this process, evaluation excluded
 
         self.parallel = parallel or Parallelism(ParallelConfig(), self.dist)
-        # What forward/backward runs through. Sharded (FSDP, TP): the model itself, which the recipe sharded
-        # (and compiled per block) before building the optimizer. DDP: compiled (optional), then wrapped.
-        self.train_model: nn.Module = model
-        if not self.parallel.sharded:
-            self.train_model = torch.compile(model) if compile else model
-            if self.dist.enabled:
-                from torch.nn.parallel import DistributedDataParallel as DDP
-
-                ids = [self.dist.local_rank] if device.type == "cuda" else None
-                self.train_model = DDP(self.train_model, device_ids=ids)
+        # What forward/backward runs through: DDP-wrapped, Accelerate-prepared, or (sharded) the model itself.
+        self.train_model, self.optimizer = self.parallel.wrap(model, optimizer, compile=compile)
 
     @property
     def evaluates(self) -> bool:
@@ -305,7 +297,7 @@ class Trainer:
             with self.parallel.gradient_sync(self.train_model, micro == k - 1):
                 with autocast_context(self.device, self.autocast_dtype):
                     loss, m = self.objective.loss(self.train_model, batch)
-                (loss / k).backward()  # the mean over micro-batches, like one big batch
+                self.parallel.backward(loss, k)  # (loss / k).backward(): the mean over micro-batches
             total += loss.detach() / k
             tokens += int(m.pop("tokens", 0))
             for name, value in m.items():
@@ -437,7 +429,7 @@ class Trainer:
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             # sharded runs keep the optimizer in the checkpoint's DCP shards, beside the weights
-            **({} if self.parallel.cfg.sharded else {"optimizer": self.optimizer.state_dict()}),
+            **({} if self.parallel.sharded_checkpoints else {"optimizer": self.optimizer.state_dict()}),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "data": self.train_data.state_dict(),
             "rng": gather_objects(rng_state(), self.dist),  # one per rank (their dropout masks differ)
@@ -449,7 +441,8 @@ class Trainer:
         when it has them, then the rest of the training state."""
         state = load_train_state(checkpoint)
         if sharded_checkpoint.has_shards(checkpoint):
-            sharded_checkpoint.load_shards(checkpoint / sharded_checkpoint.SHARDS, self.model, self.optimizer)
+            sharded_checkpoint.load_shards(checkpoint / sharded_checkpoint.SHARDS, self.model,
+                                           self.parallel.base_optimizer(self.optimizer))
         elif "optimizer" not in state:
             raise TrainingError(f"{checkpoint} has neither DCP shards nor an optimizer state to resume from")
         elif self.parallel.sharded:
@@ -477,9 +470,10 @@ class Trainer:
         if self.run is not None:
             meta = {**self.checkpoint_meta, "tokens_seen": self.tokens_seen,
                     **{f"val_{k}": v for k, v in self.last_eval.items()}}
-            if self.parallel.cfg.sharded:  # every rank writes its shards
+            if self.parallel.sharded_checkpoints:  # every rank writes its shards
                 meta["strategy"] = self.parallel.cfg.strategy
-                path = sharded_checkpoint.save_sharded(self.run, self.step, self.model, self.optimizer,
+                path = sharded_checkpoint.save_sharded(self.run, self.step, self.model,
+                                                       self.parallel.base_optimizer(self.optimizer),
                                                        self.tokenizer, state, meta, self.config.keep_last, self.dist)
             else:
                 path = self.run.save_checkpoint(self.step, self.model, self.tokenizer, state, meta,

@@ -1,4 +1,4 @@
-"""How the model is spread over the processes torchrun starts: `dist.strategy` ddp | fsdp | fsdp+tp.
+"""How the model is spread over the processes torchrun starts: `dist.strategy` ddp | fsdp | fsdp+tp | accelerate.
 
     ddp      every rank holds the whole model, optimizer state and gradients; gradients are all-reduced
              (averaged) in backward. Memory per rank: all of it. Simplest and fastest while the model fits.
@@ -10,9 +10,12 @@
     fsdp+tp  a 2-D mesh (dp x tp): tensor parallelism (DTensor: ColwiseParallel / RowwiseParallel, Megatron
              style) splits each block's attention heads and MLP columns over the tp ranks of a node, with
              sequence parallelism for the norms and residual stream between them; FSDP shards over dp.
+    accelerate  Hugging Face Accelerate does the wrapping, device placement, mixed precision and gradient
+             accumulation, as its `accelerate launch` config says (train/hf_accelerate.py).
 
 What the Trainer asks of this object is small: `shard(model)` once before the optimizer is built,
-`gradient_sync(on)` for gradient accumulation, `clip_grad_norm_`, and which rank's data a process reads
+`wrap(model, optimizer)` for what forward and backward run through, `gradient_sync(on)` and `backward` for
+gradient accumulation, `clip_grad_norm_`, and which rank's data a process reads
 (`data_rank` / `data_world`: the tp ranks of one group must see the same batch). Checkpoints of sharded
 models go through `torch.distributed.checkpoint` (train/sharded_checkpoint.py).
 """
@@ -34,16 +37,17 @@ from byollm.config import Section
 from byollm.errors import ConfigError
 from byollm.train.distributed import DistInfo
 
-STRATEGIES = ("ddp", "fsdp", "fsdp+tp")
+STRATEGIES = ("ddp", "fsdp", "fsdp+tp", "accelerate")
 
 
 @dataclass
 class ParallelConfig(Section):
     """How training is spread over processes (the `dist.*` keys); see byollm/train/parallel.py."""
 
-    strategy: Literal["ddp", "fsdp", "fsdp+tp"] = "ddp"
-    """ddp (a full copy per rank), fsdp (FSDP2: parameters, gradients and optimizer state sharded over ranks)
-    or fsdp+tp (tensor parallel over dist.tp ranks, FSDP over the rest)"""
+    strategy: Literal["ddp", "fsdp", "fsdp+tp", "accelerate"] = "ddp"
+    """ddp (a full copy per rank), fsdp (FSDP2: parameters, gradients and optimizer state sharded over ranks),
+    fsdp+tp (tensor parallel over dist.tp ranks, FSDP over the rest) or accelerate (Hugging Face Accelerate
+    wraps the model as its `accelerate launch` config says)"""
     tp: int = 2
     """fsdp+tp: ranks per tensor-parallel group (it must divide the world size, the heads and the MLP width)"""
     activation_checkpointing: bool = False
@@ -64,13 +68,15 @@ class ParallelConfig(Section):
             raise ConfigError(f"dist.strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         if self.tp < 1:
             raise ConfigError(f"dist.tp must be at least 1, got {self.tp}")
-        if (self.meta_init or self.cpu_offload) and self.strategy == "ddp":
+        if (self.meta_init or self.cpu_offload) and not self.sharded:
             which = "meta_init" if self.meta_init else "cpu_offload"
-            raise ConfigError(f"dist.{which} needs sharded parameters: set dist.strategy fsdp (or fsdp+tp)")
+            raise ConfigError(f"dist.{which} needs byollm's sharding: set dist.strategy fsdp (or fsdp+tp); under "
+                              "dist.strategy accelerate, the accelerate config's fsdp_* keys say it")
 
     @property
     def sharded(self) -> bool:
-        return self.strategy != "ddp"
+        """byollm shards the model itself (FSDP2, TP)."""
+        return self.strategy in ("fsdp", "fsdp+tp")
 
 
 def checkpoint_blocks(model: nn.Module) -> None:
@@ -127,8 +133,13 @@ class Parallelism:
     @property
     def sharded(self) -> bool:
         """Parameters are DTensors spread over ranks: every rank must run every forward (evaluation and
-        sampling included), and checkpoints go through torch.distributed.checkpoint."""
+        sampling included)."""
         return self.mesh is not None
+
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """Checkpoints go through torch.distributed.checkpoint (so they reshard to any world size)."""
+        return self.cfg.sharded
 
     # ---- the model ---------------------------------------------------------------------------------------
     def shard(self, model: nn.Module, *, compile: bool = False, autocast_dtype: torch.dtype | None = None
@@ -165,6 +176,30 @@ class Parallelism:
                 init()
         return model
 
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, compile: bool = False
+             ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """What forward and backward run through, and the optimizer to step. Sharded (FSDP, TP): the model
+        itself, which shard() has compiled per block. DDP: compiled (optional), then wrapped in
+        DistributedDataParallel, which all-reduces the gradients during backward."""
+        if self.sharded:
+            return model, optimizer
+        train_model = torch.compile(model) if compile else model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.dist.local_rank] if self.dist.device.type == "cuda" else None
+            train_model = DDP(train_model, device_ids=ids)
+        return train_model, optimizer
+
+    @staticmethod
+    def base_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """The torch optimizer itself (the sharded checkpoints read its state)."""
+        return optimizer
+
+    def backward(self, loss: torch.Tensor, micro_batches: int) -> None:
+        """Backward of one micro-batch's loss, scaled so that the micro-batches add up to their mean."""
+        (loss / micro_batches).backward()
+
     def gradient_sync(self, model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
         """Gradient accumulation: no reduction on the micro-batches before the last (DDP's no_sync; FSDP2's
         set_requires_gradient_sync keeps the unsharded gradients until the last micro-batch)."""
@@ -177,8 +212,7 @@ class Parallelism:
             return contextlib.nullcontext()
         return model.no_sync()
 
-    @staticmethod
-    def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    def clip_grad_norm_(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         """The global norm over all gradients and ranks (clip_grad_norm_ reduces DTensor shards itself)."""
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

@@ -115,8 +115,17 @@ def launch(cfg: RunConfig) -> Iterator[Where]:
         if dist.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        parallel = Parallelism(getattr(cfg, "dist", None) or ParallelConfig(), dist)  # (the recipes with a dist.*)
-        yield Where(dist, resolve_dtype(cfg.dtype, dist.device), parallel)
+        parallel_cfg = getattr(cfg, "dist", None) or ParallelConfig()  # (the recipes with a dist.* section)
+        autocast_dtype = resolve_dtype(cfg.dtype, dist.device)
+        if parallel_cfg.strategy == "accelerate":  # Accelerate takes the processes, the device and the precision
+            from byollm.train.hf_accelerate import accelerate_parallelism
+
+            parallel: Parallelism = accelerate_parallelism(parallel_cfg, dist, autocast_dtype,
+                                                           getattr(cfg, "grad_accum", 1))
+            dist, autocast_dtype = parallel.dist, None
+        else:
+            parallel = Parallelism(parallel_cfg, dist)
+        yield Where(dist, autocast_dtype, parallel)
     finally:
         if dist.enabled:
             distributed.teardown()
