@@ -142,7 +142,8 @@ def test_section1_figures_written_to_out_and_figures_dir(section1):
 
 def test_section3_project_fsdp_matches_one_process_and_resumes_on_other_world_sizes(tmp_path: Path):
     """--quick: 6 steps of llama-tiny on 1 process and FSDP on 2 gloo processes (the same global batch), the
-    2-process step-3 checkpoint resumed on 1 and on 3 processes, and `byollm plan` for GPT-2 XL and Llama 3 8B."""
+    2-process step-3 checkpoint resumed on 1 and on 3 processes, `byollm plan` for GPT-2 XL and Llama 3 8B, and the
+    loop under Accelerate on 2 processes against the native 1-process run."""
     if not (mirror() / "tinyshakespeare.txt").is_file():
         pytest.skip("needs tinyshakespeare.txt in the data mirror ($BYOLLM_DATA_MIRROR)")
     env = {**os.environ, "BYOLLM_DATA_MIRROR": str(mirror()), "BYOLLM_CACHE": str(tmp_path / "cache")}
@@ -168,9 +169,13 @@ def test_section3_project_fsdp_matches_one_process_and_resumes_on_other_world_si
     assert report["data"]["one"]["position"] == steps * report["sizes"]["global_batch"]
     assert report["plan"]["zero_paper"] == {"ddp": 120.0, "zero1": 31.4, "zero2": 16.6, "fsdp": 1.9}
     assert report["plan"]["plans"]["Llama 3 8B"]["strategy"] == "fsdp+tp"
-    for step in ("1. One process against FSDP on 2", "2. The step-3 checkpoint", "3. Planning GPT-2 XL"):
+    accelerate = report["accelerate"]
+    assert accelerate["world_size"] == 2 and accelerate["mixed_precision"] == "no"
+    assert accelerate["max_rel_vs_one"] < 1e-5 and accelerate["weights_vs_one_max_abs"] < 1e-4
+    for step in ("1. One process against FSDP on 2", "2. The step-3 checkpoint", "3. Planning GPT-2 XL",
+                 "4. The same loop under Hugging Face Accelerate"):
         assert f"== {step}" in proc.stdout
-    assert "6 of 6 checks met" in proc.stdout
+    assert "7 of 7 checks met" in proc.stdout
 
 
 # --------------------------------------------------------------------------------------------------
