@@ -171,7 +171,8 @@ def test_section3_project_fsdp_matches_one_process_and_resumes_on_other_world_si
     assert report["plan"]["plans"]["Llama 3 8B"]["strategy"] == "fsdp+tp"
     accelerate = report["accelerate"]
     assert accelerate["world_size"] == 2 and accelerate["mixed_precision"] == "no"
-    assert accelerate["max_rel_vs_one"] < 1e-5 and accelerate["weights_vs_one_max_abs"] < 1e-4
+    assert accelerate["max_rel_vs_ddp2"] <= 1e-6 and accelerate["weights_vs_ddp2_max_abs"] < 1e-5
+    assert accelerate["max_rel_vs_one"] < 1e-5  # a few steps: no time to drift
     for step in ("1. One process against FSDP on 2", "2. The step-3 checkpoint", "3. Planning GPT-2 XL",
                  "4. The same loop under Hugging Face Accelerate"):
         assert f"== {step}" in proc.stdout
