@@ -18,7 +18,7 @@ import hashlib
 import hmac
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from byollm.errors import require
@@ -44,10 +44,13 @@ from byollm.serve.protocol import APIError  # noqa: E402
 
 
 class APIKeys:
-    """The configured API keys (none: the server is open, and callers are told apart by their address)."""
+    """The configured API keys (none: the server is open, and callers are told apart by their address), each with
+    its access groups for retrieval (None: unrestricted; empty: public chunks only; see `ServeConfig`)."""
 
-    def __init__(self, keys: frozenset[str]) -> None:
-        self.keys = keys
+    def __init__(self, keys: frozenset[str] | Mapping[str, frozenset[str] | None]) -> None:
+        self.groups: dict[str, frozenset[str] | None] = (
+            dict(keys) if isinstance(keys, Mapping) else dict.fromkeys(keys, frozenset()))
+        self.keys = frozenset(self.groups)
 
     @property
     def enabled(self) -> bool:
@@ -56,8 +59,13 @@ class APIKeys:
     def caller(self, request: Request) -> str:
         """The caller's rate-limit key: a hash of its API key, or its address when no keys are configured.
         Raises APIError 401 when keys are configured and the request has none of them."""
+        return self.identify(request)[0]
+
+    def identify(self, request: Request) -> tuple[str, frozenset[str] | None]:
+        """(the caller's rate-limit key, its access groups). Anonymous callers (no keys configured) see public
+        chunks only. Raises APIError 401 as `caller` does."""
         if not self.keys:
-            return "ip:" + (request.client.host if request.client else "unknown")
+            return "ip:" + (request.client.host if request.client else "unknown"), frozenset()
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         token = token.strip()
@@ -65,9 +73,13 @@ class APIKeys:
             raise APIError(401, "missing API key: send the header 'Authorization: Bearer YOUR_KEY'",
                            code="invalid_api_key")
         given = token.encode()
-        if not any(hmac.compare_digest(given, key.encode()) for key in self.keys):  # constant time per key
+        matched = None
+        for key in self.keys:  # constant time per key, and every key compared
+            if hmac.compare_digest(given, key.encode()):
+                matched = key
+        if matched is None:
             raise APIError(401, "incorrect API key provided", code="invalid_api_key")
-        return "key:" + hashlib.sha256(given).hexdigest()[:12]
+        return "key:" + hashlib.sha256(given).hexdigest()[:12], self.groups[matched]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,10 +138,12 @@ class RateLimiter:
                                  TokenBucket(self.tpm, self.clock) if self.tpm else None)
         return self.buckets[key]
 
-    def acquire(self, key: str, tokens: int) -> None:
+    def acquire(self, key: str, tokens: int, count_request: bool = True) -> None:
+        """Take one request (unless `count_request` is False: taken already) and `tokens`, or raise 429."""
         if not self.enabled:
             return
         requests, token_bucket = self._buckets(key)
+        requests = requests if count_request else None
         if token_bucket is not None and tokens > token_bucket.capacity:
             raise APIError(429, f"this request needs {tokens} tokens (prompt + max_tokens), more than the limit of "
                            f"{self.tpm} tokens per minute; lower max_tokens or shorten the prompt",
@@ -158,7 +172,7 @@ class RateLimiter:
 # Metrics
 # --------------------------------------------------------------------------------------------------
 
-ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/rag/chat", "/health", "/metrics")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5,
                    5.0, 10.0, 20.0, 40.0)
 

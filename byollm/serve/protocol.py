@@ -325,7 +325,7 @@ class RequestLimits:
 
     def check_only(self, req: CommonRequest, *fields: str) -> None:
         """Refuse an option this server supports with one value only (see ONLY), naming it."""
-        rules = ONLY[type(req)]
+        rules = next(ONLY[c] for c in type(req).__mro__ if c in ONLY)  # a subclass (the RAG route's) inherits
         for name in fields:
             value = getattr(req, name)
             if not rules[name].allowed(value):

@@ -149,7 +149,7 @@ class _Service:
                  model_name: str, context: int, vocab_size: int) -> None:
         self.engine, self.async_engine, self.tokenizer, self.settings = engine, async_engine, tokenizer, settings
         self.model_name, self.context = model_name, context
-        self.auth = APIKeys(settings.load_api_keys())
+        self.auth = APIKeys(settings.load_key_groups())
         self.limiter = RateLimiter(settings.requests_per_minute, settings.tokens_per_minute)
         self.limits = RequestLimits(model_name, context, vocab_size, settings.max_stop_sequences,
                                     _max_token_bytes(tokenizer))
@@ -191,12 +191,17 @@ class _Service:
 
     async def prepare_chat(self, req: ChatCompletionRequest, key: str, arrived: float) -> _Job:
         self.limits.check_model(req.model)
+        messages = [{"role": "system" if m.role == "developer" else m.role,
+                     "content": check_text(m.text(), f"messages[{i}].content")} for i, m in enumerate(req.messages)]
+        return await self.chat_job(messages, req, key, arrived)
+
+    async def chat_job(self, messages: list[dict[str, str]], req: ChatCompletionRequest, key: str, arrived: float,
+                       count_request: bool = True) -> _Job:
+        """The job of a chat request whose `messages` are checked text (the RAG route builds its own)."""
         chat = self.chat
         if chat is None:
             raise bad_request(f"{self.chat_unavailable}; or use /v1/completions", "messages", "chat_not_supported")
         self.limits.check_only(req, "logprobs")
-        messages = [{"role": "system" if m.role == "developer" else m.role,
-                     "content": check_text(m.text(), f"messages[{i}].content")} for i, m in enumerate(req.messages)]
         texts = [m["content"] for m in messages]
         self.limits.check_size(texts, "messages")
         try:
@@ -206,7 +211,7 @@ class _Service:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params, max_tokens = self._params(req, len(ids), max_tokens, chat.stop_ids, "messages")
         log_text = json.dumps(messages)[:2000] if self.settings.log_prompts else None
-        return self._job("chat", ids, params, req, key, max_tokens, arrived, log_text)
+        return self._job("chat", ids, params, req, key, max_tokens, arrived, log_text, count_request)
 
     async def prepare_completion(self, req: CompletionRequest, key: str, arrived: float) -> _Job:
         self.limits.check_model(req.model)
@@ -224,11 +229,11 @@ class _Service:
         log_text = (prompt if isinstance(prompt, str) else str(ids))[:2000] if self.settings.log_prompts else None
         return self._job("completion", ids, params, req, key, max_tokens, arrived, log_text)
 
-    def _job(self, kind: Literal["chat", "completion"], ids: list[int], params: SamplingParams,
-             req: CommonRequest, key: str, max_tokens: int, arrived: float, log_text: str | None) -> _Job:
+    def _job(self, kind: Literal["chat", "completion"], ids: list[int], params: SamplingParams, req: CommonRequest,
+             key: str, max_tokens: int, arrived: float, log_text: str | None, count_request: bool = True) -> _Job:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         reserved = len(ids) + max_tokens
-        self.limiter.acquire(key, reserved)
+        self.limiter.acquire(key, reserved, count_request)
         return _Job(kind, ids, params, bool(req.stream), include_usage, key, reserved, arrived, log_text=log_text)
 
     # -- running --------------------------------------------------------------------------------------------
@@ -268,8 +273,9 @@ def _engine_parts(model_or_engine: nn.Module | Engine | AsyncEngine, tokenizer: 
 
 
 def create_app(model_or_engine: nn.Module | Engine | AsyncEngine, tokenizer: Tokenizer | None,
-               settings: ServeConfig | None = None) -> FastAPI:
-    """The FastAPI app serving `model_or_engine` (a GPT, an Engine or an AsyncEngine) with `tokenizer`.
+               settings: ServeConfig | None = None, *, rag_index: Any = None) -> FastAPI:
+    """The FastAPI app serving `model_or_engine` (a GPT, an Engine or an AsyncEngine) with `tokenizer`; with a RAG
+    index (`rag_index`: an open index, else `settings.rag_index`: its directory) also POST /v1/rag/chat.
 
     The engine loop starts with the app (its lifespan) and stops with it: in-flight requests get
     `settings.shutdown_timeout` seconds to finish, then are cancelled.
@@ -354,14 +360,14 @@ def create_app(model_or_engine: nn.Module | Engine | AsyncEngine, tokenizer: Tok
                                key: str = Depends(caller)) -> Response:
         arrived = time.perf_counter()
         service.check_capacity()
-        return await _respond(service, await service.prepare_chat(body, key, arrived), request)
+        return await respond(service, await service.prepare_chat(body, key, arrived), request)
 
     @app.post("/v1/completions", response_model=TextCompletion,
               responses=error_responses(400, 401, 404, 413, 422, 429, 503))
     async def completions(body: CompletionRequest, request: Request, key: str = Depends(caller)) -> Response:
         arrived = time.perf_counter()
         service.check_capacity()
-        return await _respond(service, await service.prepare_completion(body, key, arrived), request)
+        return await respond(service, await service.prepare_completion(body, key, arrived), request)
 
     def openapi() -> dict[str, Any]:
         # The schema says what this server accepts (its one model, n = 1, ...), so clients and fuzzers see it.
@@ -374,6 +380,10 @@ def create_app(model_or_engine: nn.Module | Engine | AsyncEngine, tokenizer: Tok
             app.openapi_schema = schema
         return app.openapi_schema
 
+    if rag_index is not None or settings.rag_index:
+        from byollm.serve.rag_route import add_rag_route
+
+        add_rag_route(app, service, rag_index if rag_index is not None else settings.rag_index, respond)
     app.openapi = openapi  # type: ignore[method-assign]
     return app
 
@@ -453,7 +463,7 @@ async def _until_disconnect(request: Request, awaitable: Awaitable[Any], every: 
                 await task
 
 
-async def _respond(service: _Service, job: _Job, request: Request) -> Response:
+async def respond(service: _Service, job: _Job, request: Request) -> Response:
     try:
         run = _InFlight(service, job)
     except BaseException as e:
@@ -587,4 +597,4 @@ def serve(ckpt: str, settings: ServeConfig, *, dtype: torch.dtype | None = None)
         server.run()
 
 
-__all__ = ["GracefulServer", "create_app", "serve"]
+__all__ = ["GracefulServer", "create_app", "respond", "serve"]

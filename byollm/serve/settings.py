@@ -3,6 +3,15 @@
 It imports nothing heavy, so the CLI can build its parser without FastAPI installed. API keys are never
 an option here: they come from a file (`api_keys_file`, one key a line, `#` comments) or an environment
 variable (`api_keys_env`), so they do not show up in shell history, `ps` or logs.
+
+A line of the key file may give the key's access groups, which decide what `POST /v1/rag/chat` may retrieve
+for it (chunks of other groups are never retrieved for it, cited or scored):
+
+    sk-...                        public chunks only (as keys from the environment variable)
+    sk-... groups=staff,hr        public chunks and those of the groups staff and hr
+    sk-... groups=*               every chunk (an unrestricted caller)
+
+Without any key configured, callers are anonymous and see public chunks only.
 """
 
 from __future__ import annotations
@@ -59,7 +68,10 @@ class ServeConfig:
     """where the model runs: cpu, cuda, cuda:1, mps"""
     dtype: str = "auto"
     """precision of the weights: float32, bfloat16, float16 or auto (as saved)"""
-    # Keys given directly (tests, embedding in Python). Not a command-line option: see the module docstring.
+    rag_index: str | None = None
+    """a RAG index directory (`byollm rag index`): also serve POST /v1/rag/chat, answers from it with citations"""
+    # Keys given directly (tests, embedding in Python), as lines of the key file ("KEY groups=a,b").
+    # Not a command-line option: see the module docstring.
     api_keys: list[str] | None = None
 
     def __post_init__(self) -> None:
@@ -75,20 +87,52 @@ class ServeConfig:
 
     def load_api_keys(self) -> frozenset[str]:
         """The configured keys: `api_keys`, the file and the environment variable together (may be empty)."""
-        keys = set(self.api_keys or ())
+        return frozenset(self.load_key_groups())
+
+    def load_key_groups(self) -> dict[str, frozenset[str] | None]:
+        """Each configured key's access groups (module docstring): None for `groups=*`, else a set (empty: public
+        chunks only)."""
+        keys: dict[str, frozenset[str] | None] = {}
+
+        def add(line: str, where: str) -> None:
+            key, groups = parse_key_line(line, where)
+            keys[key] = groups if key not in keys else _wider(keys[key], groups)
+
+        for i, line in enumerate(self.api_keys or ()):
+            add(line, f"api_keys[{i}]")
         if self.api_keys_file:
             path = Path(self.api_keys_file)
             if not path.is_file():
                 raise ByollmError(f"serve: api_keys_file {path} does not exist; write one key a line into it")
-            for line in path.read_text().splitlines():
+            for n, line in enumerate(path.read_text().splitlines(), start=1):
                 line = line.strip()
                 if line and not line.startswith("#"):
-                    keys.add(line)
+                    add(line, f"{path} line {n}")
             if not keys:
                 raise ByollmError(f"serve: api_keys_file {path} holds no key; write one key a line into it")
         if self.api_keys_env and os.environ.get(self.api_keys_env):
-            keys.update(k.strip() for k in os.environ[self.api_keys_env].split(",") if k.strip())
+            for k in os.environ[self.api_keys_env].split(","):
+                if k.strip():
+                    keys.setdefault(k.strip(), frozenset())
         if short := [k for k in keys if len(k) < 8]:
             raise ByollmError(f"serve: an API key of {len(short[0])} characters is too easy to guess; use at least 8 "
                               "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
-        return frozenset(keys)
+        return keys
+
+
+def parse_key_line(line: str, where: str) -> tuple[str, frozenset[str] | None]:
+    """(key, groups) of one key-file line: `KEY`, `KEY groups=a,b` or `KEY groups=*` (the error never shows the
+    key)."""
+    key, *rest = line.split()
+    if not rest:
+        return key, frozenset()
+    if len(rest) > 1 or not rest[0].startswith("groups="):
+        raise ByollmError(f"serve: {where}: after the key, expected nothing or groups=NAME,NAME (or groups=*)")
+    names = [g.strip() for g in rest[0].removeprefix("groups=").split(",") if g.strip()]
+    if "*" in names:
+        return key, None
+    return key, frozenset(names)
+
+
+def _wider(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:
+    return None if a is None or b is None else a | b
