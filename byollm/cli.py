@@ -314,6 +314,17 @@ def build_parser() -> ArgumentParser:
                    help="price of one GPU-hour, for a cost estimate")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     verbs.add_subcommand("plan", p, help="plan memory, throughput, time and cost of a distributed training run")
+
+    rag_verbs = _group(verbs, "rag", "Retrieval-augmented generation (guide section 6). Needs the rag extra: "
+                       "pip install 'byollm[rag]'.", "retrieval-augmented generation", "action")
+    from byollm.rag.ask_cli import add_ask_arguments
+
+    p = _sub("Answer a question from an index, citing the retrieved passages as [n]: numbered, delimited sources in "
+             "the model's own chat template, instruction-like passages flagged, 'not found' below a score "
+             "threshold. The model: our engine on --ckpt (default: the packaged SmolLM2-135M-Instruct, offline) or "
+             "any OpenAI-compatible endpoint (--openai-base-url URL --model NAME; key from $OPENAI_API_KEY).")
+    add_ask_arguments(p)
+    rag_verbs.add_subcommand("ask", p, help="answer a question from an index, with citations")
     return parser
 
 
@@ -345,6 +356,7 @@ COMMANDS = {
     ("quickstart",): commands.cmd_quickstart,
     ("eval",): commands.cmd_eval,
     ("plan",): commands.cmd_plan,
+    ("rag", "ask"): commands.cmd_rag_ask,
 }
 
 

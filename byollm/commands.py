@@ -362,3 +362,9 @@ def cmd_data_prepare(a: Any) -> None:
     meta = read_meta(prepared)
     counts = ", ".join(f"{k}: {v['tokens']:,} tokens" for k, v in meta.get("splits", {}).items())
     print(f"[byollm] prepared {a.name} -> {prepared} ({counts})")
+
+
+def cmd_rag_ask(a: Any) -> None:
+    from byollm.rag.ask_cli import run_ask
+
+    run_ask(a)

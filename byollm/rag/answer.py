@@ -109,6 +109,7 @@ class RagAnswer:
     invalid_citations: list[int] = field(default_factory=list)
     dropped: list[Source] = field(default_factory=list)
     finish_reason: str | None = None
+    best_score: float | None = None  # of everything the caller may see that was retrieved (threshold or not)
 
     @property
     def flags(self) -> dict[str, list[Flag]]:
@@ -119,7 +120,8 @@ class RagAnswer:
         return {"question": self.question, "answer": self.text, "not_found": self.not_found,
                 "citations": [c.to_dict() for c in self.citations], "invalid_citations": self.invalid_citations,
                 "sources": [s.to_dict() for s in self.sources], "dropped_sources": [s.to_dict() for s in self.dropped],
-                "finish_reason": self.finish_reason}
+                "finish_reason": self.finish_reason,
+                "best_score": None if self.best_score is None else round(self.best_score, 6)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,13 +176,13 @@ def finish(prompt: RagPrompt, raw_text: str, finish_reason: str | None = None) -
     """Step 6: the answer with its citations mapped to chunks (NOT_FOUND when nothing relevant was retrieved)."""
     if prompt.not_found:
         return RagAnswer(prompt.question, NOT_FOUND, "", [], [], prompt.hits, True, dropped=prompt.dropped,
-                         finish_reason="not_found")
+                         finish_reason="not_found", best_score=prompt.best_score)
     n = len(prompt.sources)
     check = parse_citations(raw_text, n)
     by_n = {s.n: s for s in prompt.sources}
     citations = [Citation(i, by_n[i].chunk_id, by_n[i].source, by_n[i].title) for i in check.cited]
     return RagAnswer(prompt.question, clean_citations(raw_text, n).strip(), raw_text, citations, prompt.sources,
-                     prompt.hits, False, check.invalid, prompt.dropped, finish_reason)
+                     prompt.hits, False, check.invalid, prompt.dropped, finish_reason, prompt.best_score)
 
 
 def _prompt_for(index: SearchIndex, question: str, generator: Generator, max_tokens: int,
@@ -306,6 +308,13 @@ class OpenAIGenerator:
             raise ByollmError(f"the endpoint {self.client.base_url} answered: {e}") from None
 
 
+def open_index(path: str) -> SearchIndex:
+    """The index directory at `path` (byollm.rag.index.RagIndex)."""
+    from byollm.rag.index import RagIndex
+
+    return RagIndex.open(path)
+
+
 def load_generator(ckpt: str | None = None, *, openai_base_url: str | None = None, model: str | None = None,
                    api_key: str | None = None, device: str = "cpu") -> Generator:
     """Our engine on `ckpt` (default: the packaged SmolLM2-135M-Instruct, `byollm download`), or the endpoint at
@@ -326,4 +335,4 @@ def load_generator(ckpt: str | None = None, *, openai_base_url: str | None = Non
 
 __all__ = ["DEFAULT_MIN_SCORE", "NOT_FOUND", "RETRIEVERS", "Citation", "EngineGenerator", "Generator",
            "OpenAIGenerator", "RagAnswer", "RagPrompt", "SearchIndex", "ask", "ask_stream", "finish", "load_generator",
-           "prepare", "retrieve"]
+           "open_index", "prepare", "retrieve"]
