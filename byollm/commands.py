@@ -339,6 +339,54 @@ def cmd_plan(a: Any) -> None:
     print(json.dumps(result.to_dict(), indent=2) if a.json else format_plan(result))
 
 
+def _csv(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def cmd_rag_index(a: Any) -> None:
+    from byollm.rag.index import index_paths
+
+    report = index_paths(a.paths, a.index, model=a.model, chunk_size=a.chunk_size, chunk_overlap=a.chunk_overlap,
+                         tags=_csv(a.tags), groups=_csv(a.groups), text_field=a.text_field, rebuild=a.rebuild)
+    print(f"[byollm] {a.index}: {report.summary()}")
+
+
+def cmd_rag_search(a: Any) -> None:
+    from byollm.rag.index import RagIndex
+
+    filters = {k: v for k, v in (("source", _csv(a.source)), ("tags", _csv(a.tags))) if v}
+    hits = RagIndex.open(a.index).search(a.query, a.k, a.retriever, groups=set(_csv(a.groups)) if a.groups else None,
+                                         filters=filters or None)
+    for h in hits:
+        c = h.chunk
+        if a.json:
+            print(json.dumps({"rank": h.rank, "score": h.score, "scores": h.scores, "id": c.id, "source": c.source,
+                              "start": c.start, "end": c.end, "title": c.title, "headings": c.headings,
+                              "text": c.text}))
+        else:
+            where = " > ".join(c.headings) or c.title
+            print(f"[{h.rank}] {h.score:.4f}  {c.source}:{c.start}-{c.end}  {where}")
+            print("    " + " ".join(c.text.split())[:300])
+    if not hits:
+        print("[byollm] nothing retrieved", file=sys.stderr)
+
+
+def cmd_rag_ask(a: Any) -> None:
+    from byollm.rag.ask_cli import run_ask
+
+    run_ask(a)
+
+
+def cmd_rag_eval(a: Any) -> None:
+    from byollm.rag.evaluate import evaluate_squad, format_table
+    from byollm.rag.index import RETRIEVERS
+
+    retrievers = RETRIEVERS if a.retriever == "all" else (a.retriever,)
+    results = evaluate_squad(a.qa, index=a.index, retrievers=retrievers, chunk_size=a.chunk_size,
+                             chunk_overlap=a.chunk_overlap)
+    print(json.dumps(results) if a.json else format_table(results))
+
+
 def cmd_data_list(a: Any) -> None:
     from byollm.data import get_spec, list_datasets
 
@@ -362,9 +410,3 @@ def cmd_data_prepare(a: Any) -> None:
     meta = read_meta(prepared)
     counts = ", ".join(f"{k}: {v['tokens']:,} tokens" for k, v in meta.get("splits", {}).items())
     print(f"[byollm] prepared {a.name} -> {prepared} ({counts})")
-
-
-def cmd_rag_ask(a: Any) -> None:
-    from byollm.rag.ask_cli import run_ask
-
-    run_ask(a)

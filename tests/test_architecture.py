@@ -8,7 +8,8 @@ module level, inside functions and under `if TYPE_CHECKING:` alike, plus the opt
 - no import cycles between byollm modules (an import inside a function counts too);
 - no module imports a private name (`from byollm.a import _b`) of another byollm module, nor reads `a._b`;
 - only `byollm/interop/*` and `byollm/cli.py` (and the short allow-list below, each with its reason) import the
-  heavy interop libraries; only `byollm/serve/*` imports the web-server libraries;
+  heavy interop libraries; only `byollm/serve/*` imports the web-server libraries; only `byollm/rag/*` the
+  retrieval libraries (FAISS, sentence-transformers, bm25s, PyStemmer, pypdf, selectolax);
 - nothing imports `byollm.cli`;
 - no file in byollm/ is longer than MAX_LINES lines.
 
@@ -34,6 +35,9 @@ INTEROP_ALLOWED = ("byollm.interop", "byollm.cli")
 # Only serve/ runs a web server.
 SERVE_LIBRARIES = ("fastapi", "uvicorn", "starlette", "prometheus_client")
 SERVE_ALLOWED = ("byollm.serve",)
+# Only rag/ runs retrieval (embeddings, vector and lexical indexes, document parsers).
+RAG_LIBRARIES = ("faiss", "sentence_transformers", "bm25s", "Stemmer", "pypdf", "selectolax")
+RAG_ALLOWED = ("byollm.rag",)
 # (module, library): why this module may use that library although it is not interop.
 LIBRARY_EXCEPTIONS: dict[tuple[str, str], str] = {
     ("byollm.finetune.nf4", "bitsandbytes"):
@@ -375,7 +379,8 @@ def test_no_private_names_of_other_modules(byollm_scan):
 
 
 @pytest.mark.parametrize(("libraries", "allowed"), [(INTEROP_LIBRARIES, INTEROP_ALLOWED),
-                                                    (SERVE_LIBRARIES, SERVE_ALLOWED)], ids=["interop", "serve"])
+                                                    (SERVE_LIBRARIES, SERVE_ALLOWED), (RAG_LIBRARIES, RAG_ALLOWED)],
+                         ids=["interop", "serve", "rag"])
 def test_heavy_libraries_only_where_allowed(byollm_scan, libraries, allowed):
     problems = library_violations(byollm_scan, libraries, allowed, LIBRARY_EXCEPTIONS)
     assert not problems, _report(f"only {', '.join(allowed)} import {', '.join(libraries)}", problems)
