@@ -256,7 +256,7 @@ def test_strategies_refuse_what_they_cannot_do() -> None:
         Parallelism(ParallelConfig(strategy="fsdp+tp", tp=2), DistInfo())
     with pytest.raises(ConfigError, match="cpu_offload"):
         Parallelism(ParallelConfig(strategy="fsdp", cpu_offload=True), DistInfo())
-    with pytest.raises(ConfigError, match="meta_init needs sharded"):
+    with pytest.raises(ConfigError, match="meta_init needs byollm.s sharding"):
         ParallelConfig(meta_init=True)
     with pytest.raises(ConfigError, match="optimizer muon"):
         load_config(None, {"optimizer": "muon", "dist.strategy": "fsdp"})

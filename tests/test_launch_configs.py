@@ -214,6 +214,8 @@ total = a.reduce(torch.tensor([float(a.process_index + 1)]), reduction="sum").it
 if a.is_main_process:
     state = [str(a.distributed_type), a.num_processes, str(a.device), a.mixed_precision, total]
     json.dump(state, open(sys.argv[1], "w"))
+a.wait_for_everyone()  # then leave the group together: a rank exiting while its peer still talks aborts gloo
+torch.distributed.destroy_process_group()
 """
 
 
