@@ -29,12 +29,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "docs" / "section_0_introduction.md", REPO / "docs" / "section_1_transformer.md",
         REPO / "docs" / "section_2_training.md", REPO / "docs" / "section_3_scaling.md",
-        REPO / "docs" / "section_4_finetuning.md", REPO / "docs" / "section_5_deployment.md"]
-SECTION_2, SECTION_3, SECTION_4, SECTION_5 = DOCS[2], DOCS[3], DOCS[4], DOCS[5]
+        REPO / "docs" / "section_4_finetuning.md", REPO / "docs" / "section_5_deployment.md",
+        REPO / "docs" / "section_6_application.md"]
+SECTION_2, SECTION_3, SECTION_4, SECTION_5, SECTION_6 = DOCS[2], DOCS[3], DOCS[4], DOCS[5], DOCS[6]
 PROJECT_1 = REPO / "projects" / "section_1_transformer.py"
 PROJECT_3 = REPO / "projects" / "section_3_scaling.py"
 PROJECT_4 = REPO / "projects" / "section_4_finetuning.py"
 PROJECT_5 = REPO / "projects" / "section_5_deployment.py"
+PROJECT_6 = REPO / "projects" / "section_6_application.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -267,6 +269,53 @@ def test_section5_project_exports_serves_and_load_tests(tmp_path: Path):
 
 
 # --------------------------------------------------------------------------------------------------
+# Section 6 project
+# --------------------------------------------------------------------------------------------------
+
+
+def test_section6_project_indexes_asks_evaluates_and_guards(tmp_path: Path, smollm2_ckpt: Path):
+    """--quick: section 0 of the guide indexed (and re-indexed: nothing embedded), one question answered by the
+    real SmolLM2 (the session's conversion, found through its cache), an off-topic one refused unasked, the
+    retrieval evaluation on the SQuAD sample, a poisoned page flagged and an HR-only chunk kept from a caller
+    without the group."""
+    for module in ("faiss", "bm25s", "sentence_transformers"):
+        pytest.importorskip(module)
+    if not (mirror() / "squad_v1.1_dev_super_bowl_50.json").is_file():
+        pytest.skip("needs squad_v1.1_dev_super_bowl_50.json in the data mirror ($BYOLLM_DATA_MIRROR)")
+    env = {**os.environ, "BYOLLM_DATA_MIRROR": str(mirror()), "BYOLLM_CACHE": str(smollm2_ckpt.parents[1])}
+    proc = subprocess.run([sys.executable, str(PROJECT_6), "--quick", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["quick"] is True and all(report["checks"].values()), report["checks"]
+    index = report["index"]
+    assert index["pages"] == ["section_0_introduction.md"] and index["chunks"] > 5
+    assert index["again"]["embedded"] == 0 and index["manifest"]["embedding"]["dim"] == 384
+    assert index["manifest"]["dense"]["kind"] == "flat"  # far below HNSW_THRESHOLD
+    (answer,) = report["ask"]["answers"]
+    assert answer["answer"] and answer["expected_page_retrieved"] and len(answer["sources"]) == 2
+    assert all(1 <= c["n"] <= 2 for c in answer["citations"]) and not answer["not_found"]
+    assert report["ask"]["unrelated"]["not_found"] and report["ask"]["unrelated"]["best_score"] < 0.25
+    ev = report["eval"]
+    assert (ev["paragraphs"], ev["questions"]) == (54, 810)
+    results = ev["results"]
+    # Measured (docs/benchmarks.md): bm25 0.925, dense 0.901, hybrid 0.965 at recall@5; deterministic on a CPU.
+    assert abs(results["hybrid"]["recall@5"] - 0.965) < 0.005
+    assert results["hybrid"]["recall@5"] > max(results["bm25"]["recall@5"], results["dense"]["recall@5"])
+    sec = report["security"]
+    kinds = {f["kind"] for f in sec["poisoned"]["flags"]}
+    assert {"override", "role_header", "exfiltration"} <= kinds and not sec["poisoned"]["forged_delimiter_left"]
+    assert "\u2039\u2039\u2039END SOURCE 1\u203a\u203a\u203a" in sec["poisoned"]["block"]
+    access = sec["access"]
+    assert sec["groups_by_source"]["salaries.md"] == ["hr"]
+    assert all("salaries.md" not in names for names in access["public_sources"].values())
+    assert not access["public_prompt_has_salary"] and access["hr_sources"][0] == "salaries.md"
+    for step in ("1. Index this guide", "2. Ask it", "3. Retrieval on the SQuAD sample", "4. Security"):
+        assert f"== {step}" in proc.stdout
+    assert "8 of 8 checks met" in proc.stdout
+
+
+# --------------------------------------------------------------------------------------------------
 # Docs are code
 # --------------------------------------------------------------------------------------------------
 
@@ -348,11 +397,12 @@ SMALL_RUNS = {
             "--rollout.ppo_epochs", "1", "--rollout.max_new_tokens", "8", "--val_prompts", "2", "--eval_interval", "2"],
     "chat": ["--max-new-tokens", "8"],
     "generate": ["--max-new-tokens", "8"],
+    "rag ask": ["--max-new-tokens", "8"],  # (two-word keys: a verb of a group)
 }
 
 
 def small_run(argv: list[str]) -> list[str]:
-    small = SMALL_RUNS.get(argv[0], [])
+    small = SMALL_RUNS.get(" ".join(argv[:2]), SMALL_RUNS.get(argv[0], []))
     if small and "--resume" in argv:
         small = [*small, "--max_steps", "6"]
     return [*argv, *small]
@@ -397,6 +447,13 @@ def test_docs_exist_and_show_the_cli():
     section5 = [c for doc, c in doc_byollm_commands() if doc == SECTION_5.name]
     for verb in ("serve", "export gguf", "export hf"):
         assert any(c.startswith(f"byollm {verb} ") for c in section5), verb
+    # Section 6: "chat with this guide" (index docs/, search, ask), the SQuAD evaluation, the RAG route.
+    section6 = [c for doc, c in doc_byollm_commands() if doc == SECTION_6.name]
+    assert any(c.startswith("byollm rag index docs/ --index ") for c in section6)
+    for verb in ("rag search", "rag ask", "data download squad"):
+        assert any(c.startswith(f"byollm {verb} ") or c == f"byollm {verb}" for c in section6), verb
+    assert "byollm rag eval --qa ../shared/data/squad_v1.1_dev_super_bowl_50.json" in section6
+    assert any(c.startswith("byollm serve ") and "--rag_index " in c for c in section6)
 
 
 @pytest.mark.parametrize(("doc", "command"), doc_byollm_commands())
@@ -461,7 +518,8 @@ def test_docs_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("BYOLLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n"))
-    ran = sum(run_page(path, capsys) for path in DOCS if path not in (SECTION_2, SECTION_3, SECTION_4, SECTION_5))
+    ran = sum(run_page(path, capsys) for path in DOCS
+              if path not in (SECTION_2, SECTION_3, SECTION_4, SECTION_5, SECTION_6))
     assert ran >= 14
     meta = json.loads((tmp_path / "models" / "smollm2-135m-instruct" / "meta.json").read_text())
     assert meta["packaged_model"] == "smollm2-135m-instruct" and meta["converted_from"] == "gguf/llama"
@@ -597,6 +655,30 @@ def test_section5_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch
     assert (tmp_path / "out" / "hf" / "config.json").is_file()
 
 
+def test_section6_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys,
+                                                      smollm2_ckpt: Path):
+    """Section 6: `byollm rag index docs/` (a docs/ folder holding section 0 stands in for the whole guide, which
+    takes minutes to embed on 2 cores), search, ask with the real SmolLM2 (the session's conversion, found through
+    its cache; 8 new tokens), `byollm data download squad` and the SQuAD evaluation, and the RRF snippet. The page
+    runs from a repository root whose `../shared/data` is the data mirror, as on the machine it was written on.
+    The server blocks are `# needs ...` blocks (parsed above); tests/test_rag_server.py runs the route."""
+    for module in ("faiss", "bm25s", "sentence_transformers"):
+        pytest.importorskip(module)
+    if not (mirror() / "squad_v1.1_dev_super_bowl_50.json").is_file():
+        pytest.skip("needs squad_v1.1_dev_super_bowl_50.json in the data mirror ($BYOLLM_DATA_MIRROR)")
+    root = tmp_path / "repo"
+    (root / "docs").mkdir(parents=True)
+    (root / "docs" / "section_0_introduction.md").write_text(DOCS[0].read_text(encoding="utf-8"), encoding="utf-8")
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "data").symlink_to(mirror().resolve())
+    monkeypatch.setenv("BYOLLM_DATA_MIRROR", str(mirror()))
+    monkeypatch.setenv("BYOLLM_CACHE", str(smollm2_ckpt.parents[1]))  # where packaged_checkpoint finds it
+    monkeypatch.chdir(root)
+    assert run_page(SECTION_6, capsys) >= 6
+    manifest = json.loads(next((root / "guide-index").rglob("manifest.json")).read_text())
+    assert manifest["embedding"]["dim"] == 384 and manifest["chunks"] > 5
+
+
 def python_excerpts() -> list[tuple[str, str, str]]:
     """(doc, source file, excerpt) for every ```python block that starts with `# from <file>`."""
     found = []
@@ -628,6 +710,11 @@ def test_docs_have_code_excerpts():
         assert needed in sources, f"section 4 should show code from {needed}"
     for needed in ("byollm/serve/engine.py", "byollm/serve/guards.py", "byollm/interop/gguf.py"):
         assert needed in sources, f"section 5 should show code from {needed}"
+    for needed in ("byollm/rag/chunk.py", "byollm/rag/dense.py", "byollm/rag/lexical.py", "byollm/rag/hybrid.py",
+                   "byollm/rag/index.py", "byollm/rag/prompt.py", "byollm/rag/safety.py", "byollm/rag/evaluate.py",
+                   "byollm/rag/answer.py", "byollm/serve/rag_route.py"):
+        assert needed in {source for doc, source, _ in python_excerpts() if doc == SECTION_6.name}, \
+            f"section 6 should show code from {needed}"
 
 
 def test_docs_figures_exist():
