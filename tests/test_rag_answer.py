@@ -2,7 +2,7 @@
 template), citations, "not found" below the threshold, poisoned passages, access groups, streaming.
 
 The index here is a hand-checkable stand-in with RagIndex's search() shape (tests/rag_fakes.py); the real
-index and the real model are in tests/test_rag_server.py."""
+index and the real model are in tests/test_rag_ask.py."""
 
 from __future__ import annotations
 
@@ -229,3 +229,25 @@ def test_streaming_yields_the_text_then_the_answer() -> None:
     assert isinstance(final, RagAnswer) and final.text == "Paris [1] and." and final.invalid_citations == [8]
     items = list(ask_stream(FakeIndex([]), "capital of France", generator=gen))
     assert items[0] == NOT_FOUND and items[1].not_found
+
+
+def test_the_thresholds_read_the_right_score() -> None:
+    from types import SimpleNamespace
+
+    from byollm.rag.answer import DEFAULT_MIN_SCORE, HYBRID_BM25_MIN, relevance, relevant
+
+    def hit(score: float, **scores: float) -> SimpleNamespace:
+        return SimpleNamespace(score=score, scores=scores)
+
+    # hybrid: an RRF score says nothing of relevance (~1/61 at the top for any query); its dense cosine does,
+    # and a strong BM25 match (an exact rare word) passes too
+    t = DEFAULT_MIN_SCORE["hybrid"]
+    assert relevance(hit(1 / 61, dense=0.62, bm25=4.0), "hybrid") == 0.62
+    assert relevant(hit(1 / 61, dense=0.62, bm25=0.0), "hybrid", t)
+    assert not relevant(hit(1 / 61, dense=0.10, bm25=2.0), "hybrid", t)
+    assert relevant(hit(1 / 61, dense=0.10, bm25=HYBRID_BM25_MIN), "hybrid", t)
+    assert relevant(hit(1 / 61, dense=0.10), "hybrid", None)
+    # the single retrievers: their own score
+    assert relevant(hit(0.3, dense=0.3), "dense", DEFAULT_MIN_SCORE["dense"])
+    assert not relevant(hit(0.2, dense=0.2, bm25=9.0), "dense", DEFAULT_MIN_SCORE["dense"])
+    assert not relevant(hit(0.8, bm25=0.8), "bm25", DEFAULT_MIN_SCORE["bm25"])

@@ -172,7 +172,8 @@ class RateLimiter:
 # Metrics
 # --------------------------------------------------------------------------------------------------
 
-ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/rag/chat", "/health", "/metrics")
+ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/rag/chat", "/v1/rag/chat/completions",
+             "/health", "/metrics")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5,
                    5.0, 10.0, 20.0, 40.0)
 

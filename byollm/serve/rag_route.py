@@ -1,5 +1,8 @@
 """`POST /v1/rag/chat`: answers from a RAG index, with citations, behind the same guards as the other routes.
 
+Also at `POST /v1/rag/chat/completions`, so any OpenAI client can call it: base URL `http://HOST/v1/rag`, the
+retrieval options in `extra_body`, the `rag` object among the completion's extra fields (`model_extra`).
+
 Mounted by `create_app` only when the server is given an index (`byollm serve CKPT --rag_index DIR`). The request
 is a chat completion request (the last message is the question; earlier user/assistant turns are history) plus
 the retrieval options `k`, `retriever`, `min_score` and `drop_flagged`. The answer is a chat completion with one
@@ -51,8 +54,9 @@ class RagChatRequest(ChatCompletionRequest):
 
     k: int = Field(5, ge=1, le=20, description="passages to retrieve")
     retriever: Literal["bm25", "dense", "hybrid"] = "hybrid"
-    min_score: float | None = Field(None, description="below this best score: not found (default: the "
-                                    "retriever's, see byollm.rag.answer.DEFAULT_MIN_SCORE)")
+    min_score: float | None = Field(None, description="passages scoring below this are left out, and with none "
+                                    "left the answer is not found (default: calibrated per retriever, see "
+                                    "byollm.rag.answer.DEFAULT_MIN_SCORE; hybrid: the passages' cosine)")
     drop_flagged: bool = Field(False, description="leave passages flagged as instruction-like out of the prompt")
 
 
@@ -95,6 +99,8 @@ def add_rag_route(app: FastAPI, service: Any, index: Any, respond: Callable[...,
         return service.auth.identify(request)
 
     @app.post("/v1/rag/chat", responses=error_responses(400, 401, 404, 413, 422, 429, 503))
+    @app.post("/v1/rag/chat/completions", responses=error_responses(400, 401, 404, 413, 422, 429, 503),
+              include_in_schema=False)  # the same route where an OpenAI client with base_url .../v1/rag posts
     async def rag_chat(body: RagChatRequest, request: Request,
                        who: tuple[str, frozenset[str] | None] = Depends(identify)) -> Response:
         key, groups = who
