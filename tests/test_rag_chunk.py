@@ -82,6 +82,15 @@ def test_markdown_sections_keep_their_heading_path_and_offsets() -> None:
     assert all(md[c.start:c.end] == c.text for c in chunks)
 
 
+def test_a_heading_with_no_text_joins_the_next_section() -> None:
+    # "# Handbook" alone would be a chunk of one heading, taking a retrieval slot and prompt space
+    md = "# Handbook\n\n## Salaries\nBands A-C.\n## Leave\n\n### Sick\nTen days.\n"
+    docs = markdown_documents(md, "h.md")
+    assert [d.text for d in docs] == ["# Handbook\n\n## Salaries\nBands A-C.\n", "## Leave\n\n### Sick\nTen days.\n"]
+    assert [d.headings for d in docs] == [("Handbook", "Salaries"), ("Handbook", "Leave", "Sick")]
+    assert "".join(d.text for d in docs) == md and all(md[d.offset:d.offset + len(d.text)] == d.text for d in docs)
+
+
 def test_html_jsonl_squad_and_text_files(tmp_path: Path) -> None:
     html = ("<html><head><title>Page</title><style>p{}</style></head><body><nav>menu</nav><h1>Head</h1>"
             "<p>First   para.</p><script>evil()</script><p>Second</p></body></html>")

@@ -114,12 +114,20 @@ def markdown_documents(text: str, source: str, title: str = "") -> list[Document
     if not starts or starts[0][0] > 0:
         starts.insert(0, (0, 0, ""))
     docs, path = [], []  # path: (level, heading) of the enclosing sections
-    for (a, level, heading), nxt in zip(starts, [*starts[1:], (len(text), 0, "")], strict=False):
+    carried: int | None = None  # a heading with no text of its own joins the next section (no heading-only chunks)
+    ends = [*starts[1:], (len(text), 0, "")]
+    for i, ((a, level, heading), nxt) in enumerate(zip(starts, ends, strict=False)):
         if level:
             path = [(lv, h) for lv, h in path if lv < level] + [(level, heading)]
-        section = text[a:nxt[0]]
+        start = a if carried is None else carried
+        body = text[a:nxt[0]].partition("\n")[2] if level else text[a:nxt[0]]
+        if level and not body.strip() and i + 1 < len(starts):
+            carried = start
+            continue
+        carried = None
+        section = text[start:nxt[0]]
         if section.strip():
-            docs.append(Document(section, source, title=title, headings=tuple(h for _, h in path), offset=a))
+            docs.append(Document(section, source, title=title, headings=tuple(h for _, h in path), offset=start))
     return docs
 
 
