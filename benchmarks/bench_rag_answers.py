@@ -6,7 +6,9 @@ The real SmolLM2-135M-Instruct answers through our engine (`byollm.rag.answer.lo
 - `rag`: retrieval (`--retriever` hybrid, `--k` 3) from an in-memory index of the file's paragraphs (every
   paragraph a document, our chunker, as `byollm rag eval`), the RAG prompt (`byollm.rag.prompt`), no
   not-found threshold (every question is answerable; `best_score` is recorded);
-- `rag_short`: the same sources with a one-sentence system prompt (`--variants` to leave it out);
+- `rag_short`: the same sources with a one-sentence system prompt;
+- `rag_example` (not run by default): our system prompt, the instruction's placeholder "[n]" replaced by an
+  example number ("cite them by number, like [1]");
 - `closed`: closed-book, the question alone ("answer briefly"), no sources.
 
 Metrics, per condition, over the questions: SQuAD v1.1's official exact match and token F1 (answers
@@ -43,7 +45,9 @@ SQUAD = Path(os.environ.get("BYOLLM_DATA_MIRROR", ROOT.parent / "shared" / "data
     "squad_v1.1_dev_super_bowl_50.json"
 CLOSED_SYSTEM = "You are a helpful assistant. Answer the question briefly, in a few words."
 SHORT_SYSTEM = "Answer from the numbered sources only and cite them as [n]."
-CONDITIONS = ("rag", "rag_short", "closed")
+EXAMPLE_INSTRUCTION = "Answer the question using only the sources above, and cite them by number, like [1]."
+CONDITIONS = ("rag", "rag_short", "closed", "rag_example")
+DEFAULT_CONDITIONS = ("rag", "rag_short", "closed")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,6 +113,7 @@ def generate(generator: Any, messages: list[dict[str, str]], max_tokens: int) ->
 
 def answer_one(condition: str, q: dict[str, Any], index: Any, generator: Any, a: argparse.Namespace) -> dict:
     from byollm.rag.answer import finish, prepare
+    from byollm.rag.prompt import INSTRUCTION
 
     t = time.perf_counter()
     row: dict[str, Any] = {"condition": condition, "id": q["id"], "question": q["question"], "answers": q["answers"]}
@@ -126,6 +131,10 @@ def answer_one(condition: str, q: dict[str, Any], index: Any, generator: Any, a:
                          specials=generator.specials, fits=fits)
         if condition == "rag_short":
             prompt.messages = [{"role": "system", "content": SHORT_SYSTEM}, *prompt.messages[1:]]
+        elif condition == "rag_example":
+            user = prompt.messages[-1]["content"]
+            assert user.endswith(INSTRUCTION)
+            prompt.messages[-1] = {"role": "user", "content": user[:-len(INSTRUCTION)] + EXAMPLE_INSTRUCTION}
         raw, reason = generate(generator, prompt.messages, a.max_new_tokens)
         ans = finish(prompt, raw, reason)
         by_n = {s.n: s for s in ans.sources}
@@ -179,7 +188,8 @@ def main() -> None:
     p.add_argument("--k", type=int, default=3, help="sources per question")
     p.add_argument("--retriever", default="hybrid", choices=["bm25", "dense", "hybrid"])
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--conditions", default=",".join(CONDITIONS), help=f"comma-separated, of {', '.join(CONDITIONS)}")
+    p.add_argument("--conditions", default=",".join(DEFAULT_CONDITIONS),
+                   help=f"comma-separated, of {', '.join(CONDITIONS)}")
     p.add_argument("--ckpt", default=None, help="the model (default: the packaged SmolLM2-135M-Instruct)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("rag_answers.jsonl"), help="one JSON line per answer")
