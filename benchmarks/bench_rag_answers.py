@@ -8,7 +8,8 @@ The real SmolLM2-135M-Instruct answers through our engine (`byollm.rag.answer.lo
   not-found threshold (every question is answerable; `best_score` is recorded);
 - `rag_short`: the same sources with a one-sentence system prompt;
 - `rag_example` (not run by default): our system prompt, the instruction's placeholder "[n]" replaced by an
-  example number ("cite them by number, like [1]");
+  example number ("cite them by number, like [1]"); since 2026-12-03 that is the default instruction, so it
+  equals `rag` (the benchmarks.md rows of that day were measured with OLD_INSTRUCTION as the default);
 - `closed`: closed-book, the question alone ("answer briefly"), no sources.
 
 Metrics, per condition, over the questions: SQuAD v1.1's official exact match and token F1 (answers
@@ -45,6 +46,8 @@ SQUAD = Path(os.environ.get("BYOLLM_DATA_MIRROR", ROOT.parent / "shared" / "data
     "squad_v1.1_dev_super_bowl_50.json"
 CLOSED_SYSTEM = "You are a helpful assistant. Answer the question briefly, in a few words."
 SHORT_SYSTEM = "Answer from the numbered sources only and cite them as [n]."
+# the default instruction until 2026-12-03:
+OLD_INSTRUCTION = "Answer the question using only the sources above, and cite them as [n]."
 EXAMPLE_INSTRUCTION = "Answer the question using only the sources above, and cite them by number, like [1]."
 CONDITIONS = ("rag", "rag_short", "closed", "rag_example")
 DEFAULT_CONDITIONS = ("rag", "rag_short", "closed")

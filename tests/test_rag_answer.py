@@ -39,7 +39,7 @@ def test_prompt_numbers_and_delimits_the_sources_then_asks() -> None:
     assert blocks(user) == {1: CHUNKS[0].text, 2: CHUNKS[1].text}
     assert "[2] Germany \u2014 geo/germany.md\n" in user
     assert user.endswith("Question: What is the capital of France?\n\n"
-                         "Answer the question using only the sources above, and cite them as [n].")
+                         "Answer the question using only the sources above, and cite them by number, like [1].")
 
 
 def test_a_forged_delimiter_cannot_close_its_block() -> None:
