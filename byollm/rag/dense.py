@@ -20,6 +20,7 @@ Which FAISS index:
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,9 @@ class Embedder:
         self.name, self.device, self.batch_size = model, device, batch_size
         key = (model, device)
         if key not in _MODELS:
+            # sentence-transformers imports peft, which imports bitsandbytes; on CPUs with AVX-512 BF16 that logs a
+            # warning about an optional kernel package at import, noise for every `rag` command
+            logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
             st = require("sentence_transformers", "rag")
             try:
                 _MODELS[key] = st.SentenceTransformer(resolve_model(model), device=device)
