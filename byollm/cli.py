@@ -372,6 +372,20 @@ def build_parser() -> ArgumentParser:
                    help="without --index: overlap in tokens (default 32)")
     p.add_argument("--json", action="store_true", help="print one JSON object keyed by retriever")
     rag_verbs.add_subcommand("eval", p, help="retrieval recall / MRR / nDCG on SQuAD questions")
+    safety_verbs = _group(verbs, "safety", "Safety and bias checks (guide section 7).",
+                          "safety checks: CrowS-Pairs bias", "action")
+    p = _sub("CrowS-Pairs bias as lm-evaluation-harness's crows_pairs_english: each sentence's log-likelihood "
+             "(empty context), pct_stereotype = share of pairs whose sent_more is more likely (50% = no "
+             "preference), likelihood_diff = mean |ll_more - ll_less|; overall and per bias type, with a seeded "
+             "bootstrap 95% interval. Default data: the crows-pairs dataset ($BYOLLM_DATA_MIRROR first).")
+    p.add_argument("ckpt", type=str, help="checkpoint: byollm, run directory or Hugging Face directory")
+    p.add_argument("--data", type=Optional[str], default=None,  # noqa: UP045
+                   help="a CrowS-Pairs CSV file (sent_more, sent_less, stereo_antistereo, bias_type)")
+    p.add_argument("--batch-size", "--batch_size", type=int, default=16, help="sentences per forward pass")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--device", type=str, default="cpu", help="cpu, cuda, cuda:1 or mps")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    safety_verbs.add_subcommand("bias", p, help="CrowS-Pairs bias scores (pct_stereotype, likelihood_diff)")
     return parser
 
 
@@ -407,6 +421,7 @@ COMMANDS = {
     ("rag", "search"): commands.cmd_rag_search,
     ("rag", "ask"): commands.cmd_rag_ask,
     ("rag", "eval"): commands.cmd_rag_eval,
+    ("safety", "bias"): commands.cmd_safety_bias,
 }
 
 

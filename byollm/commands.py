@@ -377,6 +377,13 @@ def cmd_rag_ask(a: Any) -> None:
     run_ask(a)
 
 
+def cmd_safety_bias(a: Any) -> None:
+    from byollm.safety.bias import format_scores, score_checkpoint
+
+    scores = score_checkpoint(a.ckpt, a.data, batch_size=a.batch_size, seed=a.seed, device=a.device)
+    print(json.dumps(scores.to_dict()) if a.json else format_scores(scores))
+
+
 def cmd_rag_eval(a: Any) -> None:
     from byollm.rag.evaluate import evaluate_squad, format_table
     from byollm.rag.index import RETRIEVERS

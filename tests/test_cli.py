@@ -30,7 +30,7 @@ def cli_parsers() -> dict[tuple[str, ...], argparse.ArgumentParser]:
     return parsers(build_parser())
 
 
-GROUPS = [("export",), ("convert",), ("tokenizer",), ("model",), ("data",), ("cloud",), ("rag",)]
+GROUPS = [("export",), ("convert",), ("tokenizer",), ("model",), ("data",), ("cloud",), ("rag",), ("safety",)]
 
 
 @pytest.mark.parametrize("path", [(), *GROUPS, *COMMANDS])
