@@ -182,6 +182,17 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--allow-fallback", "--allow_fallback", type=bool, default=False,
                    help="offline with no copy: use CPython's bundled docs text instead (with a notice)")
     data_verbs.add_subcommand("prepare", p, help="tokenise into memory-mapped shards")
+    p = _sub("Redact PII and secrets (email, phone, card, IBAN, IP, API keys) from a text or JSONL file, written "
+             "atomically, with a JSON report of the kinds and positions removed (never the values).")
+    p.add_argument("input", type=str, help="a text file (each line) or .jsonl file to scrub")
+    p.add_argument("output", type=str, help="where the redacted copy goes")
+    p.add_argument("--report", type=Optional[str], default=None, help="write the JSON report here")  # noqa: UP045
+    p.add_argument("--kinds", type=Optional[str], default=None,  # noqa: UP045
+                   help="only these kinds, comma-separated (default all): SECRET, EMAIL, "
+                        "CREDIT_CARD, IBAN, IP_ADDRESS, PHONE")
+    p.add_argument("--field", type=Optional[str], default=None,  # noqa: UP045
+                   help="JSONL: scrub only this string field of each record (default every string field)")
+    data_verbs.add_subcommand("scrub", p, help="redact PII and secrets from a text/JSONL file")
 
     p = _sub("Write a randomly initialised checkpoint (a preset with overrides) to train or export later.")
     add_config_arguments(p, ModelChoice, nested_key="model")
@@ -406,6 +417,7 @@ COMMANDS = {
     ("data", "list"): commands.cmd_data_list,
     ("data", "download"): commands.cmd_data_download,
     ("data", "prepare"): commands.cmd_data_prepare,
+    ("data", "scrub"): commands.cmd_data_scrub,
     ("pretrain",): commands.cmd_pretrain,
     ("sft",): commands.align_verb("sft"),
     ("reward",): commands.align_verb("reward"),

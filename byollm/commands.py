@@ -408,6 +408,15 @@ def cmd_data_download(a: Any) -> None:
     print(f"[byollm] {a.name}: {download(a.name, force=a.force)}")
 
 
+def cmd_data_scrub(a: Any) -> None:
+    from byollm.safety.pii import scrub_file
+
+    kinds = [k.strip().upper() for k in a.kinds.split(",") if k.strip()] if a.kinds else None
+    r = scrub_file(a.input, a.output, report=a.report, kinds=kinds, field=a.field)
+    counts = ", ".join(f"{k}: {n}" for k, n in r["counts"].items()) or "nothing found"
+    print(f"[byollm] scrubbed {a.input} -> {a.output} ({counts})" + (f"; report {a.report}" if a.report else ""))
+
+
 def cmd_data_prepare(a: Any) -> None:
     from byollm.data import prepare, read_meta
 
