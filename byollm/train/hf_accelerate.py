@@ -21,7 +21,6 @@ format, so it is not the same loop any more (see docs/LOG.md).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from typing import Any
 
@@ -30,7 +29,7 @@ import torch.nn as nn
 
 from byollm.errors import ConfigError
 from byollm.train.distributed import DistInfo
-from byollm.train.parallel import ParallelConfig, Parallelism, checkpoint_blocks
+from byollm.train.parallel import ParallelConfig, Parallelism, checkpoint_blocks, full_norm
 
 
 def accelerate_parallelism(cfg: ParallelConfig, dist: DistInfo, autocast_dtype: torch.dtype | None,
@@ -59,7 +58,7 @@ def accelerate_parallelism(cfg: ParallelConfig, dist: DistInfo, autocast_dtype: 
     seen = DistInfo(rank=state.process_index, local_rank=state.local_process_index,
                     world_size=state.num_processes,
                     device=torch.device("cpu") if accelerator.device.type == "cpu" else accelerator.device)
-    if dist.world_size > 1 and dataclasses.astuple(seen)[:3] != dataclasses.astuple(dist)[:3]:
+    if dist.world_size > 1 and (seen.rank, seen.world_size) != (dist.rank, dist.world_size):
         raise ConfigError(f"Accelerate sees rank {seen.rank} of {seen.world_size} but torchrun said rank "
                           f"{dist.rank} of {dist.world_size}: start the run with one launcher")
     return AccelerateParallelism(cfg, seen, accelerator)
@@ -77,7 +76,7 @@ class AccelerateParallelism(Parallelism):
 
     @property
     def mixed_precision(self) -> str:
-        return str(self.accelerator.mixed_precision)
+        return str(self.accelerator.mixed_precision)  # from the launch config, else byollm's dtype
 
     @property
     def sharded(self) -> bool:
@@ -125,8 +124,7 @@ class AccelerateParallelism(Parallelism):
         return _checked_accumulate(self.accelerator, model, enabled)
 
     def clip_grad_norm_(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        norm = self.accelerator.clip_grad_norm_(params, max_norm)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return full_norm(self.accelerator.clip_grad_norm_(params, max_norm))
 
 
 @contextlib.contextmanager

@@ -141,6 +141,11 @@ class Parallelism:
         """Checkpoints go through torch.distributed.checkpoint (so they reshard to any world size)."""
         return self.cfg.sharded
 
+    @property
+    def mixed_precision(self) -> str | None:
+        """The precision a launcher chose for the run (Accelerate's); None: byollm's own dtype decides."""
+        return None
+
     # ---- the model ---------------------------------------------------------------------------------------
     def shard(self, model: nn.Module, *, compile: bool = False, autocast_dtype: torch.dtype | None = None
               ) -> nn.Module:
@@ -214,8 +219,12 @@ class Parallelism:
 
     def clip_grad_norm_(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         """The global norm over all gradients and ranks (clip_grad_norm_ reduces DTensor shards itself)."""
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return full_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+def full_norm(norm: torch.Tensor) -> torch.Tensor:
+    """A gradient norm as a plain tensor: over sharded (DTensor) gradients, the norm is a replicated DTensor."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def check_splittable(config: Any, tp: int) -> None:
@@ -279,4 +288,4 @@ def tensor_parallel(model: nn.Module, mesh: Any) -> None:
 
 
 __all__ = ["STRATEGIES", "ParallelConfig", "Parallelism", "blocks_of", "check_splittable", "checkpoint_blocks",
-           "tensor_parallel"]
+           "full_norm", "tensor_parallel"]

@@ -173,7 +173,7 @@ def _pretrain(cfg: TrainConfig, where: Where, progress: bool) -> PretrainResult:
     run.write_meta(run_meta(cfg.seed, device, {
         "run": name, "world_size": dist.world_size, "strategy": cfg.dist.strategy, "tp": parallel.tp,
         "autocast_dtype": str(fsdp_dtype or autocast_dtype or torch.float32),
-        **({"accelerate_mixed_precision": parallel.mixed_precision} if hasattr(parallel, "mixed_precision") else {}),
+        **({"accelerate_mixed_precision": parallel.mixed_precision} if parallel.mixed_precision is not None else {}),
         "compile": cfg.compile, "num_params": model.num_params(), "tokens_per_step": tokens_per_step,
         "flops_per_token": flops_per_token, "peak_flops": peak, "peak_flops_source": peak_source,
         "data": {"dir": str(data_dir) if data_dir else None, "dataset": data.meta.get("dataset"),
@@ -188,7 +188,7 @@ def _pretrain(cfg: TrainConfig, where: Where, progress: bool) -> PretrainResult:
         say(f"[byollm] data {data.meta.get('dataset')} ({data.meta['tokenizer']['type']} tokenizer, "
             f"{tokenizer.vocab_size} ids): {len(data.train):,} train / {len(data.val):,} val tokens  [{data_dir}]")
     strategy = f", {cfg.dist.strategy}" + (f" (tp {parallel.tp})" if parallel.tp > 1 else "") if dist.enabled else ""
-    if hasattr(parallel, "mixed_precision"):
+    if parallel.mixed_precision is not None:
         strategy = f", accelerate (mixed precision {parallel.mixed_precision})"
     say(f"[byollm] {device} {str(fsdp_dtype or autocast_dtype or torch.float32).removeprefix('torch.')}"
         f"{' compiled' if cfg.compile else ''}, {dist.world_size} process(es){strategy}; {tokens_per_step:,} "
