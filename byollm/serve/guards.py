@@ -208,6 +208,9 @@ class Metrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.finished = Counter("byollm_requests_finished", "generation requests by finish reason", ["reason"],
                                 registry=r)
+        self.guardrails = Counter("byollm_guardrail_decisions", "guardrail decisions other than allow, once per "
+                                  "request, stage (input/output) and policy; mode log: what would have been done",
+                                  ["stage", "policy", "action", "mode"], registry=r)
         running = Gauge("byollm_num_requests_running", "requests in the running batch", registry=r)
         waiting = Gauge("byollm_num_requests_waiting", "requests waiting for a batch slot", registry=r)
         running.set_function(lambda: engine.num_running)

@@ -17,6 +17,8 @@ Security:
 - The same body size limit (middleware), authentication (401), validation (422/400), rate limits (a request is
   counted before retrieval, its tokens when the prompt is known: 429) and bounded queue (503) as
   /v1/chat/completions, through the same code (the server's `chat_job` and `respond`).
+- With guardrails on (`byollm.serve.moderation`), the question and history pass the input policies before
+  retrieval (a block: 400 `content_policy_violation`), and the answer the output policies as it is generated.
 - Client system messages are refused (400): the system prompt that says retrieved text is data is the server's.
 - Retrieval runs in one worker thread of its own, so the event loop keeps streaming meanwhile.
 """
@@ -41,6 +43,7 @@ from pydantic import Field  # noqa: E402
 
 from byollm.rag.answer import NOT_FOUND, RagPrompt, finish, prepare  # noqa: E402
 from byollm.rag.prompt import special_tokens_of  # noqa: E402
+from byollm.serve.moderation import check_messages  # noqa: E402
 from byollm.serve.protocol import (  # noqa: E402
     ChatCompletionRequest,
     bad_request,
@@ -110,6 +113,10 @@ def add_rag_route(app: FastAPI, service: Any, index: Any, respond: Callable[...,
         if service.chat is None:
             raise bad_request(f"{service.chat_unavailable}; the RAG route needs a chat model", "messages")
         question, history = _conversation(body)
+        # Guardrails on what the caller wrote, before retrieval (retrieved passages are scanned by byollm.rag.safety)
+        checked = check_messages(service.guardrails, service.metrics, key,
+                                 [*history, {"role": "user", "content": question}])
+        question, history = checked[-1]["content"], checked[:-1]
         service.limits.check_size([question, *(m["content"] for m in history)], "messages")
         service.limiter.acquire(key, 0)  # count the request before retrieval costs anything
         want = body.max_completion_tokens or body.max_tokens or service.settings.default_max_tokens

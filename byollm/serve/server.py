@@ -25,14 +25,20 @@ What keeps it safe under load, in the order a request meets it:
 4. rate limits: per key (or per client address without keys), token buckets of requests per minute and
    tokens per minute (prompt + max_tokens, the unused part refunded), 429 with `Retry-After`;
 5. the engine's bounded waiting queue: full -> 503 with `Retry-After`, instead of unbounded memory;
-6. a client that disconnects cancels its request, which frees its batch slot at once.
+6. a client that disconnects cancels its request, which frees its batch slot at once;
+7. guardrails, when switched on (`guardrails: on|log`, byollm.serve.moderation): the input policies (PII
+   redaction, prompt injection, blocked topics, toxicity) before tokenisation (a block: 400
+   `content_policy_violation`), the output policies on the text before each piece is sent (a block: the
+   generation stops, `finish_reason: "content_filter"`).
 Errors are OpenAI's JSON: {"error": {"message", "type", "param", "code"}}. CORS is off unless origins are
 configured. Logs name requests, keys (hashed) and token counts, never prompts or replies unless
-`log_prompts` is set. On shutdown, in-flight requests get `shutdown_timeout` seconds to finish.
+`log_prompts` is set, and those are PII-redacted. On shutdown, in-flight requests get `shutdown_timeout`
+seconds to finish.
 
 The pieces: `protocol.py` has every request, response and chunk shape (pydantic: the bodies sent and the
 OpenAPI schema both come from them) and the request checks (`RequestLimits`); `guards.py` has keys, rate
-limits, the body size limit and metrics; this module has the routes, streaming, `create_app` and `serve`.
+limits, the body size limit and metrics; `responses.py` runs a request through the engine (one JSON answer or
+a stream); `moderation.py` applies the guardrails; this module has the routes, `create_app` and `serve`.
 
 Build the app in Python with `create_app(model_or_engine, tokenizer, ServeConfig(...))` and run it with
 uvicorn, or `serve(ckpt, ServeConfig(...))` as `byollm serve` does.
@@ -42,12 +48,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,74 +64,44 @@ uvicorn = require("uvicorn", "serve")
 
 from fastapi import Depends, FastAPI, Request  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
-from fastapi.responses import Response, StreamingResponse  # noqa: E402
-from pydantic import BaseModel  # noqa: E402
+from fastapi.responses import Response  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
 from byollm.sampling import SamplingParams  # noqa: E402
-from byollm.serve.engine import AsyncEngine, Engine, QueueFull, StepOutput  # noqa: E402
+from byollm.serve.engine import AsyncEngine, Engine  # noqa: E402
 from byollm.serve.guards import APIKeys, GuardMiddleware, Metrics, RateLimiter  # noqa: E402
+from byollm.serve.moderation import (  # noqa: E402
+    check_messages,
+    check_prompt,
+    log_safe,
+    log_safe_messages,
+    make_guardrails,
+)
 from byollm.serve.protocol import (  # noqa: E402
     APIError,
-    ChatChoice,
-    ChatChoiceMessage,
-    ChatChunkChoice,
     ChatCompletion,
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatDelta,
     CommonRequest,
-    CompletionChoice,
     CompletionRequest,
     HealthStatus,
     ModelCard,
     ModelList,
     RequestLimits,
     TextCompletion,
-    TextCompletionChunk,
-    Usage,
     bad_request,
     check_text,
     error_responses,
 )
+from byollm.serve.responses import Job, json_response, respond  # noqa: E402
 from byollm.serve.settings import ServeConfig  # noqa: E402
 from byollm.tokenizer.base import Tokenizer  # noqa: E402
 from byollm.tokenizer.chat_format import ChatFormat, chat_format  # noqa: E402
 
 log = logging.getLogger("byollm.serve")
 
-CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it, but the metrics count it
-
-
-def _json(body: BaseModel, status: int = 200) -> Response:
-    """A JSON answer serialised by its model (the same shape the OpenAPI schema documents)."""
-    return Response(body.model_dump_json(), status_code=status, media_type="application/json")
-
-
 # --------------------------------------------------------------------------------------------------
 # Turning requests into engine requests
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Job:
-    """A validated request, ready for the engine."""
-
-    kind: Literal["chat", "completion"]
-    prompt_ids: list[int]
-    params: SamplingParams
-    stream: bool
-    include_usage: bool
-    key: str
-    reserved: int  # tokens charged to the rate limiter (prompt + max_tokens)
-    arrived: float
-    request_id: str = field(default_factory=lambda: secrets.token_hex(12))
-    created: int = field(default_factory=lambda: int(time.time()))
-    log_text: str | None = None
-
-    @property
-    def response_id(self) -> str:
-        return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + self.request_id
 
 
 def _max_token_bytes(tokenizer: Tokenizer) -> int:
@@ -154,6 +127,7 @@ class _Service:
         self.limits = RequestLimits(model_name, context, vocab_size, settings.max_stop_sequences,
                                     _max_token_bytes(tokenizer))
         self.metrics = Metrics(async_engine)
+        self.guardrails = make_guardrails(settings.guardrails, settings.guardrails_config)
         self.created = int(time.time())
         self.accepting = False
         self.shutdown_task: asyncio.Future | None = None
@@ -189,14 +163,15 @@ class _Service:
             return await asyncio.to_thread(fn)
         return fn()
 
-    async def prepare_chat(self, req: ChatCompletionRequest, key: str, arrived: float) -> _Job:
+    async def prepare_chat(self, req: ChatCompletionRequest, key: str, arrived: float) -> Job:
         self.limits.check_model(req.model)
         messages = [{"role": "system" if m.role == "developer" else m.role,
                      "content": check_text(m.text(), f"messages[{i}].content")} for i, m in enumerate(req.messages)]
+        messages = check_messages(self.guardrails, self.metrics, key, messages)  # 400 when a policy blocks
         return await self.chat_job(messages, req, key, arrived)
 
     async def chat_job(self, messages: list[dict[str, str]], req: ChatCompletionRequest, key: str, arrived: float,
-                       count_request: bool = True) -> _Job:
+                       count_request: bool = True) -> Job:
         """The job of a chat request whose `messages` are checked text (the RAG route builds its own)."""
         chat = self.chat
         if chat is None:
@@ -210,13 +185,17 @@ class _Service:
             raise bad_request(str(e), "messages") from None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params, max_tokens = self._params(req, len(ids), max_tokens, chat.stop_ids, "messages")
-        log_text = json.dumps(messages)[:2000] if self.settings.log_prompts else None
+        log_text = log_safe_messages(messages)[:2000] if self.settings.log_prompts else None
         return self._job("chat", ids, params, req, key, max_tokens, arrived, log_text, count_request)
 
-    async def prepare_completion(self, req: CompletionRequest, key: str, arrived: float) -> _Job:
+    async def prepare_completion(self, req: CompletionRequest, key: str, arrived: float) -> Job:
         self.limits.check_model(req.model)
         self.limits.check_only(req, "echo", "suffix", "best_of", "logprobs")
         prompt = self.limits.completion_prompt(req)
+        if self.guardrails is not None:  # token ids are judged as the text they stand for
+            text = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
+            checked = check_prompt(self.guardrails, self.metrics, key, text)  # 400 when a policy blocks
+            prompt = checked if checked != text else prompt
         if isinstance(prompt, str):
             # Special tokens in a user's text stay text: a prompt cannot forge an end-of-text or a chat turn.
             ids = await self._tokenize(lambda: self.tokenizer.encode(prompt, allowed_special=False), [prompt])
@@ -226,15 +205,17 @@ class _Service:
             raise bad_request("the prompt is empty; give at least one token", "prompt")
         eos = self.tokenizer.eos_id
         params, max_tokens = self._params(req, len(ids), req.max_tokens, () if eos is None else (eos,), "prompt")
-        log_text = (prompt if isinstance(prompt, str) else str(ids))[:2000] if self.settings.log_prompts else None
+        log_text = None
+        if self.settings.log_prompts:  # redacted: the logs never hold PII
+            log_text = log_safe(prompt if isinstance(prompt, str) else str(ids))[:2000]
         return self._job("completion", ids, params, req, key, max_tokens, arrived, log_text)
 
     def _job(self, kind: Literal["chat", "completion"], ids: list[int], params: SamplingParams, req: CommonRequest,
-             key: str, max_tokens: int, arrived: float, log_text: str | None, count_request: bool = True) -> _Job:
+             key: str, max_tokens: int, arrived: float, log_text: str | None, count_request: bool = True) -> Job:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         reserved = len(ids) + max_tokens
         self.limiter.acquire(key, reserved, count_request)
-        return _Job(kind, ids, params, bool(req.stream), include_usage, key, reserved, arrived, log_text=log_text)
+        return Job(kind, ids, params, bool(req.stream), include_usage, key, reserved, arrived, log_text=log_text)
 
     # -- running --------------------------------------------------------------------------------------------
 
@@ -343,7 +324,7 @@ def create_app(model_or_engine: nn.Module | Engine | AsyncEngine, tokenizer: Tok
     async def health() -> Response:
         body = HealthStatus(status="ok" if service.accepting else "unavailable", model=service.model_name,
                             running=async_engine.num_running, waiting=async_engine.num_waiting)
-        return _json(body, 200 if service.accepting else 503)
+        return json_response(body, 200 if service.accepting else 503)
 
     @app.get("/metrics", response_class=Response)
     async def metrics() -> Response:
@@ -352,7 +333,7 @@ def create_app(model_or_engine: nn.Module | Engine | AsyncEngine, tokenizer: Tok
     @app.get("/v1/models", response_model=ModelList, responses=error_responses(401))
     async def models(key: str = Depends(caller)) -> Response:
         card = ModelCard(id=service.model_name, created=service.created, owned_by="byollm", max_model_len=context)
-        return _json(ModelList(data=[card]))
+        return json_response(ModelList(data=[card]))
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion,
               responses=error_responses(400, 401, 404, 413, 422, 429, 503))
@@ -386,176 +367,6 @@ def create_app(model_or_engine: nn.Module | Engine | AsyncEngine, tokenizer: Tok
         add_rag_route(app, service, rag_index if rag_index is not None else settings.rag_index, respond)
     app.openapi = openapi  # type: ignore[method-assign]
     return app
-
-
-# --------------------------------------------------------------------------------------------------
-# Generation: one request through the engine, as one JSON answer or a stream of events
-# --------------------------------------------------------------------------------------------------
-
-
-class _InFlight:
-    """One request in the engine: its outputs, timing and accounting, released exactly once."""
-
-    def __init__(self, service: _Service, job: _Job) -> None:
-        self.service, self.job = service, job
-        self.outputs = service.async_engine.generate(job.prompt_ids, job.params, request_id=job.request_id)
-        self.last = job.arrived
-        self.first = True
-        self.prompt_tokens = len(job.prompt_ids)
-        self.completion_tokens = 0
-        self.finish_reason: str | None = None
-        self.closed = False
-
-    async def next(self) -> StepOutput:
-        """The next StepOutput (StopAsyncIteration at the end); records the latencies."""
-        try:
-            out = await self.outputs.__anext__()
-        except QueueFull:
-            raise APIError(503, "the server is at capacity (its request queue is full); retry shortly",
-                           type="server_error", code="overloaded", headers={"Retry-After": "1"}) from None
-        now = time.perf_counter()
-        metrics = self.service.metrics
-        (metrics.ttft if self.first else metrics.itl).observe(now - self.last)
-        self.first, self.last = False, now
-        self.prompt_tokens, self.completion_tokens = out.prompt_tokens, out.completion_tokens
-        if out.finish_reason is not None:
-            self.finish_reason = out.finish_reason
-            metrics.e2e.observe(now - self.job.arrived)
-        return out
-
-    async def close(self, status: str) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        with contextlib.suppress(Exception):
-            await self.outputs.aclose()  # leaving early cancels the request in the engine
-        service, job = self.service, self.job
-        service.limiter.refund(job.key, job.reserved - self.prompt_tokens - self.completion_tokens)
-        service.metrics.prompt_tokens.inc(self.prompt_tokens)
-        service.metrics.completion_tokens.inc(self.completion_tokens)
-        service.metrics.finished.labels(self.finish_reason or status).inc()
-        log.info("%s %s %s: %s, %d prompt + %d completion tokens, %.3f s", job.response_id, job.kind, job.key,
-                 self.finish_reason or status, self.prompt_tokens, self.completion_tokens,
-                 time.perf_counter() - job.arrived)
-        if job.log_text is not None:
-            log.info("%s prompt: %s", job.response_id, job.log_text)
-
-    def usage(self) -> Usage:
-        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                     total_tokens=self.prompt_tokens + self.completion_tokens)
-
-
-async def _until_disconnect(request: Request, awaitable: Awaitable[Any], every: float = 0.1) -> Any:
-    """Await `awaitable`; if the client disconnects meanwhile, cancel it and answer 499 (CLIENT_CLOSED)."""
-    task = asyncio.ensure_future(awaitable)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=every)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                raise APIError(CLIENT_CLOSED, "the client closed the connection", code="client_closed_request")
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-
-
-async def respond(service: _Service, job: _Job, request: Request) -> Response:
-    try:
-        run = _InFlight(service, job)
-    except BaseException as e:
-        service.limiter.refund(job.key, job.reserved)
-        if isinstance(e, ByollmError):  # the engine's own checks (the server's come first and say more)
-            raise bad_request(str(e)) from None
-        raise
-    try:
-        first = await _until_disconnect(request, run.next())  # errors (queue full) still get a status
-    except StopAsyncIteration:
-        first = None
-    except BaseException as e:
-        if isinstance(e, APIError):  # not served (queue full, client gone): close() refunds all its tokens
-            run.prompt_tokens = 0
-        gone = isinstance(e, asyncio.CancelledError) or getattr(e, "status", None) == CLIENT_CLOSED
-        await run.close("disconnected" if gone else "error")
-        raise
-    if job.stream:
-        return StreamingResponse(_stream(service, job, run, first, request), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    try:
-        pieces = [first.text] if first is not None else []
-        while run.finish_reason is None and first is not None:
-            try:
-                out = await _until_disconnect(request, run.next())
-            except StopAsyncIteration:
-                break
-            pieces.append(out.text)
-    finally:
-        await run.close("disconnected")
-    if run.finish_reason == "cancelled":
-        raise APIError(503, "the server cancelled the request (it is shutting down, or a step failed); retry",
-                       type="server_error", code="cancelled", headers={"Retry-After": "1"})
-    text = "".join(pieces)
-    common = {"id": job.response_id, "created": job.created, "model": service.model_name, "usage": run.usage()}
-    if job.kind == "chat":
-        message = ChatChoiceMessage(role="assistant", content=text)
-        choice = ChatChoice(index=0, message=message, finish_reason=run.finish_reason)
-        return _json(ChatCompletion(**common, object="chat.completion", choices=[choice]))
-    choice = CompletionChoice(index=0, text=text, finish_reason=run.finish_reason)
-    return _json(TextCompletion(**common, object="text_completion", choices=[choice]))
-
-
-async def _stream(service: _Service, job: _Job, run: _InFlight, first: StepOutput | None,
-                  request: Request) -> AsyncIterator[str]:
-    """Server-sent events: OpenAI's chunk objects, then `data: [DONE]`.
-
-    A client that disconnects stops the stream: Starlette cancels this generator (ASGI servers of spec < 2.4,
-    such as uvicorn, report the disconnect while we stream), and it is checked here too every half second;
-    `finally` then cancels the request in the engine."""
-    chat = job.kind == "chat"
-    head = {"id": job.response_id, "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": job.created, "model": service.model_name}
-    usage_null = {"usage": None} if job.include_usage else {}  # null in every chunk, when usage was asked for
-
-    def event(choices: list[ChatChunkChoice] | list[CompletionChoice], **usage: Usage | None) -> str:
-        # exclude_unset: a chunk has exactly the fields set here (see protocol's note on stream chunks)
-        chunk = (ChatCompletionChunk if chat else TextCompletionChunk)(**head, choices=choices, **usage)
-        return f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
-
-    def choice(text: str | None, finish_reason: str | None = None) -> ChatChunkChoice | CompletionChoice:
-        """The one choice of a chunk, carrying `text` (None: no text, as in the last chunk)."""
-        if chat:
-            delta = ChatDelta() if text is None else ChatDelta(content=text)
-            return ChatChunkChoice(index=0, delta=delta, logprobs=None, finish_reason=finish_reason)
-        return CompletionChoice(index=0, text=text or "", logprobs=None, finish_reason=finish_reason)
-
-    try:
-        if chat:  # the first chunk says who speaks
-            role = ChatChunkChoice(index=0, delta=ChatDelta(role="assistant", content=""), logprobs=None,
-                                   finish_reason=None)
-            yield event([role], **usage_null)
-        out, checked = first, time.perf_counter()
-        while out is not None:
-            if out.text:
-                yield event([choice(out.text)], **usage_null)
-            if out.finish_reason is not None:
-                break
-            if run.last - checked > 0.5:
-                checked = run.last
-                if await request.is_disconnected():
-                    return
-            try:
-                out = await run.next()
-            except StopAsyncIteration:
-                break
-        yield event([choice(None, run.finish_reason or "stop")], **usage_null)
-        if job.include_usage:
-            yield event([], usage=run.usage())
-        yield "data: [DONE]\n\n"
-    finally:
-        await run.close("disconnected")
 
 
 # --------------------------------------------------------------------------------------------------
