@@ -397,6 +397,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--device", type=str, default="cpu", help="cpu, cuda, cuda:1 or mps")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     safety_verbs.add_subcommand("bias", p, help="CrowS-Pairs bias scores (pct_stereotype, likelihood_diff)")
+    from byollm.safety.fairness import FAIRNESS_DESCRIPTION, add_fairness_arguments
+    from byollm.safety.toxicity import TOXICITY_DESCRIPTION, add_toxicity_arguments
+    add_toxicity_arguments(p := _sub(TOXICITY_DESCRIPTION))
+    safety_verbs.add_subcommand("toxicity", p, help="expected max toxicity, toxicity probability of sampled text")
+    add_fairness_arguments(p := _sub(FAIRNESS_DESCRIPTION))
+    safety_verbs.add_subcommand("fairness", p, help="counterfactual gaps: log-likelihood, toxicity, sentiment")
     return parser
 
 
@@ -434,6 +440,8 @@ COMMANDS = {
     ("rag", "ask"): commands.cmd_rag_ask,
     ("rag", "eval"): commands.cmd_rag_eval,
     ("safety", "bias"): commands.cmd_safety_bias,
+    ("safety", "toxicity"): commands.cmd_safety_toxicity,
+    ("safety", "fairness"): commands.cmd_safety_fairness,
 }
 
 

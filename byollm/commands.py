@@ -384,6 +384,18 @@ def cmd_safety_bias(a: Any) -> None:
     print(json.dumps(scores.to_dict()) if a.json else format_scores(scores))
 
 
+def cmd_safety_toxicity(a: Any) -> None:
+    from byollm.safety.toxicity import run_toxicity_cli
+
+    run_toxicity_cli(a)
+
+
+def cmd_safety_fairness(a: Any) -> None:
+    from byollm.safety.fairness import run_fairness_cli
+
+    run_fairness_cli(a)
+
+
 def cmd_rag_eval(a: Any) -> None:
     from byollm.rag.evaluate import evaluate_squad, format_table
     from byollm.rag.index import RETRIEVERS
