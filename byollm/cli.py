@@ -403,6 +403,9 @@ def build_parser() -> ArgumentParser:
     safety_verbs.add_subcommand("toxicity", p, help="expected max toxicity, toxicity probability of sampled text")
     add_fairness_arguments(p := _sub(FAIRNESS_DESCRIPTION))
     safety_verbs.add_subcommand("fairness", p, help="counterfactual gaps: log-likelihood, toxicity, sentiment")
+    from byollm.safety.canary_run import CANARY_DESCRIPTION, add_canary_arguments
+    add_canary_arguments(p := _sub(CANARY_DESCRIPTION))
+    safety_verbs.add_subcommand("canary", p, help="memorisation: canary exposure with repetitions and dedup")
     return parser
 
 
@@ -442,6 +445,7 @@ COMMANDS = {
     ("safety", "bias"): commands.cmd_safety_bias,
     ("safety", "toxicity"): commands.cmd_safety_toxicity,
     ("safety", "fairness"): commands.cmd_safety_fairness,
+    ("safety", "canary"): commands.cmd_safety_canary,
 }
 
 

@@ -390,6 +390,12 @@ def cmd_safety_toxicity(a: Any) -> None:
     run_toxicity_cli(a)
 
 
+def cmd_safety_canary(a: Any) -> None:
+    from byollm.safety.canary_run import run_canary
+
+    run_canary(a)
+
+
 def cmd_safety_fairness(a: Any) -> None:
     from byollm.safety.fairness import run_fairness_cli
 
