@@ -406,6 +406,9 @@ def build_parser() -> ArgumentParser:
     from byollm.safety.canary_run import CANARY_DESCRIPTION, add_canary_arguments
     add_canary_arguments(p := _sub(CANARY_DESCRIPTION))
     safety_verbs.add_subcommand("canary", p, help="memorisation: canary exposure with repetitions and dedup")
+    from byollm.interop.lm_eval import EVALUATE_DESCRIPTION, add_evaluate_arguments
+    add_evaluate_arguments(p := _sub(EVALUATE_DESCRIPTION))
+    verbs.add_subcommand("evaluate", p, help="lm-evaluation-harness tasks on a checkpoint (hub or local YAMLs)")
     return parser
 
 
@@ -443,6 +446,7 @@ COMMANDS = {
     ("rag", "ask"): commands.cmd_rag_ask,
     ("rag", "eval"): commands.cmd_rag_eval,
     ("safety", "bias"): commands.cmd_safety_bias,
+    ("evaluate",): commands.cmd_evaluate,
     ("safety", "toxicity"): commands.cmd_safety_toxicity,
     ("safety", "fairness"): commands.cmd_safety_fairness,
     ("safety", "canary"): commands.cmd_safety_canary,

@@ -384,6 +384,12 @@ def cmd_safety_bias(a: Any) -> None:
     print(json.dumps(scores.to_dict()) if a.json else format_scores(scores))
 
 
+def cmd_evaluate(a: Any) -> None:
+    from byollm.interop.lm_eval import run_evaluate
+
+    run_evaluate(a)
+
+
 def cmd_safety_toxicity(a: Any) -> None:
     from byollm.safety.toxicity import run_toxicity_cli
 
