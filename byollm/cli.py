@@ -406,6 +406,9 @@ def build_parser() -> ArgumentParser:
     from byollm.safety.canary_run import CANARY_DESCRIPTION, add_canary_arguments
     add_canary_arguments(p := _sub(CANARY_DESCRIPTION))
     safety_verbs.add_subcommand("canary", p, help="memorisation: canary exposure with repetitions and dedup")
+    from byollm.safety.redteam import REDTEAM_DESCRIPTION, add_redteam_arguments
+    add_redteam_arguments(p := _sub(REDTEAM_DESCRIPTION))
+    verbs.add_subcommand("redteam", p, help="attack an OpenAI-compatible endpoint: attack success, over-refusal")
     from byollm.interop.lm_eval import EVALUATE_DESCRIPTION, add_evaluate_arguments
     add_evaluate_arguments(p := _sub(EVALUATE_DESCRIPTION))
     verbs.add_subcommand("evaluate", p, help="lm-evaluation-harness tasks on a checkpoint (hub or local YAMLs)")
@@ -450,6 +453,7 @@ COMMANDS = {
     ("safety", "toxicity"): commands.cmd_safety_toxicity,
     ("safety", "fairness"): commands.cmd_safety_fairness,
     ("safety", "canary"): commands.cmd_safety_canary,
+    ("redteam",): commands.cmd_redteam,
 }
 
 

@@ -390,6 +390,12 @@ def cmd_evaluate(a: Any) -> None:
     run_evaluate(a)
 
 
+def cmd_redteam(a: Any) -> None:
+    from byollm.safety.redteam import cmd_redteam
+
+    cmd_redteam(a)
+
+
 def cmd_safety_toxicity(a: Any) -> None:
     from byollm.safety.toxicity import run_toxicity_cli
 
