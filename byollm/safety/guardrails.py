@@ -106,7 +106,8 @@ _GAP = (r"(?:\s+(?!(?:about|on|of|against|regarding|describing|explaining|why|wh
         r"\s+")
 _NOT_A_TREAT = "".join(f"(?<!{w} )" for w in ("bath", "photo", "seed", "smoke", "stink", "chocolate", "cherry",
                                                "flavour", "flavor", "calorie", "truth", "time", "cheese"))
-_WEAPONS = (rf"{_NOT_A_TREAT}bombs?\b|explosives?\b|napalm|thermite|nitroglycerin|\btatp\b|\banfo\b|molotov|"
+_WEAPONS = (rf"{_NOT_A_TREAT}bombs?\b|explosives\b|explosive (?:devices?|charges?|materials?|compounds?|mixtures?|"
+            r"vests?|belts?|powders?)\b|napalm|thermite|nitroglycerin|\btatp\b|\banfo\b|molotov|"
             r"detonators?|nerve (?:agent|gas)|\bsarin\b|\bvx\b|ricin|anthrax|mustard gas|chemical weapons?|"
             r"bio-?weapons?|biological weapons?|nuclear (?:bomb|weapon)s?|ghost guns?|untraceable (?:gun|firearm)s?|"
             r"(?:gun|firearm) silencers?")
