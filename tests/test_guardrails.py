@@ -368,3 +368,27 @@ def test_settings_refuse_a_bad_mode_or_a_missing_file(tmp_path: Path) -> None:
         ServeConfig(guardrails="strict")  # type: ignore[arg-type]
     with pytest.raises(ByollmError, match="does not exist"):
         ServeConfig(guardrails="on", guardrails_config=str(tmp_path / "none.yaml"))
+
+
+def test_the_rag_route_checks_the_question_before_retrieval(model_and_tok, tmp_path: Path) -> None:  # noqa: ANN001
+    from rag_fakes import CHUNKS, FakeIndex
+
+    _, tok = model_and_tok
+    torch.manual_seed(0)
+    model = GPT(preset("llama-tiny", vocab_size=tok.vocab_size, block_size=1024, n_layer=1)).eval()  # room for sources
+    index = FakeIndex(CHUNKS)
+    settings = ServeConfig(model_name="tiny", guardrails="on", guardrails_config=str(_config(tmp_path, "qqqq")))
+    server = Server(create_app(model, tok, settings, rag_index=index))
+    try:
+        def ask(question: str) -> httpx.Response:
+            body = {"model": "tiny", "messages": [{"role": "user", "content": question}], "max_tokens": 4}
+            return httpx.post(server.url + "/v1/rag/chat", json=body, timeout=30)
+
+        r = ask(f"What is the capital of {FORBIDDEN}?")
+        assert r.status_code == 400 and r.json()["error"]["code"] == "content_policy_violation"
+        assert index.calls == []  # refused before anything was retrieved
+        r = ask(f"Mail {EMAIL} the zzz report")  # nothing matches: answered "not found" without the model
+        assert r.status_code == 200, r.text
+        assert index.calls[-1]["query"] == "Mail [EMAIL] the zzz report"  # the index never saw the address
+    finally:
+        server.stop()
