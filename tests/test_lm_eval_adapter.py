@@ -221,3 +221,20 @@ def test_user_errors_are_one_line(ours: Any, task_dir: Path, tiny: Path) -> None
         evaluate(ours, ["tiny_mc"], include_path=[task_dir / "missing"], include_defaults=False)
     with pytest.raises(ByollmError, match="pretrained=CKPT"):
         lm_eval_model_class()()
+
+
+def test_benchmark_script_runs(tiny: Path, tmp_path: Path) -> None:
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_lm_eval.py"
+    spec = importlib.util.spec_from_file_location("bench_lm_eval_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    data = tmp_path / "pairs.csv"
+    data.write_text("sent_more,sent_less,stereo_antistereo,bias_type\n" + "".join(
+        f'"{p.sent_more}","{p.sent_less}",{p.stereo_antistereo},{p.bias_type}\n' for p in PAIRS))
+    r = bench.main(["--ckpt", str(tiny), "--data", str(data), "--requests", "8", "--reps", "1", "--batch-size", "3"])
+    assert r["requests"] == 8 and r["max_abs_ll_diff"] < TOL and r["greedy_flags_equal"]
+    assert r["s_per_100_requests"]["byollm"] > 0 and r["s_per_100_requests"]["hflm"] > 0
