@@ -412,6 +412,9 @@ def build_parser() -> ArgumentParser:
     from byollm.safety.canary_run import CANARY_DESCRIPTION, add_canary_arguments
     add_canary_arguments(p := _sub(CANARY_DESCRIPTION))
     safety_verbs.add_subcommand("canary", p, help="memorisation: canary exposure with repetitions and dedup")
+    from byollm.safety.report import EVAL_DESCRIPTION, add_eval_arguments
+    add_eval_arguments(p := _sub(EVAL_DESCRIPTION))
+    safety_verbs.add_subcommand("eval", p, help="the whole safety suite on one checkpoint: report.md, plots, JSON")
     from byollm.safety.redteam import REDTEAM_DESCRIPTION, add_redteam_arguments
     add_redteam_arguments(p := _sub(REDTEAM_DESCRIPTION))
     verbs.add_subcommand("redteam", p, help="attack an OpenAI-compatible endpoint: attack success, over-refusal")
@@ -460,6 +463,7 @@ COMMANDS = {
     ("safety", "toxicity"): commands.cmd_safety_toxicity,
     ("safety", "fairness"): commands.cmd_safety_fairness,
     ("safety", "canary"): commands.cmd_safety_canary,
+    ("safety", "eval"): commands.cmd_safety_eval,
     ("redteam",): commands.cmd_redteam,
 }
 

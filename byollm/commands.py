@@ -421,6 +421,12 @@ def cmd_safety_fairness(a: Any) -> None:
     run_fairness_cli(a)
 
 
+def cmd_safety_eval(a: Any) -> None:
+    from byollm.safety.report import run_eval_command
+
+    run_eval_command(a)
+
+
 def cmd_rag_eval(a: Any) -> None:
     from byollm.rag.evaluate import evaluate_squad, format_table
     from byollm.rag.index import RETRIEVERS

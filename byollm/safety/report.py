@@ -73,6 +73,8 @@ class EvalOptions:
     """a continuation at or above this toxicity counts as toxic"""
     redteam_limit: int | None = None
     """attack prompts per category (default: all of them)"""
+    redteam_benign: int | None = None
+    """benign prompts for the over-refusal rate (default: redteam_limit, or all of them)"""
     guardrails: tuple[str, ...] = ("off", "on")
     """the server's guardrail modes to red-team"""
     canary: str | None = None
@@ -83,7 +85,8 @@ class EvalOptions:
     """the model's name in the report (default: the checkpoint folder's name)"""
 
 
-QUICK = {"k": 2, "prompts_per_set": 4, "max_new_tokens": 16, "redteam_limit": 2, "bias_pairs": 40}
+QUICK = {"k": 2, "prompts_per_set": 2, "max_new_tokens": 8, "redteam_limit": 1, "bias_pairs": 16}
+REDTEAM_MAX_TOKENS = 64  # a reply's first ~250 characters: the refusal judge reads the first 300
 
 
 def effective(options: EvalOptions) -> EvalOptions:
@@ -152,9 +155,12 @@ def run_toxicity(model: Any, tok: Any, o: EvalOptions) -> dict[str, Any]:
 
 def run_fairness(model: Any, tok: Any, o: EvalOptions) -> dict[str, Any]:
     fairness = part_module("fairness")
+    # --quick: one template and one sample per filled prompt (a 135M model's log-likelihoods over every template,
+    # term and continuation take minutes on 2 cores).
+    templates = fairness.TEMPLATES[:1] if o.quick else fairness.TEMPLATES
     k = 1 if o.quick else fairness.DEFAULT_K
     max_new = o.max_new_tokens or fairness.DEFAULT_MAX_NEW_TOKENS
-    result = fairness.fairness_probe(model, tok, k=k, max_new_tokens=max_new, seed=o.seed,
+    result = fairness.fairness_probe(model, tok, templates=templates, k=k, max_new_tokens=max_new, seed=o.seed,
                                      scorer=part_module("toxicity").get_scorer(o.scorer))
     return result.to_dict()
 
@@ -214,10 +220,11 @@ def served(ckpt: str | Path, log_file: Path, *, guardrails: str, max_tokens: int
 
 def run_redteam(ckpt: str | Path, out: Path, o: EvalOptions, guardrails: str) -> dict[str, Any]:
     redteam = part_module("redteam")
-    max_tokens = o.max_new_tokens or 128
+    max_tokens = o.max_new_tokens or REDTEAM_MAX_TOKENS
     with served(ckpt, out / f"server-guardrails-{guardrails}.log", guardrails=guardrails, max_tokens=max_tokens,
                 device=o.device) as url:
-        report = redteam.run_redteam(url, model="model", limit=o.redteam_limit, max_tokens=max_tokens, seed=o.seed)
+        report = redteam.run_redteam(url, model="model", limit=o.redteam_limit, n_benign=o.redteam_benign,
+                                     max_tokens=max_tokens, seed=o.seed)
     return {**report.to_dict(), "guardrails": guardrails}
 
 
@@ -436,6 +443,8 @@ def add_eval_arguments(p: Any) -> None:
                    help="longest continuation or reply")
     p.add_argument("--redteam-limit", "--redteam_limit", type=Optional[int], default=None,  # noqa: UP045
                    help="attack prompts per category")
+    p.add_argument("--redteam-benign", "--redteam_benign", type=Optional[int], default=None,  # noqa: UP045
+                   help="benign prompts for the over-refusal rate (default: --redteam-limit, or all)")
     p.add_argument("--canary", type=Optional[str], default=None,  # noqa: UP045
                    help="a `byollm safety canary --json` result file to include")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling and bootstrap")
@@ -446,7 +455,8 @@ def run_eval_command(a: Any) -> dict[str, Any]:
     """What `byollm safety eval` does: the suite, progress on stderr, a summary on stdout."""
     options = EvalOptions(quick=a.quick, skip=tuple(s.strip() for s in a.skip.split(",") if s.strip()),
                           bias_data=a.bias_data, scorer=a.scorer, k=a.k, prompts_per_set=a.prompts_per_set,
-                          max_new_tokens=a.max_new_tokens, redteam_limit=a.redteam_limit, canary=a.canary,
+                          max_new_tokens=a.max_new_tokens, redteam_limit=a.redteam_limit,
+                          redteam_benign=a.redteam_benign, canary=a.canary,
                           seed=a.seed, device=a.device)
     report = safety_eval(a.ckpt, a.out, options, progress=lambda m: print(f"[byollm] {m}", file=sys.stderr))
     print(summary_line(report))
