@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -78,20 +79,27 @@ def test_every_registry_licence_is_known() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def alpaca_like(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+@pytest.fixture(scope="module")
+def alpaca_like(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A registry dataset shaped like Alpaca and licensed like it (CC BY-NC 4.0), in a mirror of its own."""
-    mirror = tmp_path / "mirror"
-    mirror.mkdir()
+    mirror = tmp_path_factory.mktemp("mirror")
     records = [{"instruction": f"Name bread number {i}.", "input": "", "output": f"Bread {i} is sourdough."}
                for i in range(24)]
     (mirror / "alpaca_like.json").write_text(json.dumps(records))
     spec = DatasetSpec(name=ALPACA_LIKE, description="Alpaca-shaped test records", format="json",
                        filename="alpaca_like.json", sha256=None, fields=("instruction", "input", "output"),
                        license="CC BY-NC 4.0", homepage="https://github.com/tatsu-lab/stanford_alpaca")
-    monkeypatch.setitem(REGISTRY, ALPACA_LIKE, spec)
-    monkeypatch.setenv("BYOLLM_DATA_MIRROR", str(mirror))
-    return ALPACA_LIKE
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(REGISTRY, ALPACA_LIKE, spec)
+        mp.setenv("BYOLLM_DATA_MIRROR", str(mirror))
+        yield ALPACA_LIKE
+
+
+@pytest.fixture(scope="module")
+def nc_run(alpaca_like: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SFT run on the non-commercial data, from a random initialisation as `byollm init` writes it."""
+    d = tmp_path_factory.mktemp("nc")
+    return tiny_sft(tiny_llama(d / "init", {"created_by": "byollm init", "seed": 0}), alpaca_like, d / "runs", "sft-nc")
 
 
 def tiny_llama(directory: Path, meta: dict) -> Path:
@@ -110,9 +118,8 @@ def tiny_sft(base: Path, dataset: str, out: Path, name: str) -> Path:
     return sft(cfg, progress=False).run_dir
 
 
-def test_sft_on_non_commercial_data_makes_a_non_commercial_card(alpaca_like: str, tmp_path: Path) -> None:
-    base = tiny_llama(tmp_path / "init", {"created_by": "byollm init", "seed": 0})  # as `byollm init` writes it
-    run = tiny_sft(base, alpaca_like, tmp_path / "runs", "sft-nc")
+def test_sft_on_non_commercial_data_makes_a_non_commercial_card(nc_run: Path) -> None:
+    run = nc_run
     # The run recorded the dataset with its registry licence, and copied it into the checkpoint's meta.json.
     recorded = json.loads((run / "meta.json").read_text())["provenance"]
     assert recorded["datasets"][0]["license"] == "CC BY-NC 4.0" and recorded["base"]["recipe"] == "byollm init"
@@ -203,11 +210,9 @@ def test_safety_report_figures_reach_the_body_and_the_model_index(tmp_path: Path
     assert without.data.eval_results is None and "No safety evaluation recorded" in without.text
 
 
-def test_export_hf_writes_the_card(alpaca_like: str, tmp_path: Path) -> None:
-    base = tiny_llama(tmp_path / "init", {"created_by": "byollm init"})
-    run = tiny_sft(base, alpaca_like, tmp_path / "runs", "sft-export")
+def test_export_hf_writes_the_card(nc_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "hf"
-    assert main(["export", "hf", str(run), str(out)]) == 0
+    assert main(["export", "hf", str(nc_run), str(out)]) == 0
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     header = front_matter(out / "README.md")
     assert header["license"] == "cc-by-nc-4.0" and header["library_name"] == "transformers"
