@@ -256,6 +256,44 @@ def wilson_upper(k: int, n: int, z: float = 1.96) -> float:
     return (centre + spread) / (1 + z * z / n)
 
 
+class _NoMetrics:
+    """Stands in for the server's Prometheus counters."""
+
+    class _Counter:
+        def labels(self, *labels: str) -> _NoMetrics._Counter:
+            return self
+
+        def inc(self) -> None:
+            pass
+
+    guardrails = _Counter()
+
+
+def output_overhead(answers: list[str], scorer: object) -> dict[str, dict[str, float]]:
+    """Milliseconds of output checking per generated piece (a word here: about a token or two), as the server
+    streams: each policy alone and the default chain, checking every piece or every 8th."""
+    import re
+
+    from byollm.safety.guardrails import GuardrailsConfig, build_guardrails
+    from byollm.serve.moderation import OutputGuard
+
+    out: dict[str, dict[str, float]] = {}
+    for names in (["pii"], ["topics"], ["toxicity"], ["pii", "topics", "toxicity"]):
+        for every in (1, 8):
+            g = build_guardrails(GuardrailsConfig(output=names, check_every=every), "on", scorer=scorer)  # type: ignore[arg-type]
+            seconds, pieces = 0.0, 0
+            for text in answers:
+                parts = re.findall(r"\S+\s*", text)
+                guard = OutputGuard(g, _NoMetrics(), "bench")
+                t0 = time.perf_counter()
+                for i, part in enumerate(parts):
+                    guard.feed(part, final=i == len(parts) - 1)
+                seconds += time.perf_counter() - t0
+                pieces += len(parts)
+            out.setdefault("+".join(names), {})[f"every {every}"] = 1e3 * seconds / pieces
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--alpaca", type=int, default=None, help="first N Alpaca records (default: all 4,500)")
@@ -326,6 +364,13 @@ def main() -> None:
                 shown += [f"  [{stage} | {row} | {name}] {' '.join(t.split())[:150]}" for t in hits[:args.show]]
             print(f"| {row} | " + " | ".join(cells) + " |")
     seconds = time.perf_counter() - t0
+    long = [r["output"] for r in records if len(r["output"]) > 1000][:10]  # ~200-word answers
+    overhead = output_overhead(long, scorer.scorer)
+    result["output_overhead_ms_per_piece"] = overhead
+    print(f"\noutput checking, ms per piece (word) over {sum(len(t.split()) for t in long)} words of {len(long)} "
+          "long Alpaca answers, as streamed:")
+    for names, row in overhead.items():
+        print(f"  {names}: " + ", ".join(f"{k}: {v:.2f} ms" for k, v in row.items()))
     n_texts = sum(len(v) for v in (*inputs.values(), *outputs.values()))
     print(f"\ntime: toxicity scoring {tox_seconds:.1f} s for {n_texts} texts (batched); policies {seconds:.1f} s")
     print("\n".join(shown))

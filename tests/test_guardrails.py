@@ -183,12 +183,13 @@ def test_config_from_yaml(tmp_path: Path) -> None:
         GuardrailsConfig(output=["injection"])
 
 
-def test_streamed_output_is_redacted_as_the_whole_text_would_be() -> None:
+@pytest.mark.parametrize("every", [1, 8])
+def test_streamed_output_is_redacted_as_the_whole_text_would_be(every: int) -> None:
     """Fed a token at a time, the emitted text never shows a PII value and joins to pii.redact(whole text)."""
     from byollm.serve.moderation import OutputGuard
 
     text = f"Sure. Mail {EMAIL} or call +44 20 7946 0958; card {CARD}, order {BAD_CARD}. Bye."
-    cfg = GuardrailsConfig(output=["pii"], pii=PIIPolicyConfig(holdback=24))
+    cfg = GuardrailsConfig(output=["pii"], pii=PIIPolicyConfig(holdback=24), check_every=every)
     metrics = _Metrics()
     guard = OutputGuard(build_guardrails(cfg, "on"), metrics, "test")
     pieces = re.findall(r"\S+|\s+", text)

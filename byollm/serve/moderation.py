@@ -24,6 +24,7 @@ shows its first half); the heuristics' error rates are measured in docs/benchmar
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Sequence
@@ -102,6 +103,22 @@ def check_prompt(guardrails: Guardrails | None, metrics: Any, who: str, prompt: 
     return _apply(guardrails, metrics, who, result, "prompt", result.text, prompt)
 
 
+async def screen_messages(guardrails: Guardrails | None, metrics: Any, who: str,
+                          messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """`check_messages` in a worker thread (a toxicity scorer takes tens of milliseconds: the event loop keeps
+    serving other requests meanwhile)."""
+    if guardrails is None or not guardrails.input.active:
+        return messages
+    return await asyncio.to_thread(check_messages, guardrails, metrics, who, messages)
+
+
+async def screen_prompt(guardrails: Guardrails | None, metrics: Any, who: str, prompt: str) -> str:
+    """`check_prompt` in a worker thread."""
+    if guardrails is None or not guardrails.input.active:
+        return prompt
+    return await asyncio.to_thread(check_prompt, guardrails, metrics, who, prompt)
+
+
 def _apply(guardrails: Guardrails, metrics: Any, who: str, result: ChainResult, param: str, changed: Any,
            original: Any) -> Any:
     DecisionLog(guardrails, metrics, who).record("input", result.decisions)
@@ -123,16 +140,22 @@ class OutputGuard:
         self.decisions = DecisionLog(guardrails, metrics, who)
         self.raw = ""  # everything generated so far
         self.sent = ""  # what the client has been given
-        self.pieces = 0
+        self.pending = 0  # pieces received since the last check
         self.blocked: Decision | None = None
+
+    def will_check(self, piece: str, final: bool = False) -> bool:
+        """Whether `feed(piece, final)` runs the chain (the caller may run it in a thread), or only holds."""
+        return self.blocked is None and (final or (bool(piece) and self.pending + 1 >= self.every))
 
     def feed(self, piece: str, final: bool = False) -> str | None:
         if self.blocked is not None:
             return None
+        check = self.will_check(piece, final)
         self.raw += piece
-        self.pieces += 1
-        if not final and (not piece or self.pieces % self.every):
+        self.pending += bool(piece)
+        if not check:
             return ""  # held until the next check: nothing unchecked is sent
+        self.pending = 0
         result = self.chain.check(self.raw, "output")
         self.decisions.record("output", result.decisions)
         if result.blocked is not None:
@@ -165,4 +188,4 @@ class OutputGuard:
 
 
 __all__ = ["CONTENT_FILTER", "DecisionLog", "OutputGuard", "check_messages", "check_prompt", "log_safe",
-           "log_safe_messages", "make_guardrails"]
+           "log_safe_messages", "make_guardrails", "screen_messages", "screen_prompt"]

@@ -43,7 +43,7 @@ from pydantic import Field  # noqa: E402
 
 from byollm.rag.answer import NOT_FOUND, RagPrompt, finish, prepare  # noqa: E402
 from byollm.rag.prompt import special_tokens_of  # noqa: E402
-from byollm.serve.moderation import check_messages  # noqa: E402
+from byollm.serve.moderation import screen_messages  # noqa: E402
 from byollm.serve.protocol import (  # noqa: E402
     ChatCompletionRequest,
     bad_request,
@@ -114,8 +114,8 @@ def add_rag_route(app: FastAPI, service: Any, index: Any, respond: Callable[...,
             raise bad_request(f"{service.chat_unavailable}; the RAG route needs a chat model", "messages")
         question, history = _conversation(body)
         # Guardrails on what the caller wrote, before retrieval (retrieved passages are scanned by byollm.rag.safety)
-        checked = check_messages(service.guardrails, service.metrics, key,
-                                 [*history, {"role": "user", "content": question}])
+        checked = await screen_messages(service.guardrails, service.metrics, key,
+                                        [*history, {"role": "user", "content": question}])
         question, history = checked[-1]["content"], checked[:-1]
         service.limits.check_size([question, *(m["content"] for m in history)], "messages")
         service.limiter.acquire(key, 0)  # count the request before retrieval costs anything

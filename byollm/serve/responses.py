@@ -112,13 +112,16 @@ class InFlight:
             metrics.e2e.observe(now - self.job.arrived)
         return out
 
-    def text_of(self, out: StepOutput | None) -> str | None:
+    async def text_of(self, out: StepOutput | None) -> str | None:
         """The text of `out` that may be sent now ("" : none yet), after the output guardrails; None when they
-        block: the answer ends there with finish_reason "content_filter"."""
+        block: the answer ends there with finish_reason "content_filter". A check (tens of milliseconds with a
+        toxicity scorer) runs in a worker thread, so other requests keep streaming meanwhile."""
         final = out is None or out.finish_reason is not None
         piece = "" if out is None else out.text
         if self.guard is not None:
-            checked = self.guard.feed(piece, final)
+            guard = self.guard
+            checked = (await asyncio.to_thread(guard.feed, piece, final) if guard.will_check(piece, final)
+                       else guard.feed(piece, final))
             if checked is None:
                 self.finish_reason = CONTENT_FILTER
                 return None
@@ -193,7 +196,7 @@ async def respond(service: Any, job: Job, request: Request) -> Response:
         pieces: list[str] = []
         out = first
         while True:
-            piece = run.text_of(out)
+            piece = await run.text_of(out)
             if piece is None:  # the output guardrails blocked: stop generating
                 break
             pieces.append(piece)
@@ -250,7 +253,7 @@ async def _stream(service: Any, job: Job, run: InFlight, first: StepOutput | Non
             yield event([role], **usage_null)
         out, checked = first, time.perf_counter()
         while True:
-            piece = run.text_of(out)
+            piece = await run.text_of(out)
             if piece is None:  # blocked by the output guardrails: withheld, and the generation stops
                 break
             if piece:

@@ -71,11 +71,11 @@ from byollm.sampling import SamplingParams  # noqa: E402
 from byollm.serve.engine import AsyncEngine, Engine  # noqa: E402
 from byollm.serve.guards import APIKeys, GuardMiddleware, Metrics, RateLimiter  # noqa: E402
 from byollm.serve.moderation import (  # noqa: E402
-    check_messages,
-    check_prompt,
     log_safe,
     log_safe_messages,
     make_guardrails,
+    screen_messages,
+    screen_prompt,
 )
 from byollm.serve.protocol import (  # noqa: E402
     APIError,
@@ -167,7 +167,7 @@ class _Service:
         self.limits.check_model(req.model)
         messages = [{"role": "system" if m.role == "developer" else m.role,
                      "content": check_text(m.text(), f"messages[{i}].content")} for i, m in enumerate(req.messages)]
-        messages = check_messages(self.guardrails, self.metrics, key, messages)  # 400 when a policy blocks
+        messages = await screen_messages(self.guardrails, self.metrics, key, messages)  # 400 when a policy blocks
         return await self.chat_job(messages, req, key, arrived)
 
     async def chat_job(self, messages: list[dict[str, str]], req: ChatCompletionRequest, key: str, arrived: float,
@@ -194,7 +194,7 @@ class _Service:
         prompt = self.limits.completion_prompt(req)
         if self.guardrails is not None:  # token ids are judged as the text they stand for
             text = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
-            checked = check_prompt(self.guardrails, self.metrics, key, text)  # 400 when a policy blocks
+            checked = await screen_prompt(self.guardrails, self.metrics, key, text)  # 400 when a policy blocks
             prompt = checked if checked != text else prompt
         if isinstance(prompt, str):
             # Special tokens in a user's text stay text: a prompt cannot forge an end-of-text or a chat turn.
