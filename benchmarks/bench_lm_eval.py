@@ -9,7 +9,7 @@ Contenders, timed interleaved (common.interleaved), each a whole `loglikelihood(
 included:
 
   byollm   byollm.interop.lm_eval's adapter on the checkpoint (fp32)
-  hflm     lm_eval.models.huggingface.HFLM on its Hugging Face export (byollm.interop.convert), fp32
+  hflm     lm_eval.models.huggingface.HFLM on its Hugging Face export (byollm.interop.hf.export_hf), fp32
 
 It prints seconds per 100 requests, the ratio hflm / byollm (above 1: ours is faster), and the largest
 difference between the two sides' log-likelihoods (they must agree: tests/test_lm_eval_adapter.py).
@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from byollm.interop.convert import export_checkpoint_to_hf
+    from byollm.checkpoint import load_checkpoint
+    from byollm.interop.hf import export_hf
     from byollm.interop.lm_eval import lm_eval_model_class
     from byollm.interop.pretrained import packaged_checkpoint
     from byollm.safety.bias import load_pairs
@@ -57,7 +58,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     requests = [Instance("loglikelihood", {}, ("", s), i) for i, s in enumerate(sentences)]
     ours = lm_eval_model_class()(str(ckpt), batch_size=args.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = export_checkpoint_to_hf(ckpt, Path(tmp) / "hf")
+        loaded = load_checkpoint(ckpt)
+        hf_dir = export_hf(loaded.model, Path(tmp) / "hf", loaded.tokenizer)
+        del loaded
         hflm = HFLM(pretrained=str(hf_dir), batch_size=args.batch_size, device="cpu", dtype="float32")
         answers: dict[str, list[tuple[float, bool]]] = {}
 

@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 import torch
 
+from byollm.checkpoint import load_checkpoint
 from byollm.cli import main
 from byollm.errors import ByollmError
-from byollm.interop.convert import export_checkpoint_to_hf
+from byollm.interop.hf import export_hf
 from byollm.safety.bias import Pair, load_pairs, score_pairs
 from tests.conftest import tiny_chat_base
 
@@ -45,8 +46,13 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def hflm(tiny: Path) -> Any:
-    hf_dir = export_checkpoint_to_hf(tiny, tiny.parent / "hf")
+def hf_dir(tiny: Path) -> Path:
+    loaded = load_checkpoint(tiny)
+    return export_hf(loaded.model, tiny.parent / "hf", loaded.tokenizer)  # the weights and tokenizer files only
+
+
+@pytest.fixture(scope="module")
+def hflm(hf_dir: Path) -> Any:
     return HFLM(pretrained=str(hf_dir), batch_size=4, device="cpu", dtype="float32")
 
 
@@ -153,6 +159,20 @@ def test_rolling_and_generation_equal_hflm(ours: Any, hflm: Any) -> None:
     mine = ours.generate_until(instances("generate_until", prompts), disable_tqdm=True)
     assert mine[:3] == hf_out and all(isinstance(t, str) for t in mine)
     assert "\n" not in mine[0] and "dog" not in mine[0] and " " not in mine[3]
+
+
+def test_bos_in_front_of_contexts_as_hflm(tiny: Path, hf_dir: Path, ours: Any) -> None:
+    # A Llama-2-style tokenizer puts bos before every text; HFLM's add_bos_token=True does the same here.
+    assert ours.add_bos_token is False  # detected: this tokenizer's Hugging Face form adds nothing
+    theirs = HFLM(pretrained=str(hf_dir), batch_size=4, device="cpu", dtype="float32", add_bos_token=True)
+    mine = lm_eval_model_class()(str(tiny), batch_size=2, add_bos_token=True)
+    bos = ours.tokenizer.bos_id
+    assert mine.tok_encode("Tell me") == theirs.tok_encode("Tell me") == [bos, *ours.tok_encode("Tell me")]
+    args = [("Tell me a joke", " about cats"), ("", "The quick brown fox."), ("Human: how ", "do I bake")]
+    assert [ll for ll, _ in mine.loglikelihood(instances("loglikelihood", args), True)] == pytest.approx(
+        [ll for ll, _ in theirs.loglikelihood(instances("loglikelihood", args), True)], abs=TOL)
+    docs = instances("loglikelihood_rolling", [(TEXT,)])
+    assert mine.loglikelihood_rolling(docs, True) == pytest.approx(theirs.loglikelihood_rolling(docs, True), abs=TOL)
 
 
 def run_hflm(hflm: Any, tasks: list[str], task_dir: Path) -> dict[str, Any]:
