@@ -108,6 +108,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("ckpt", type=str, help="checkpoint dir, run dir or HF model dir")
     p.add_argument("--out", type=Optional[str], default=None, help="default: README.md in the checkpoint")  # noqa: UP045
     p.add_argument("--eval", type=Optional[str], default=None, help="a safety_report.json (default: CKPT's own)")  # noqa: UP045
+    p.add_argument("--data-license", "--data_license", type=str, default="",
+                   help="NAME=LICENSE[,NAME=LICENSE...] for datasets whose licence is not recorded (local files)")
     verbs.add_subcommand("card", p, help="write a Hugging Face model card (README.md) for a checkpoint")
 
     convert_verbs = _group(verbs, "convert", "Convert checkpoints from other tools into byollm checkpoints.",

@@ -87,7 +87,9 @@ def cmd_export_hf(a: Any) -> None:
 def cmd_card(a: Any) -> None:
     from byollm.interop.model_card import write_model_card
 
-    print(f"[byollm] wrote the model card: {write_model_card(a.ckpt, a.out, eval_path=a.eval)}")
+    given = [item for item in a.data_license.split(",") if item.strip()]
+    out = write_model_card(a.ckpt, a.out, eval_path=a.eval, data_licenses=given)
+    print(f"[byollm] wrote the model card: {out}")
 
 
 def cmd_export_gguf(a: Any) -> None:

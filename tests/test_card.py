@@ -168,6 +168,20 @@ def test_unknown_lineage_is_other_with_a_visible_warning(tmp_path: Path) -> None
     assert "> **Warning:** no training data or base model is recorded" in card.text
 
 
+def test_a_local_file_has_no_recorded_licence_until_one_is_given(tmp_path: Path) -> None:
+    data = tmp_path / "my_records.json"  # a user's own file: the registry knows nothing of its licence
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": f"{i}."} for i in range(24)]))
+    base = tiny_llama(tmp_path / "init", {"created_by": "byollm init"})
+    run = tiny_sft(base, str(data), tmp_path / "runs", "sft-local")
+    card = build_model_card(run)
+    assert card.data.license == "other"
+    assert "> **Warning:** the licence of dataset my_records.json is not recorded" in card.text
+    out = tmp_path / "card.md"
+    assert main(["card", str(run), "--data-license", "my_records.json=CC BY-NC 4.0", "--out", str(out)]) == 0
+    assert front_matter(out)["license"] == "cc-by-nc-4.0" and "CC BY-NC 4.0 (given by the user)" in out.read_text()
+    assert main(["card", str(run), "--data-license", "alpaca=MIT"]) == 2  # not a dataset of this lineage
+
+
 # --------------------------------------------------------------------------------------------------
 # Evaluation figures, the Hub's metadata, export
 # --------------------------------------------------------------------------------------------------

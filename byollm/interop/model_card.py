@@ -20,6 +20,7 @@ The licence comes from `byollm.interop.licenses` (the rule, walked along the mod
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -261,8 +262,9 @@ def _training_data(chain: list[dict[str, Any]]) -> list[str]:
             hub = f"https://huggingface.co/datasets/{d['hf']}" if d.get("hf") else None
             source = d.get("homepage") or hub or d.get("path")
             subset = f" (subset {d['subset']})" if d.get("subset") else ""
+            given = " (given by the user)" if d.get("license_given") else ""
             lines.append(f"| {d.get('name')}{subset} | {p.get('recipe') or 'training'} of {model_label(p)} | "
-                         f"{d.get('license') or '**not recorded**'} | {source or 'not recorded'} |")
+                         f"{d.get('license') or '**not recorded**'}{given} | {source or 'not recorded'} |")
             rows += 1
         if p.get("license") and not p.get("datasets"):
             card = f"https://huggingface.co/{p['hf_repo']}" if p.get("hf_repo") else "its own model card"
@@ -453,28 +455,43 @@ TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}"
 
 
 def build_model_card(ckpt: str | Path, *, eval_path: str | Path | None = None, model_name: str | None = None,
-                     hf_dir: str | None = None) -> Any:
+                     hf_dir: str | None = None, data_licenses: Sequence[str] = ()) -> Any:
     """The model card (a huggingface_hub ModelCard) of the model at `ckpt`, from its records. `hf_dir`: the
-    exported directory the card goes into (its usage snippet loads that)."""
+    exported directory the card goes into (its usage snippet loads that). `data_licenses`: "NAME=LICENSE" for
+    datasets of the lineage whose licence is not recorded (a local file: `mix.txt=CC BY-NC 4.0`)."""
     hub = require("huggingface_hub", "hf")
     rec = read_records(ckpt, eval_path)
+    used = [d for node in lineage(rec.provenance) for d in node.get("datasets") or []]
+    for item in data_licenses:
+        name, _, given = item.partition("=")
+        found = [d for d in used if d.get("name") == name.strip()]
+        if not given.strip() or not found:
+            raise ByollmError(f"--data-license {item!r}: give NAME=LICENSE for a dataset of this model's lineage "
+                              f"({', '.join(sorted({str(d.get('name')) for d in used})) or 'none recorded'})")
+        for d in found:
+            if d.get("license"):
+                raise ByollmError(f"--data-license {item!r}: {name} is recorded as {d['license']}; only an "
+                                  "unrecorded licence can be given")
+            d.update(license=given.strip(), license_given=True)
     decision = lineage_license(rec.provenance)
-    name = model_name or rec.meta.get("run") or rec.provenance.get("packaged_model") or rec.ckpt.name
-    if rec.ckpt.parent.name == "checkpoints" and model_name is None:
-        name = f"{rec.meta.get('run') or rec.ckpt.parents[1].name}"
+    in_run = rec.ckpt.parent.name == "checkpoints"
+    name = model_name or rec.meta.get("run") or (rec.ckpt.parents[1].name if in_run else None) or \
+        rec.provenance.get("packaged_model") or rec.ckpt.name
     card = hub.ModelCard.from_template(card_data(rec, decision, str(name)), template_str=TEMPLATE,
                                        body=card_body(rec, decision, str(name), hf_dir))
     return hub.ModelCard(str(card))  # parsed back: the YAML the Hub would read, checked here
 
 
 def write_model_card(ckpt: str | Path, out: str | Path | None = None, *, eval_path: str | Path | None = None,
-                     model_name: str | None = None, hf_dir: str | None = None) -> Path:
-    """`byollm card CKPT [--out FILE] [--eval FILE]`: write the card (default: README.md in the checkpoint
-    directory), atomically."""
+                     model_name: str | None = None, hf_dir: str | None = None,
+                     data_licenses: Sequence[str] = ()) -> Path:
+    """`byollm card CKPT [--out FILE] [--eval FILE] [--data-license NAME=LICENSE,...]`: write the card (default:
+    README.md in the checkpoint directory), atomically."""
     from byollm.atomic import atomic_write_text
     from byollm.checkpoint import resolve_checkpoint
 
-    card = build_model_card(ckpt, eval_path=eval_path, model_name=model_name, hf_dir=hf_dir)
+    card = build_model_card(ckpt, eval_path=eval_path, model_name=model_name, hf_dir=hf_dir,
+                            data_licenses=data_licenses)
     path = Path(out) if out is not None else resolve_checkpoint(ckpt)[1] / README
     atomic_write_text(path, str(card))
     return path
