@@ -362,6 +362,7 @@ def test_pii_is_redacted_for_the_model_and_never_logged(servers: dict[str, Serve
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "prompt:" in logged and "[EMAIL]" in logged and "[CREDIT_CARD]" in logged
     assert EMAIL not in logged and CARD not in logged and "mailbox" not in logged
+    assert "127.0.0.1" not in logged and "ip#" in logged  # a caller without a key is named by a hash of its address
 
 
 def test_settings_refuse_a_bad_mode_or_a_missing_file(tmp_path: Path) -> None:

@@ -16,7 +16,8 @@
 - **Metrics**: `byollm_guardrail_decisions_total{stage, policy, action, mode}` counts each non-allow decision once
   per request and stage.
 - **Logs never hold PII**: whatever the guardrails mode, the prompt and reply that `--log_prompts` logs pass
-  through `byollm.safety.pii.redact` first (`log_safe`).
+  through `byollm.safety.pii.redact` first (`log_safe`), and a caller without an API key is named by a hash of
+  its address (`log_name`), as keys are.
 
 What it cannot do: a block on output comes after the tokens before it were sent (a phrase split over two pieces
 shows its first half); the heuristics' error rates are measured in docs/benchmarks.md.
@@ -25,6 +26,7 @@ shows its first half); the heuristics' error rates are measured in docs/benchmar
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -55,6 +57,14 @@ def log_safe(text: str) -> str:
     return pii.redact(text)[0]
 
 
+def log_name(key: str) -> str:
+    """A caller as logs may name it: API keys are already hashed ("key:..."); a client address (the caller's name
+    without keys) is personal data too, so it is hashed the same way ("ip#" + 12 hex digits)."""
+    if key.startswith("ip:"):
+        return "ip#" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    return key
+
+
 def log_safe_messages(messages: Sequence[dict[str, str]]) -> str:
     return json.dumps([{**m, "content": log_safe(m["content"])} for m in messages])
 
@@ -63,7 +73,7 @@ class DecisionLog:
     """Counts and logs a request's decisions once per (stage, policy, action), without any of the text."""
 
     def __init__(self, guardrails: Guardrails, metrics: Any, who: str) -> None:
-        self.guardrails, self.metrics, self.who = guardrails, metrics, who
+        self.guardrails, self.metrics, self.who = guardrails, metrics, log_name(who)
         self.seen: set[tuple[str, str, str]] = set()
 
     def record(self, stage: str, decisions: Sequence[Decision]) -> None:
@@ -188,4 +198,4 @@ class OutputGuard:
 
 
 __all__ = ["CONTENT_FILTER", "DecisionLog", "OutputGuard", "check_messages", "check_prompt", "log_safe",
-           "log_safe_messages", "make_guardrails", "screen_messages", "screen_prompt"]
+           "log_name", "log_safe_messages", "make_guardrails", "screen_messages", "screen_prompt"]

@@ -31,7 +31,7 @@ from pydantic import BaseModel  # noqa: E402
 
 from byollm.sampling import SamplingParams  # noqa: E402
 from byollm.serve.engine import QueueFull, StepOutput  # noqa: E402
-from byollm.serve.moderation import CONTENT_FILTER, OutputGuard, log_safe  # noqa: E402
+from byollm.serve.moderation import CONTENT_FILTER, OutputGuard, log_name, log_safe  # noqa: E402
 from byollm.serve.protocol import (  # noqa: E402
     APIError,
     ChatChoice,
@@ -141,7 +141,7 @@ class InFlight:
         service.metrics.prompt_tokens.inc(self.prompt_tokens)
         service.metrics.completion_tokens.inc(self.completion_tokens)
         service.metrics.finished.labels(self.finish_reason or status).inc()
-        log.info("%s %s %s: %s, %d prompt + %d completion tokens, %.3f s", job.response_id, job.kind, job.key,
+        log.info("%s %s %s: %s, %d prompt + %d completion tokens, %.3f s", job.response_id, job.kind, log_name(job.key),
                  self.finish_reason or status, self.prompt_tokens, self.completion_tokens,
                  time.perf_counter() - job.arrived)
         if job.log_text is not None:
