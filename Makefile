@@ -14,7 +14,7 @@ export PYTHONHASHSEED ?= 0
 # Spinning OpenMP threads collapse throughput when another process shares the cores (measured 10-30x).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: quickstart test lint setup setup-dev clean help
+.PHONY: quickstart test lint setup setup-dev clean help requirements
 help:
 	@echo "make quickstart  set up .venv and train + sample a small model on Tiny Shakespeare (CPU, minutes)"
 	@echo "make test        set up .venv with dev extras, run ruff and the test suite"
@@ -35,6 +35,8 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	touch $(VENV)/.installed $@
 
 setup: $(VENV)/.installed
+requirements: | $(BIN)/python  # requirements.txt from pyproject.toml (a test checks they agree)
+	$(BIN)/python scripts/sync_requirements.py
 setup-dev: $(VENV)/.installed-dev
 
 quickstart: setup

@@ -58,3 +58,15 @@ def test_the_workflow_check_rejects_a_broken_workflow(tmp_path: Path) -> None:
 def test_the_workflow_runs_the_readme_test_command() -> None:
     text = (ROOT / ".github" / "workflows" / "ci.yml").read_text()
     assert "make" in text and " test" in text and "python -m build" in text
+
+
+def test_requirements_txt_is_generated_from_pyproject() -> None:
+    """requirements.txt is written by scripts/sync_requirements.py; a dependency added to pyproject.toml only
+    fails here until the file is regenerated."""
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "sync_requirements.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    for needed in ("peft>=0.13", "trl>=1.16,<2", "fastapi>=0.110", "llama-cpp-python>=0.3", "lm-eval>=0.4.8"):
+        assert needed in lines
+    assert not any(line.startswith(("pytest", "ruff")) for line in lines)  # test tools are the dev extra's
