@@ -241,6 +241,19 @@ def test_user_errors_are_one_line(ours: Any, task_dir: Path, tiny: Path) -> None
         evaluate(ours, ["tiny_mc"], include_path=[task_dir / "missing"], include_defaults=False)
     with pytest.raises(ByollmError, match="pretrained=CKPT"):
         lm_eval_model_class()()
+    with pytest.raises(ByollmError, match="no checkpoint at"):  # before any task is indexed
+        evaluate(tiny / "missing", ["tiny_mc"], include_path=[task_dir], include_defaults=False)
+
+
+def test_offline_hub_task_is_one_line(ours: Any, task_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lm_eval.evaluator
+
+    def offline(**_: Any) -> None:  # what `datasets` raises for a hub dataset without network
+        raise ConnectionError("Couldn't reach 'allenai/ai2_arc' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(lm_eval.evaluator, "simple_evaluate", offline)
+    with pytest.raises(ByollmError, match="could not be fetched .*--include-path"):
+        evaluate(ours, ["tiny_mc"], include_path=[task_dir], include_defaults=False)
 
 
 def test_benchmark_script_runs(tiny: Path, tmp_path: Path) -> None:

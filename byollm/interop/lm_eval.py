@@ -423,6 +423,9 @@ def evaluate(ckpt: str | Path | Any, tasks: Sequence[str], *, include_path: Sequ
     names = [t.strip() for t in tasks if t.strip()]
     if not names:
         raise ByollmError("no task given: --tasks name1,name2 (e.g. crows_pairs_local)")
+    # The model first: a wrong checkpoint path fails in a second, before lm-eval indexes any task.
+    lm = ckpt if isinstance(ckpt, LMAdapter) else lm_eval_model_class()(ckpt, batch_size=batch_size, device=device,
+                                                                        dtype=dtype)
     paths = [str(TASKS_DIR)]
     for p in include_path:
         if not Path(p).is_dir():
@@ -443,12 +446,15 @@ def evaluate(ckpt: str | Path | Any, tasks: Sequence[str], *, include_path: Sequ
             n, known, n=1)) else "") for n in missing]
         raise ByollmError(f"unknown lm-eval task {', '.join(hints)}; list them with `lm_eval ls tasks`, or give "
                           "--include-path DIR with the task's YAML")
-    lm = ckpt if isinstance(ckpt, LMAdapter) else lm_eval_model_class()(ckpt, batch_size=batch_size, device=device,
-                                                                        dtype=dtype)
-    results = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                              log_samples=log_samples, bootstrap_iters=bootstrap_iters, gen_kwargs=gen_kwargs,
-                              apply_chat_template=apply_chat_template, random_seed=seed, numpy_random_seed=seed,
-                              torch_random_seed=seed, fewshot_random_seed=seed)
+    try:
+        results = simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+                                  log_samples=log_samples, bootstrap_iters=bootstrap_iters, gen_kwargs=gen_kwargs,
+                                  apply_chat_template=apply_chat_template, random_seed=seed, numpy_random_seed=seed,
+                                  torch_random_seed=seed, fewshot_random_seed=seed)
+    except ConnectionError as e:  # `datasets` could not fetch a hub task's data
+        raise ByollmError(f"{', '.join(names)}: a task's dataset is on the Hugging Face hub and could not be fetched "
+                          f"({e}); run where there is network, or write a task YAML over a local copy of the data "
+                          "and give --include-path DIR") from e
     if results is None:  # only rank 0 gets results; we run one process
         raise ByollmError("lm-eval returned no results")
     results["config"]["model"] = lm.name
