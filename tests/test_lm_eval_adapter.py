@@ -241,6 +241,11 @@ def test_user_errors_are_one_line(ours: Any, task_dir: Path, tiny: Path) -> None
         evaluate(ours, ["tiny_mc"], include_path=[task_dir / "missing"], include_defaults=False)
     with pytest.raises(ByollmError, match="pretrained=CKPT"):
         lm_eval_model_class()()
+    # Registered as "byollm": lm-eval builds it from its model_args string, as for `simple_evaluate(model="byollm")`.
+    from lm_eval.api.registry import get_model
+
+    by_name = get_model("byollm").create_from_arg_string(f"pretrained={tiny},batch_size=2", {"device": None})
+    assert type(by_name) is lm_eval_model_class() and by_name.batch_size == 2 and by_name.max_length == 128
     with pytest.raises(ByollmError, match="no checkpoint at"):  # before any task is indexed
         evaluate(tiny / "missing", ["tiny_mc"], include_path=[task_dir], include_defaults=False)
 

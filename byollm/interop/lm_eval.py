@@ -43,7 +43,8 @@ CLI starts without it. From Python:
 
 and on the command line `byollm evaluate CKPT --tasks hellaswag,arc_easy` (hub tasks, with network) or
 `--tasks my_task --include-path DIR` (task YAMLs over local files). The adapter is registered with lm-eval as
-"byollm", so `lm_eval --model byollm --model_args pretrained=CKPT` works once this module is imported.
+"byollm" when it is built, so lm-eval's own Python API takes it by name too:
+`simple_evaluate(model="byollm", model_args="pretrained=CKPT,batch_size=8", tasks=[...])`.
 """
 
 from __future__ import annotations
