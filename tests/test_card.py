@@ -188,14 +188,18 @@ def test_a_local_file_has_no_recorded_licence_until_one_is_given(tmp_path: Path)
 
 
 SAFETY_REPORT = {  # the shape `byollm safety eval` writes (the shared contract), with figures chosen by hand
-    "model": "tiny",
+    "model": "tiny", "checkpoint": "/elsewhere/step-9",
     "bias": {"pct_stereotype": 58.5, "n": 200, "likelihood_diff": 3.25, "ci95": [51.5, 65.5],
              "per_type": {"gender": {"pct_stereotype": 61.0, "n": 41, "likelihood_diff": 2.5, "ci95": [46.3, 75.6]}}},
     "toxicity": {"scorer": "profanity", "k": 4, "threshold": 0.5,
                  "sets": {"redteam": {"expected_max_toxicity": 0.375, "toxicity_probability": 0.125, "n_prompts": 8},
                           "benign": {"expected_max_toxicity": 0.0625, "toxicity_probability": 0.0, "n_prompts": 8}}},
     "redteam": {"attack_success_rate": {"jailbreak": 0.25, "pii_extraction": 0.5}, "over_refusal_rate": 0.1,
-                "n_attacks": 20, "n_benign": 10, "judge": {"kind": "keyword"}},
+                "n_attacks": 20, "n_benign": 10, "judge": {"kind": "keyword"},
+                "per_category": {"jailbreak": {"n": 8, "successes": 2}, "pii_extraction": {"n": 12, "successes": 6}}},
+    "redteam_guardrails": {"attack_success_rate": {"jailbreak": 0.0}, "over_refusal_rate": 0.2, "n_attacks": 8,
+                           "n_benign": 10},
+    "fairness": {"per_attribute": {"gender": {"loglik": 1.25, "toxicity": 0.5, "sentiment": 0.125}}},
 }
 
 
@@ -208,7 +212,9 @@ def test_safety_report_figures_reach_the_body_and_the_model_index(tmp_path: Path
     body = out.read_text()
     assert "pct_stereotype 58.5% (95% bootstrap interval 51.5-65.5%" in body and "| gender | 41 | 61.0% |" in body
     assert "| redteam | 8 | 0.375 | 0.125 |" in body and "| pii_extraction | 50.0% |" in body
-    assert "over-refusal on benign prompts 10.0%" in body
+    assert "over-refusal on benign prompts 10.0%" in body and "| jailbreak | 25.0% | 2 / 8 |" in body
+    assert "### Red team, guardrails on" in body and "| gender | 1.25 | 0.5 | 0.125 |" in body
+    assert "> **Warning:** the figures below were measured on /elsewhere/step-9, not on this checkpoint." in body
 
     # huggingface_hub reads the header back, model-index included, and so does plain YAML.
     card = hub.ModelCard.load(out)
@@ -216,6 +222,7 @@ def test_safety_report_figures_reach_the_body_and_the_model_index(tmp_path: Path
     assert results[("crows-pairs", "pct_stereotype", "pct_stereotype (%, 50 = no preference)")] == 58.5
     assert results[("Anthropic/hh-rlhf", "toxicity_probability", "toxicity probability (redteam)")] == 0.125
     assert results[("byollm-redteam", "attack_success_rate", "attack success rate (jailbreak)")] == 0.25
+    assert results[("byollm-redteam", "over_refusal_rate", "over-refusal rate, guardrails on")] == 0.2
     header = front_matter(out)
     assert header["model-index"][0]["name"] == card.data.model_name and header["license"] == "mit"
     assert set(header) >= {"license", "tags", "pipeline_tag", "library_name", "model-index"}

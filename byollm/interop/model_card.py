@@ -201,12 +201,13 @@ def eval_results(rec: Records, model_name: str) -> list[Any]:
         dtype = {"redteam": "Anthropic/hh-rlhf", "benign": "tatsu-lab/alpaca"}.get(set_name, set_name)
         for key in ("expected_max_toxicity", "toxicity_probability"):
             add(dtype, f"{set_name} prompts", key, (figures or {}).get(key), f"{key.replace('_', ' ')} ({set_name})")
-    red = s.get("redteam") or {}
-    for category, rate in sorted((red.get("attack_success_rate") or {}).items()):
-        add("byollm-redteam", "byollm red-team attacks", "attack_success_rate", rate,
-            f"attack success rate ({category})")
-    add("byollm-redteam", "byollm benign prompts", "over_refusal_rate", red.get("over_refusal_rate"),
-        "over-refusal rate")
+    for key, setting in (("redteam", ""), ("redteam_guardrails", ", guardrails on")):
+        red = s.get(key) or {}
+        for category, rate in sorted((red.get("attack_success_rate") or {}).items()):
+            add("byollm-redteam", f"byollm red-team attacks{setting}", "attack_success_rate", rate,
+                f"attack success rate ({category}{setting})")
+        add("byollm-redteam", f"byollm benign prompts{setting}", "over_refusal_rate", red.get("over_refusal_rate"),
+            f"over-refusal rate{setting}")
     return out
 
 
@@ -346,6 +347,12 @@ def _evaluation(rec: Records) -> list[str]:
     if not s:
         return [*out, *([""] if out else []), "No safety evaluation recorded: `byollm safety eval CKPT --out DIR` "
                 "writes one, then `byollm card CKPT --eval DIR/safety_report.json`."]
+    measured_on = s.get("checkpoint")
+    if measured_on and Path(str(measured_on)).resolve() != rec.ckpt.resolve():
+        out += ["", f"> **Warning:** the figures below were measured on {measured_on}, not on this checkpoint."]
+    settings = s.get("settings") or {}
+    out += ["", f"Safety figures from `byollm safety eval`{' --quick' if settings.get('quick') else ''} "
+            f"(model {s.get('model', 'not recorded')})."]
     bias = s.get("bias")
     if isinstance(bias, dict) and bias.get("pct_stereotype") is not None:
         ci = bias.get("ci95") or [None, None]
@@ -367,19 +374,44 @@ def _evaluation(rec: Records) -> list[str]:
                 "| Prompts | n | Expected max toxicity | Toxicity probability |", "|---|---|---|---|"]
         out += [f"| {k} | {v.get('n_prompts')} | {_num(v.get('expected_max_toxicity'), 3)} | "
                 f"{_num(v.get('toxicity_probability'), 3)} |" for k, v in tox["sets"].items()]
-    red = s.get("redteam")
-    if isinstance(red, dict) and red.get("attack_success_rate") is not None:
-        out += ["", "### Red team", "", f"{red.get('n_attacks')} attacks, {red.get('n_benign')} benign prompts; "
-                f"over-refusal on benign prompts {_pct(red.get('over_refusal_rate'))}.", "",
-                "| Category | Attack success rate |", "|---|---|"]
-        out += [f"| {k} | {_pct(v)} |" for k, v in sorted(red["attack_success_rate"].items())]
-        if red.get("judge"):
-            out += ["", f"Judge: {json.dumps(red['judge'], default=str)}"]
-    for key in ("fairness", "canary"):
-        section = s.get(key)
-        if isinstance(section, dict) and section:
-            title = {"fairness": "Fairness: counterfactual probes", "canary": "Memorisation: canaries"}[key]
-            out += ["", f"### {title}", "", *_generic(section)]
+    for key, title in (("redteam", "Red team"), ("redteam_guardrails", "Red team, guardrails on")):
+        red = s.get(key)
+        if isinstance(red, dict) and red.get("attack_success_rate") is not None:
+            per = red.get("per_category") or {}
+            out += ["", f"### {title}", "", f"{red.get('n_attacks')} attacks, {red.get('n_benign')} benign prompts; "
+                    f"over-refusal on benign prompts {_pct(red.get('over_refusal_rate'))}.", "",
+                    "| Category | Attack success rate | Successes / attacks |", "|---|---|---|"]
+            for k, v in sorted(red["attack_success_rate"].items()):
+                c = per.get(k) or {}
+                out.append(f"| {k} | {_pct(v) if v is not None else 'not measured'} | "
+                           f"{c.get('successes', 'not recorded')} / {c.get('n', 'not recorded')} |")
+            measured = (red.get("judge") or {}).get("measured") or {} if key == "redteam" else {}
+            for what in ("refusal", "success"):
+                if isinstance(measured.get(what), dict):
+                    m = measured[what]
+                    out.append(f"\nJudge of {what}, on {measured.get('n')} hand-labelled replies: precision "
+                               f"{_pct(m.get('precision'))}, recall {_pct(m.get('recall'))}, accuracy "
+                               f"{_pct(m.get('accuracy'))}.")
+    fair = s.get("fairness")
+    if isinstance(fair, dict) and fair:
+        out += ["", "### Fairness: counterfactual probes", ""]
+        if fair.get("per_attribute"):
+            out += ["Largest gap over the swapped demographic terms, per attribute: log-likelihood of fixed "
+                    "continuations (nats), toxicity and sentiment of sampled ones.", "",
+                    "| Attribute | Log-likelihood gap | Toxicity gap | Sentiment gap |", "|---|---|---|---|"]
+            out += [f"| {a} | " + " | ".join(_num(g.get(m, "not recorded"), 3) for m in ("loglik", "toxicity",
+                                                                                         "sentiment")) + " |"
+                    for a, g in fair["per_attribute"].items() if isinstance(g, dict)]
+            top = [g for g in (fair.get("largest") or {}).get("loglik") or [] if isinstance(g, dict)][:3]
+            out += ["", "Largest log-likelihood gaps: " + "; ".join(
+                f"{g.get('template')} + \"{str(g.get('continuation', '')).strip()}\": {g.get('high')} over "
+                f"{g.get('low')} by {_num(g.get('gap'), 3)} nats" for g in top) + "."] if top else []
+        else:
+            out += _generic(fair)
+    if isinstance(s.get("canary"), dict) and s["canary"]:
+        out += ["", "### Memorisation: canaries", "", *_generic(s["canary"])]
+    if isinstance(s.get("skipped"), dict) and s["skipped"]:
+        out += ["", "Not measured: " + "; ".join(f"{k} ({v})" for k, v in s["skipped"].items())]
     return out
 
 
