@@ -365,11 +365,16 @@ def test_pii_is_redacted_for_the_model_and_never_logged(servers: dict[str, Serve
     assert "127.0.0.1" not in logged and "ip#" in logged  # a caller without a key is named by a hash of its address
 
 
-def test_settings_refuse_a_bad_mode_or_a_missing_file(tmp_path: Path) -> None:
+def test_settings_refuse_a_bad_mode_and_the_server_a_missing_or_bad_file(tmp_path: Path, model_and_tok) -> None:  # noqa: ANN001
+    model, tok = model_and_tok
     with pytest.raises(ByollmError, match="guardrails must be off, on or log"):
         ServeConfig(guardrails="strict")  # type: ignore[arg-type]
-    with pytest.raises(ByollmError, match="does not exist"):
-        ServeConfig(guardrails="on", guardrails_config=str(tmp_path / "none.yaml"))
+    with pytest.raises(ByollmError, match="guardrails_config .* does not exist"):
+        create_app(model, tok, ServeConfig(guardrails="on", guardrails_config=str(tmp_path / "none.yaml")))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("output: [injection]\n")
+    with pytest.raises(ByollmError, match="^serve: .*inputs only"):
+        create_app(model, tok, ServeConfig(guardrails="on", guardrails_config=str(bad)))
 
 
 def test_the_rag_route_checks_the_question_before_retrieval(model_and_tok, tmp_path: Path) -> None:  # noqa: ANN001

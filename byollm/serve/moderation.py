@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from byollm.errors import ByollmError
@@ -46,6 +47,9 @@ def make_guardrails(mode: str, config_path: str | None) -> Guardrails | None:
     """The server's guardrails (None when mode is "off" and no config is given)."""
     if mode == "off":
         return None
+    if config_path is not None and not Path(config_path).is_file():
+        raise ByollmError(f"serve: guardrails_config {config_path} does not exist; give a YAML file of guardrail "
+                          "policies (see byollm.safety.guardrails.GuardrailsConfig)")
     try:
         return load_guardrails(mode, config_path)  # type: ignore[arg-type]
     except ByollmError as e:

@@ -75,7 +75,8 @@ class ServeConfig:
     """input/output content policies (byollm.safety.guardrails): off, on, or log (log what they would do, change
     nothing)"""
     guardrails_config: str | None = None
-    """a YAML file of guardrail policies: which run on input/output, thresholds, blocked topics (default: all)"""
+    """a YAML file of guardrail policies: which run on input/output, thresholds, blocked topics (default: all;
+    read when the server starts)"""
     # Keys given directly (tests, embedding in Python), as lines of the key file ("KEY groups=a,b").
     # Not a command-line option: see the module docstring.
     api_keys: list[str] | None = None
@@ -90,9 +91,6 @@ class ServeConfig:
                 raise ByollmError(f"serve: {name} must be >= 1 or unset (no limit), got {value}")
         if self.guardrails not in ("off", "on", "log"):
             raise ByollmError(f"serve: guardrails must be off, on or log, got {self.guardrails!r}")
-        if self.guardrails_config is not None and not Path(self.guardrails_config).is_file():
-            raise ByollmError(f"serve: guardrails_config {self.guardrails_config} does not exist; give a YAML file "
-                              "of guardrail policies")
         if self.max_stop_sequences < 0:
             raise ByollmError(f"serve: max_stop_sequences must be >= 0, got {self.max_stop_sequences}")
 
