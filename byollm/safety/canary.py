@@ -261,11 +261,12 @@ def log_perplexities(model: torch.nn.Module, tokenizer: Any, prefix: str, secret
     vocab = model.config.vocab_size
     rows_per_batch = max(1, min(batch_size, (1 << 26) // max(1, longest * vocab)))  # logits of at most 256 MB
     out = torch.empty(len(full), dtype=torch.float64)
+    last_shared = start[shared - 1]
     for b0 in range(0, len(keys), rows_per_batch):
         batch = keys[b0:b0 + rows_per_batch]
-        ids = torch.zeros(len(batch), longest, dtype=torch.long)
-        for r, k in enumerate(batch):  # right-padded: causality keeps padding invisible to the real tokens
-            ids[r, :len(k) + 1] = torch.tensor([full[groups[k][0][0]][shared - 1], *k])
+        # right-padded: causality keeps the padding invisible to the real tokens before it
+        ids = torch.tensor([[last_shared, *k] + [0] * (longest - 1 - len(k)) for k in batch])
+        lengths = torch.tensor([len(k) for k in batch])
         cache = None
         if prefill is not None:
             cache = KVCache.for_model(model, len(batch), max_len=past + longest)
@@ -274,11 +275,17 @@ def log_perplexities(model: torch.nn.Module, tokenizer: Any, prefix: str, secret
                 cache.v[layer][:, :, :past] = prefill.v[layer][:, :, :past]
             cache.advance(past)
         logp = F.log_softmax(model(ids.to(device), kv_cache=cache).logits.float(), dim=-1).double().cpu()
+        # the group's own ids (position j predicts id j + 1), padding masked out: log Pr(ids but the last)
+        path = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+        path = path.masked_fill(torch.arange(longest - 1)[None] >= lengths[:, None], 0.0).sum(-1)
+        rows, lasts, members = [], [], []
         for r, k in enumerate(batch):
-            n = len(k)
-            path = logp[r, torch.arange(n), torch.tensor(k, dtype=torch.long)].sum() if n else torch.tensor(0.0)
             for i, last in groups[k]:
-                out[i] = -(path + logp[r, n, last]) / math.log(2)
+                rows.append(r)
+                lasts.append(last)
+                members.append(i)
+        rows_t = torch.tensor(rows)
+        out[torch.tensor(members)] = -(path[rows_t] + logp[rows_t, lengths[rows_t], torch.tensor(lasts)]) / math.log(2)
     return out
 
 

@@ -37,7 +37,7 @@ from byollm.safety.canary import (
 )
 
 DEFAULT_REPETITIONS = (1, 4, 16, 64)
-DEFAULT_STEPS = 1000
+DEFAULT_STEPS = 400
 CANARY_DESCRIPTION = (
     "Memorisation canaries, the secret-sharer exposure test (Carlini et al. 2019): insert canaries such as "
     "\"Quinlan's secret code is 7 3 9 1 4\" into Tiny Shakespeare (--repetitions copies each, plus never-inserted "
