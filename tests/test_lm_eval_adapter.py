@@ -224,13 +224,16 @@ def test_crows_pairs_task_equals_bias_scorer(tiny: Path, ours: Any, tmp_path: Pa
         w.writerows([i, p.sent_more, p.sent_less, p.stereo_antistereo, p.bias_type] for i, p in enumerate(PAIRS))
     expected = score_pairs(ours.model, ours.tokenizer, load_pairs(data))
     out = tmp_path / "results.json"
-    assert main(["evaluate", str(tiny), "--tasks", "crows_pairs_local", "--metadata", json.dumps({"data": str(data)}),
+    tasks = "crows_pairs_local,crows_pairs_local_gender,crows_pairs_local_race_color"
+    assert main(["evaluate", str(tiny), "--tasks", tasks, "--metadata", json.dumps({"data": str(data)}),
                  "--json", "--output", str(out), "--batch-size", "5"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    r = printed["results"]["crows_pairs_local"]
-    assert r["pct_stereotype,none"] == pytest.approx(expected.pct_stereotype)
-    assert r["likelihood_diff,none"] == pytest.approx(expected.likelihood_diff, abs=TOL)
-    assert printed["n-samples"]["crows_pairs_local"]["effective"] == len(PAIRS)
+    for task, scores in [("crows_pairs_local", expected), ("crows_pairs_local_gender", expected.per_type["gender"]),
+                         ("crows_pairs_local_race_color", expected.per_type["race-color"])]:
+        r = printed["results"][task]
+        assert r["pct_stereotype,none"] == pytest.approx(scores.pct_stereotype), task
+        assert r["likelihood_diff,none"] == pytest.approx(scores.likelihood_diff, abs=TOL), task
+        assert printed["n-samples"][task]["effective"] == scores.n
     assert json.loads(out.read_text())["results"] == printed["results"]
 
 
