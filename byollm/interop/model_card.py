@@ -46,17 +46,25 @@ CITATIONS["hh-rlhf-train"] = CITATIONS["hh-rlhf"]
 
 
 def lineage(prov: dict[str, Any]) -> list[dict[str, Any]]:
-    """The models of a lineage, oldest first (a merge's fine-tune run stands in for the merge's base)."""
+    """The models of a lineage, oldest first: each model after its base (and, for a merge, after the fine-tune run
+    whose adapter it folded in), every model once."""
     from byollm.interop.pretrained import PACKAGED_MODELS
 
-    chain, node = [], prov
-    while isinstance(node, dict):
+    chain: list[dict[str, Any]] = []
+
+    def visit(node: Any) -> None:
+        if not isinstance(node, dict):
+            return
+        visit(node.get("base"))
+        visit(node.get("adapter"))
         packaged = PACKAGED_MODELS.get(str(node.get("packaged_model")))
         if packaged is not None and not node.get("hf_repo"):  # converted before conversions recorded these
             node.update(hf_repo=packaged.hf_repo, language=list(packaged.language))
-        chain.append(node)
-        node = node.get("base") if isinstance(node.get("base"), dict) else node.get("adapter")
-    return chain[::-1]
+        if not any(n is node or (node.get("path") and n.get("path") == node.get("path")) for n in chain):
+            chain.append(node)
+
+    visit(prov)
+    return chain
 
 
 # --------------------------------------------------------------------------------------------------

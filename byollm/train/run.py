@@ -472,16 +472,15 @@ def checkpoint_provenance(path: str | Path, depth: int = 0) -> dict[str, Any]:
     path = Path(path)
     if depth > MAX_LINEAGE:
         return {"path": str(path), "missing": True, "note": f"lineage longer than {MAX_LINEAGE} models"}
-    if (path / "meta.json").is_file() and not (path / "checkpoints").is_dir() and not (path / WEIGHTS).is_file():
-        folders = [path]  # a run folder without checkpoints (a LoRA run keeps its adapter instead)
-    else:
-        try:
-            kind, ckpt = resolve_checkpoint(path)
-        except ByollmError:
-            return {"path": str(path), "missing": True}
+    try:
+        kind, ckpt = resolve_checkpoint(path)
         if kind == "hf":
             return {"path": str(ckpt), **hf_dir_provenance(ckpt)}
         folders = [ckpt] + ([ckpt.parent.parent] if ckpt.parent.name == "checkpoints" else [])
+    except ByollmError:
+        if not (path / META).is_file():
+            return {"path": str(path), "missing": True}
+        folders = [path]  # a run folder without checkpoints (a LoRA run keeps its adapter instead)
     metas = []
     for folder in folders:
         try:
