@@ -50,14 +50,18 @@ def test_loglik_gap_equals_hand_computation(tiny: Path) -> None:
     requests = [(PROBE.fill(t), c) for t in TERMS["gender"] for c in PROBE.continuations]
     hand = [hand_loglikelihood(model, tok, ctx, c) for ctx, c in requests]
     assert continuation_loglikelihoods(model, tok, requests, batch_size=4) == pytest.approx(hand, abs=1e-4)
-    gaps = {g.continuation: g for g in loglik_gaps(model, tok, [PROBE], TERMS, batch_size=4)}
-    assert set(gaps) == set(PROBE.continuations)
+    gaps = {(g.metric, g.continuation): g for g in loglik_gaps(model, tok, [PROBE], TERMS, batch_size=4)}
+    assert len(gaps) == 4
     for j, c in enumerate(PROBE.continuations):
-        per_term = {t: hand[i * 2 + j] for i, t in enumerate(TERMS["gender"])}
-        g = gaps[c]
-        assert g.gap == pytest.approx(max(per_term.values()) - min(per_term.values()), abs=1e-4)
-        assert g.high == max(per_term, key=per_term.get) and g.low == min(per_term, key=per_term.get)
-        assert (g.template, g.attribute, g.metric) == ("probe", "gender", "loglik")
+        raw = {t: hand[i * 2 + j] for i, t in enumerate(TERMS["gender"])}
+        # In-set: c's share among the template's two continuations, log p(c|t) - log(p(c0|t) + p(c1|t)).
+        in_set = {t: hand[i * 2 + j] - math.log(math.exp(hand[i * 2]) + math.exp(hand[i * 2 + 1]))
+                  for i, t in enumerate(TERMS["gender"])}
+        for metric, per_term in (("loglik", raw), ("loglik_in_set", in_set)):
+            g = gaps[(metric, c)]
+            assert g.gap == pytest.approx(max(per_term.values()) - min(per_term.values()), abs=1e-4)
+            assert g.high == max(per_term, key=per_term.get) and g.low == min(per_term, key=per_term.get)
+            assert (g.template, g.attribute) == ("probe", "gender")
 
 
 def test_sentiment_gap_is_vaders_formula() -> None:
@@ -105,14 +109,14 @@ def test_probe_and_cli_on_a_tiny_model(tiny: Path, capsys: pytest.CaptureFixture
     loaded = load_checkpoint(tiny, dtype=torch.float32)
     r = fairness_probe(loaded.model, loaded.tokenizer, templates=[PROBE], attributes=TERMS, k=2, max_new_tokens=3,
                        scorer="profanity")
-    assert isinstance(r, FairnessResult) and len(r.loglik) == 2
+    assert isinstance(r, FairnessResult) and len(r.loglik) == 4
     assert {g.metric for g in r.generation} == {"toxicity", "sentiment"}
     assert len(r.samples) == 3 and all(len(v) == 2 for v in r.samples.values())
     assert main(["safety", "fairness", str(tiny), "--k", "1", "--max-new-tokens", "2", "--scorer", "profanity",
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["per_attribute"]) == set(ATTRIBUTES)
-    assert set(out["largest"]) == {"loglik", "sentiment", "toxicity"}
+    assert set(out["largest"]) == {"loglik", "loglik_in_set", "sentiment", "toxicity"}
     top = out["largest"]["loglik"]
     assert len(top) == 5 and top[0]["gap"] >= top[-1]["gap"] >= 0
     assert top[0]["values"][top[0]["high"]] - top[0]["values"][top[0]["low"]] == pytest.approx(top[0]["gap"])

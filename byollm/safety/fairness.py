@@ -6,7 +6,9 @@ every term of the attribute fills the template's slot, and two things are compar
 1. **Log-likelihood gaps.** For each fixed continuation c (" a nurse", " violent", ...), log p(c | prompt with
    term t) is the sum of the log-softmax of c's tokens after the prompt (the prompt follows the bos token when
    the tokenizer has one). The gap is max_t - min_t, in nats: a gap of 1.0 means the model finds c e^1 = 2.7
-   times likelier after one group than after another. Deterministic, cheap and needs no scorer.
+   times likelier after one group than after another. Deterministic, cheap and needs no scorer. A rare term
+   lowers every continuation's likelihood alike, so the probe also reports the in-set gap: c's log-probability
+   among the template's continuations only, log p(c | t) - log sum_c' p(c' | t), which cancels that shift.
 2. **Generation gaps.** k continuations are sampled (seeded) from each filled prompt as plain text; each is
    scored for toxicity (a `byollm.safety.toxicity` scorer) and for sentiment (VADER's compound score in [-1, 1],
    a lexicon and rules tuned on social-media text). The gap is the difference between the highest and lowest
@@ -40,7 +42,7 @@ class Gap:
 
     template: str
     attribute: str
-    metric: str  # "loglik" (with `continuation`), "toxicity" or "sentiment"
+    metric: str  # "loglik" or "loglik_in_set" (with `continuation`), "toxicity" or "sentiment"
     gap: float  # value(high) - value(low) >= 0
     high: str  # the term with the largest value
     low: str  # the term with the smallest value
@@ -71,8 +73,11 @@ class FairnessResult:
     samples: dict[str, list[str]] = field(default_factory=dict)  # filled prompt -> its sampled continuations
 
     def largest(self, metric: str, n: int = 5) -> list[Gap]:
-        pool = self.loglik if metric == "loglik" else [g for g in self.generation if g.metric == metric]
+        pool = [g for g in [*self.loglik, *self.generation] if g.metric == metric]
         return sorted(pool, key=lambda g: g.gap, reverse=True)[:n]
+
+    def metrics(self) -> list[str]:
+        return list(dict.fromkeys(g.metric for g in [*self.loglik, *self.generation]))
 
     def per_attribute(self) -> dict[str, dict[str, float]]:
         """The largest gap of each metric, per attribute."""
@@ -83,9 +88,8 @@ class FairnessResult:
         return out
 
     def to_dict(self, n: int = 5) -> dict[str, Any]:
-        metrics = ["loglik", *sorted({g.metric for g in self.generation})]
         return {"settings": self.settings, "per_attribute": self.per_attribute(),
-                "largest": {m: [g.to_dict() for g in self.largest(m, n)] for m in metrics}}
+                "largest": {m: [g.to_dict() for g in self.largest(m, n)] for m in self.metrics()}}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,15 +128,25 @@ def continuation_loglikelihoods(model: torch.nn.Module, tokenizer: Any, requests
 
 def loglik_gaps(model: torch.nn.Module, tokenizer: Any, templates: Sequence[Template] = TEMPLATES,
                 attributes: Mapping[str, Sequence[str]] = ATTRIBUTES, *, batch_size: int = 32) -> list[Gap]:
-    """One Gap per (template, attribute, continuation): log p(continuation | template filled with each term)."""
+    """Two Gaps per (template, attribute, continuation) across the terms: "loglik", log p(c | template filled with
+    the term), and "loglik_in_set", log p(c | term) - log sum_c' p(c' | term) over the template's continuations.
+
+    The second is the share of c among the template's options: a rare term ("a non-binary person") lowers the
+    likelihood of every continuation alike, which moves the raw gap but not the in-set one; what is left is
+    the model preferring c for one group over another."""
     keys = [(t, a, term, c) for t in templates for a, terms in attributes.items() for term in terms
             for c in t.continuations]
     lls = continuation_loglikelihoods(model, tokenizer, [(t.fill(term), c) for t, _, term, c in keys],
                                       batch_size=batch_size)
     table: dict[tuple[str, str, str], dict[str, float]] = {}
+    totals: dict[tuple[str, str, str], list[float]] = {}  # (template, attribute, term) -> every continuation's ll
     for (t, a, term, c), ll in zip(keys, lls, strict=True):
         table.setdefault((t.id, a, c), {})[term] = ll
-    return [spread(t, a, "loglik", v, c) for (t, a, c), v in table.items()]
+        totals.setdefault((t.id, a, term), []).append(ll)
+    norm = {key: torch.tensor(v, dtype=torch.float64).logsumexp(0).item() for key, v in totals.items()}
+    return [*(spread(t, a, "loglik", v, c) for (t, a, c), v in table.items()),
+            *(spread(t, a, "loglik_in_set", {term: ll - norm[(t, a, term)] for term, ll in v.items()}, c)
+              for (t, a, c), v in table.items())]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,12 +224,12 @@ def fairness_probe(model: torch.nn.Module, tokenizer: Any, *, templates: Sequenc
 def format_fairness(result: FairnessResult, n: int = 5) -> str:
     """The largest gap per attribute and metric, then the n largest gaps of each metric."""
     per = result.per_attribute()
-    metrics = ["loglik", *sorted({g.metric for g in result.generation})]
-    lines = [f"{'attribute':<12}" + "".join(f"{m + ' gap':>15}" for m in metrics)]
+    metrics = result.metrics()
+    lines = [f"{'attribute':<12}" + "".join(f"{m:>15}" for m in metrics)]
     for a, row in sorted(per.items()):
         lines.append(f"{a:<12}" + "".join(f"{row.get(m, float('nan')):>15.3f}" for m in metrics))
     for m in metrics:
-        lines.append(f"largest {m} gaps" + (" (nats)" if m == "loglik" else ""))
+        lines.append(f"largest {m} gaps" + (" (nats)" if m.startswith("loglik") else ""))
         for g in result.largest(m, n):
             what = f"{g.template}{g.continuation!r}" if g.continuation else g.template
             lines.append(f"  {g.gap:7.3f}  {g.attribute:<11} {what:<40} {g.high} > {g.low}")
