@@ -16,8 +16,8 @@ import yaml
 from byollm.checkpoint import save_checkpoint
 from byollm.cli import main
 from byollm.data.registry import REGISTRY, DatasetSpec
-from byollm.interop.licenses import LicenseInput, combine_licenses, normalise_license
-from byollm.interop.model_card import build_model_card
+from byollm.interop.licenses import LicenseInput, combine_licenses, lineage_license, normalise_license
+from byollm.interop.model_card import build_model_card, lineage
 from byollm.model import GPT, preset
 from byollm.tokenizer import train_bpe_fast
 from byollm.train.align import load_align_config, sft
@@ -65,6 +65,22 @@ def test_license_combinations(inputs: list[tuple[str, str]], expected: str) -> N
 def test_conflicts_and_unknown_licences_are_other_with_a_warning(inputs: list[tuple[str, str | None]]) -> None:
     decision = combine_licenses([LicenseInput(f"input {i}", lic, role) for i, (role, lic) in enumerate(inputs)])
     assert decision.license == "other" and decision.license_name and decision.warnings
+
+
+def test_the_lineage_of_a_merge_and_of_a_lost_base() -> None:
+    """Provenance as runs record it: a merge of a LoRA fine-tune (Alpaca) into an imported Apache-2.0 model is
+    non-commercial, listed base -> fine-tune -> merge; a base that is gone makes the licence undecidable."""
+    base = {"path": "/b", "recipe": "converted", "license": "Apache-2.0", "packaged_model": "smollm2-135m-instruct",
+            "datasets": []}
+    merge = {"path": "/m", "recipe": "byollm merge", "datasets": [], "base": base,
+             "adapter": {"path": "/r", "recipe": "finetune", "base": dict(base),
+                         "datasets": [{"name": "alpaca", "license": "CC BY-NC 4.0"}]}}
+    assert [p["path"] for p in lineage(merge)] == ["/b", "/r", "/m"]
+    assert lineage_license(merge).license == "cc-by-nc-4.0"
+    lost = {"path": "/s", "recipe": "sft", "datasets": [{"name": "hh-rlhf", "license": "MIT"}],
+            "base": {"path": "/gone", "missing": True}}
+    decision = lineage_license(lost)
+    assert decision.license == "other" and "not found at /gone" in decision.warnings[0]
 
 
 def test_every_registry_licence_is_known() -> None:
