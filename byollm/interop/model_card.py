@@ -135,6 +135,8 @@ def read_records(ckpt_path: str | Path, eval_path: str | Path | None = None) -> 
         if (run_dir / "config.yaml").is_file():
             run_config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
         held_out = _json(run_dir / "held_out.json") or None
+        if held_out and step is not None and held_out.get("steps") not in (None, step):
+            held_out = None  # measured on the run's last model, not this earlier checkpoint
     chat = None
     if (ckpt / TOKENIZER_DIR).is_dir() or kind == "hf":
         from byollm.errors import TokenizerError
