@@ -148,6 +148,8 @@ def test_sft_on_non_commercial_data_makes_a_non_commercial_card(nc_run: Path) ->
     body = (ckpt / "README.md").read_text()
     assert "non-commercial" in body and "CC BY-NC 4.0" in body and "| Layers | 2 |" in body
     assert "Warning" not in body  # nothing unknown along this lineage
+    held_out = json.loads((run / "held_out.json").read_text())["after"]["loss"]  # the run's own measurement
+    assert "| loss | " in body and header["model-index"][0]["results"][0]["metrics"][0]["value"] == held_out
 
 
 def fake_packaged_smollm2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
