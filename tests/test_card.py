@@ -256,6 +256,10 @@ def test_export_hf_writes_the_card(nc_run: Path, tmp_path: Path) -> None:
     header = front_matter(out / "README.md")
     assert header["license"] == "cc-by-nc-4.0" and header["library_name"] == "transformers"
     assert f'AutoModelForCausalLM.from_pretrained("{out}")' in (out / "README.md").read_text()
+    # Back through `convert from-hf`: the directory's card says cc-by-nc-4.0, so the imported model keeps it.
+    assert main(["convert", "from-hf", str(out), str(tmp_path / "back")]) == 0
+    back = build_model_card(tmp_path / "back")
+    assert back.data.license == "cc-by-nc-4.0" and "an imported model keeps its own licence" in back.text
 
 
 def test_real_smollm2_card(smollm2_ckpt: Path) -> None:
