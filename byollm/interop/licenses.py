@@ -84,8 +84,9 @@ def combine_licenses(inputs: Sequence[LicenseInput]) -> LicenseDecision:
     for i in inputs:
         hf = normalise_license(i.license)
         if hf is None:
+            hint = " (give it with `byollm card --data-license NAME=LICENSE`)" if i.role == "data" else ""
             warnings.append(f"the licence of {i.what} is {'not recorded' if not i.license else repr(i.license)}: "
-                            "unknown, so the model's licence cannot be decided")
+                            f"unknown, so the model's licence cannot be decided{hint}")
             continue
         category = next(c for k, (h, c) in LICENSES.items() if h == hf)
         known.append((i, hf, category))
@@ -163,6 +164,7 @@ def lineage_license(prov: dict[str, Any]) -> LicenseDecision:
     if prov.get("license") and prov.get("recipe") in ("converted", "huggingface", None):
         return combine_licenses([LicenseInput(f"imported model {model_label(prov)}", prov["license"], "own")])
     inputs = [LicenseInput(f"dataset {d.get('name')}", d.get("license")) for d in prov.get("datasets") or []]
+    inherited: list[str] = []
     for key in ("base", "adapter"):
         parent = prov.get(key)
         if not isinstance(parent, dict):
@@ -172,15 +174,17 @@ def lineage_license(prov: dict[str, Any]) -> LicenseDecision:
             inputs.append(LicenseInput(f"{label} (not found at {parent.get('path')})", None, "base"))
             continue
         decision = lineage_license(parent)
-        if decision.license == "other":
-            inputs.append(LicenseInput(f"{label} (whose licence is undecided: {'; '.join(decision.warnings)})",
-                                       None, "base"))
-        else:
-            inputs.append(LicenseInput(label, decision.license, "base"))
-    if not inputs and prov.get("recipe") not in ("byollm init",):
+        if decision.warnings:  # undecided upstream: the cause is named, not wrapped once per generation
+            inherited += [f"{label} -> {w}" for w in decision.warnings]
+        else:  # "other" without a warning is a licence the Hub has no identifier for (its name is kept)
+            inputs.append(LicenseInput(label, decision.license_name or decision.license, "base"))
+    if not inputs and not inherited and prov.get("recipe") not in ("byollm init",):
         return LicenseDecision("other", [], ["no training data or base model is recorded for this model, so its "
                                              "licence cannot be decided"], license_name="unknown")
-    return combine_licenses(inputs)
+    result = combine_licenses(inputs)
+    if inherited:
+        return LicenseDecision("other", result.reasons, inherited + result.warnings, license_name="unknown")
+    return result
 
 
 

@@ -428,7 +428,7 @@ def dataset_record(name: str, source: dict[str, Any] | None = None) -> dict[str,
         return {"name": "CPython pydoc topics (fallback corpus)", "license": "PSF-2.0", "fallback_for": name}
     spec = find_spec(name)
     if spec is None:
-        return {"name": Path(name).name, "path": name, "license": None}
+        return {"name": Path(name).name, "path": (source or {}).get("path") or name, "license": None}
     return {"name": spec.name, "license": spec.license or None, "homepage": spec.homepage or None,
             "hf": spec.hf.path if spec.hf is not None else None,
             "subset": (source or {}).get("subset")}
