@@ -81,6 +81,13 @@ def test_the_lineage_of_a_merge_and_of_a_lost_base() -> None:
             "base": {"path": "/gone", "missing": True}}
     decision = lineage_license(lost)
     assert decision.license == "other" and "not found at /gone" in decision.warnings[0]
+    # Undecided upstream (a local pretraining file), non-commercial downstream: "other", the cause named once,
+    # and the known inputs' floor kept (the card still says non-commercial).
+    sft_on_mix = {"path": "/sft", "recipe": "sft", "datasets": [{"name": "alpaca", "license": "CC BY-NC 4.0"}],
+                  "base": {"path": "/pt", "recipe": "pretrain", "datasets": [{"name": "mix.txt", "license": None}]}}
+    decision = lineage_license(sft_on_mix)
+    assert decision.license == "other" and decision.non_commercial and len(decision.warnings) == 1
+    assert decision.warnings[0].startswith("base model pt -> the licence of dataset mix.txt is not recorded")
 
 
 def test_every_registry_licence_is_known() -> None:

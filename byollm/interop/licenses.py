@@ -182,11 +182,28 @@ def lineage_license(prov: dict[str, Any]) -> LicenseDecision:
         return LicenseDecision("other", [], ["no training data or base model is recorded for this model, so its "
                                              "licence cannot be decided"], license_name="unknown")
     result = combine_licenses(inputs)
-    if inherited:
-        return LicenseDecision("other", result.reasons, inherited + result.warnings, license_name="unknown")
+    if inherited:  # undecided; still, what is known along the lineage sets a floor (non-commercial stays so)
+        known = [i for i in known_inputs(prov) if normalise_license(i.license)]
+        floor = combine_licenses(known)
+        reasons = [f"{i.what}: {i.license}" for i in known]
+        if floor.license != "other" and known:
+            reasons.append(f"whatever the missing licence is, the known inputs already require at least {floor.license}"
+                           + (" (non-commercial)" if floor.non_commercial else ""))
+        return LicenseDecision("other", reasons, inherited + result.warnings, license_name="unknown")
     return result
 
 
+def known_inputs(prov: dict[str, Any]) -> list[LicenseInput]:
+    """Every licence recorded along a lineage: its datasets' and its imported models' (recorded or not)."""
+    if prov.get("license") and prov.get("recipe") in ("converted", "huggingface", None):
+        return [LicenseInput(f"imported model {model_label(prov)}", prov["license"], "own")]
+    out = [LicenseInput(f"dataset {d.get('name')}", d.get("license")) for d in prov.get("datasets") or []]
+    for key in ("base", "adapter"):
+        if isinstance(prov.get(key), dict):
+            out += [i if i.role != "own" else LicenseInput(i.what, i.license, "base") for i in known_inputs(prov[key])]
+    return out
 
-__all__ = ["DEFAULT_LICENSE", "LICENSES", "LicenseDecision", "LicenseInput", "combine_licenses", "lineage_license",
-           "model_label", "normalise_license"]
+
+
+__all__ = ["DEFAULT_LICENSE", "LICENSES", "LicenseDecision", "LicenseInput", "combine_licenses", "known_inputs",
+           "lineage_license", "model_label", "normalise_license"]
