@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "byollm"
 
 # Only these import the heavy libraries: interop (conversions) and the CLI (which calls it).
-INTEROP_LIBRARIES = ("transformers", "peft", "gguf", "llama_cpp", "trl", "bitsandbytes")
+INTEROP_LIBRARIES = ("transformers", "peft", "gguf", "llama_cpp", "trl", "bitsandbytes", "lm_eval")
 INTEROP_ALLOWED = ("byollm.interop", "byollm.cli")
 # Only serve/ runs a web server.
 SERVE_LIBRARIES = ("fastapi", "uvicorn", "starlette", "prometheus_client")
