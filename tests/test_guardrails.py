@@ -187,6 +187,19 @@ def test_config_from_yaml(tmp_path: Path) -> None:
         GuardrailsConfig(output=["injection"])
 
 
+def test_the_config_example_in_the_module_docstring_loads(tmp_path: Path) -> None:
+    from byollm.safety import guardrails
+
+    doc = guardrails.__doc__ or ""
+    block = doc[doc.index("    input: [pii"):doc.index("These are heuristics")]
+    (tmp_path / "g.yaml").write_text("\n".join(line[4:] for line in block.splitlines()))
+    cfg = load_guardrails_config(tmp_path / "g.yaml")
+    defaults = GuardrailsConfig()
+    assert (cfg.input, cfg.output, cfg.check_every) == (defaults.input, defaults.output, defaults.check_every)
+    assert (cfg.pii, cfg.toxicity, cfg.injection) == (defaults.pii, defaults.toxicity, defaults.injection)
+    assert TopicPolicy(cfg.topics).check("a quote from Acme  Corp").reason == "blocked topic: competitors"
+
+
 @pytest.mark.parametrize("every", [1, 8])
 def test_streamed_output_is_redacted_as_the_whole_text_would_be(every: int) -> None:
     """Fed a token at a time, the emitted text never shows a PII value and joins to pii.redact(whole text)."""

@@ -27,6 +27,17 @@ and returned, nothing is changed: the way to measure a policy on real traffic be
 `Guardrails` holds the input chain and the output chain, built from a `GuardrailsConfig` (a YAML file with the
 thresholds, topic lists and which policies run where; `load_guardrails`).
 
+A config file (every key optional; these are the defaults but for the topic list):
+
+    input: [pii, injection, topics, toxicity]   # policies on each request's text, in order
+    output: [pii, topics, toxicity]             # policies on generated text, as it streams
+    check_every: 8                              # check the output every 8th piece (token)
+    pii: {kinds: null, action: redact, ner: false, holdback: 48}
+    toxicity: {scorer: auto, threshold: 0.8}
+    injection: {kinds: [override, role_override, forged_turn, system_prompt, hidden_text], roles: [user]}
+    topics:                                     # replaces the default list (weapons, self_harm, malware)
+      - {name: competitors, keywords: [AcmeCorp], patterns: ['\\bacme\\s+corp\\b']}
+
 These are heuristics, with the failure modes of heuristics: a paraphrase passes a pattern, a keyword can hit
 an innocent sentence, a toxicity classifier trained on comments misjudges instructions. Each policy's false-
 positive rate on benign prompts (Alpaca) and its detection rate on attack-like ones (HH-RLHF red-team turns, a
