@@ -274,7 +274,8 @@ def _training_data(chain: list[dict[str, Any]]) -> list[str]:
             source = d.get("homepage") or hub or d.get("path")
             subset = f" (subset {d['subset']})" if d.get("subset") else ""
             given = " (given by the user)" if d.get("license_given") else ""
-            lines.append(f"| {d.get('name')}{subset} | {p.get('recipe') or 'training'} of {model_label(p)} | "
+            step = "training (its card says)" if p.get("recipe") == "huggingface" else p.get("recipe") or "training"
+            lines.append(f"| {d.get('name')}{subset} | {step} of {model_label(p)} | "
                          f"{d.get('license') or '**not recorded**'}{given} | {source or 'not recorded'} |")
             rows += 1
         if p.get("license") and not p.get("datasets"):
@@ -297,6 +298,8 @@ def _step(p: dict[str, Any], detail: bool = False) -> str:
         what = f"imported {model_label(p)}{how}"
     elif what == "byollm init":
         what = "random initialisation (byollm init)"
+    elif what == "huggingface":  # a Hugging Face directory: what its own card lists
+        what = "a Hugging Face model directory, trained (its card says)"
     data = ", ".join(str(d.get("name")) for d in p.get("datasets") or [])
     return what + (f" on {data}" if data else "")
 

@@ -509,8 +509,12 @@ def hf_dir_provenance(hf_dir: Path) -> dict[str, Any]:
         if isinstance(front, dict):
             if front.get("license"):
                 record["license"] = str(front["license"])
+            from byollm.data.registry import REGISTRY
+
             names = front.get("datasets") or []
-            record["datasets"] = [{"name": str(n), "license": None, "hf": str(n)}
+            by_hub_id = {spec.hf.path: name for name, spec in REGISTRY.items() if spec.hf is not None}
+            record["datasets"] = [dataset_record(by_hub_id[str(n)]) if str(n) in by_hub_id else
+                                  {"name": str(n), "license": None, "hf": str(n)}
                                   for n in (names if isinstance(names, list) else [names])]
             for key in ("base_model", "language"):
                 if front.get(key):
