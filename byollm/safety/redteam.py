@@ -256,7 +256,7 @@ class Endpoint:
     the harness must run wherever the server's users are, and the request is one JSON body)."""
 
     def __init__(self, url: str, *, api_key: str | None = None, model: str | None = None,
-                 timeout: float = 120.0) -> None:
+                 timeout: float = 600.0) -> None:
         url = url.rstrip("/")
         for suffix in ("/chat/completions", "/completions"):
             url = url.removesuffix(suffix)
@@ -385,7 +385,7 @@ JUDGE_DESCRIPTION = {
 def run_redteam(endpoint: str, *, api_key: str | None = None, model: str | None = None,
                 categories: Sequence[str] | None = None, limit: int | None = None, n_benign: int | None = None,
                 n_alpaca: int = 40, concurrency: int = 4, max_tokens: int = 128, temperature: float = 0.0,
-                seed: int = 0, timeout: float = 120.0,
+                seed: int = 0, timeout: float = 600.0,
                 progress: Callable[[int, int], None] | None = None) -> RedteamReport:
     """Attack `endpoint` (an OpenAI base URL, e.g. http://127.0.0.1:8000/v1) with the prompts of `categories`
     (at most `limit` each) and `n_benign` benign prompts (default: `limit`), `concurrency` requests at a time."""
@@ -484,7 +484,7 @@ def add_redteam_arguments(p: Any) -> None:
     p.add_argument("--max-tokens", "--max_tokens", type=int, default=128, help="longest reply, in tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (reproducible)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples, the canaries and the sampling")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one reply")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one reply")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.add_argument("--out", type=Optional[str], default=None,  # noqa: UP045
                    help="also write the figures and every prompt's reply and verdict to this JSON file")
