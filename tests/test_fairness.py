@@ -34,9 +34,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def hand_loglikelihood(model: torch.nn.Module, tok, context: str, continuation: str) -> float:
-    """One request alone (no batch, no padding): [bos] + context + continuation, the sum of the log-softmax of the
-    continuation's tokens, in float64."""
-    ctx = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(context)
+    """One request alone (no batch, no padding): context + continuation (no bos), the sum of the log-softmax of
+    the continuation's tokens, in float64."""
+    ctx = tok.encode(context)
     cont = tok.encode(continuation)
     ids = ctx + cont
     with torch.no_grad():

@@ -4,11 +4,11 @@ For each template of `fairness_templates` and each attribute (gender, ethnicity,
 every term of the attribute fills the template's slot, and two things are compared across the terms:
 
 1. **Log-likelihood gaps.** For each fixed continuation c (" a nurse", " violent", ...), log p(c | prompt with
-   term t) is the sum of the log-softmax of c's tokens after the prompt (the prompt follows the bos token when
-   the tokenizer has one). The gap is max_t - min_t, in nats: a gap of 1.0 means the model finds c e^1 = 2.7
-   times likelier after one group than after another. Deterministic, cheap and needs no scorer. A rare term
-   lowers every continuation's likelihood alike, so the probe also reports the in-set gap: c's log-probability
-   among the template's continuations only, log p(c | t) - log sum_c' p(c' | t), which cancels that shift.
+   term t) is the sum of the log-softmax of c's tokens after the prompt. The gap is max_t - min_t, in nats: a
+   gap of 1.0 means the model finds c e^1 = 2.7 times likelier after one group than after another.
+   Deterministic, cheap and needs no scorer. A rare term lowers every continuation's likelihood alike, so the
+   probe also reports the in-set gap: c's log-probability among the template's continuations only,
+   log p(c | t) - log sum_c' p(c' | t), which cancels that shift.
 2. **Generation gaps.** k continuations are sampled (seeded) from each filled prompt as plain text; each is
    scored for toxicity (a `byollm.safety.toxicity` scorer) and for sentiment (VADER's compound score in [-1, 1],
    a lexicon and rules tuned on social-media text). The gap is the difference between the highest and lowest
@@ -101,16 +101,17 @@ class FairnessResult:
 def continuation_loglikelihoods(model: torch.nn.Module, tokenizer: Any, requests: Sequence[tuple[str, str]], *,
                                 batch_size: int = 32) -> list[float]:
     """log p(continuation | context) for each (context, continuation): the sum of the log-softmax of the
-    continuation's tokens, the context encoded after the bos token (when there is one) and the continuation on
-    its own, in fp32. Right-padded batches: a causal model never looks at the padding to its right."""
+    continuation's tokens, the context and the continuation each encoded on their own, in fp32. No bos token is
+    added (as lm-eval's HF model does for a non-empty context): SmolLM2's bos is <|im_start|>, which would turn
+    the plain sentence into a chat turn. Right-padded batches: a causal model never looks at the padding to its
+    right."""
     device = next(model.parameters()).device
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
     out: list[float] = []
     for start in range(0, len(requests), batch_size):
-        encoded = [(bos + tokenizer.encode(c), tokenizer.encode(x)) for c, x in requests[start:start + batch_size]]
+        encoded = [(tokenizer.encode(c), tokenizer.encode(x)) for c, x in requests[start:start + batch_size]]
         for context, continuation in encoded:
             if not context or not continuation:
-                raise ByollmError("a fairness probe needs a non-empty context (or a bos token) and continuation")
+                raise ByollmError("a fairness probe needs a non-empty context and continuation")
         seqs = [c + x for c, x in encoded]
         longest = max(len(s) for s in seqs)
         ids = torch.zeros(len(seqs), longest, dtype=torch.long)
@@ -188,12 +189,14 @@ def sample_probes(model: torch.nn.Module, tokenizer: Any, templates: Sequence[Te
                   attributes: Mapping[str, Sequence[str]] = ATTRIBUTES, *, k: int = DEFAULT_K,
                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, seed: int = 0,
                   batch_size: int = 48) -> dict[tuple[str, str, str], list[str]]:
-    """k sampled plain-text continuations (temperature 1, top-p 0.9, seeded) of every filled template."""
+    """k sampled plain-text continuations (temperature 1, top-p 0.9, seeded) of every filled template (no bos
+    token, as for the log-likelihoods)."""
     from byollm.safety.toxicity import sample_continuations
 
     keys = [(t, a, term) for t in templates for a, terms in attributes.items() for term in terms]
     texts = sample_continuations(model, tokenizer, [t.fill(term) for t, _, term in keys], k=k,
-                                 max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, chat=False)
+                                 max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, chat=False,
+                                 bos=False)
     return {(t.id, a, term): cs for (t, a, term), cs in zip(keys, texts, strict=True)}
 
 

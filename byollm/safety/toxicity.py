@@ -213,10 +213,10 @@ def load_prompts(which: str, n: int | None = None, *, seed: int = 0) -> list[str
     return prompts
 
 
-def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat: bool | None = None
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat: bool | None = None, *, bos: bool = True
                    ) -> tuple[list[list[int]], tuple[int, ...] | None]:
     """Each prompt's ids: as a user message in the model's chat format (chat=None: when it has one), else the
-    plain text after the bos token when there is one; and the stop ids (None: the tokenizer's eos)."""
+    plain text (after the bos token when there is one and `bos`); and the stop ids (None: the tokenizer's eos)."""
     from byollm.tokenizer.chat_format import chat_format, has_chat_format
 
     if chat is None:
@@ -224,14 +224,15 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat: bool | None = N
     if chat:
         fmt = chat_format(tokenizer)
         return [fmt.encode_prompt([{"role": "user", "content": p}]) for p in prompts], fmt.stop_ids
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    return [bos + tokenizer.encode(p) for p in prompts], None
+    start = [tokenizer.bos_id] if bos and tokenizer.bos_id is not None else []
+    return [start + tokenizer.encode(p) for p in prompts], None
 
 
 def sample_continuations(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], *, k: int = DEFAULT_K,
                          max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 1.0,
                          top_p: float | None = DEFAULT_TOP_P, seed: int = 0, batch_size: int = 40,
-                         chat: bool | None = None, max_prompt_tokens: int = 256) -> list[list[str]]:
+                         chat: bool | None = None, bos: bool = True, max_prompt_tokens: int = 256
+                         ) -> list[list[str]]:
     """k sampled continuations of each prompt, through byollm.generate in batches of about batch_size sequences
     (whole prompts: a prompt's k copies share a batch, so their lengths match and nothing is padded within them).
     Batch b is sampled with seed + b: the result depends only on the arguments. Prompts longer than
@@ -241,7 +242,7 @@ def sample_continuations(model: torch.nn.Module, tokenizer: Any, prompts: Sequen
 
     if k < 1 or max_new_tokens < 1:
         raise ByollmError(f"k ({k}) and max_new_tokens ({max_new_tokens}) must be at least 1")
-    ids, stop_ids = encode_prompts(tokenizer, prompts, chat)
+    ids, stop_ids = encode_prompts(tokenizer, prompts, chat, bos=bos)
     ids = [row[-max_prompt_tokens:] for row in ids]
     per_batch = max(1, batch_size // k)
     out: list[list[str]] = []
