@@ -200,6 +200,21 @@ def test_the_config_example_in_the_module_docstring_loads(tmp_path: Path) -> Non
     assert TopicPolicy(cfg.topics).check("a quote from Acme  Corp").reason == "blocked topic: competitors"
 
 
+def test_output_checks_ramp_up_to_check_every_and_hold_nothing_unchecked() -> None:
+    from byollm.serve.moderation import OutputGuard
+
+    guard = OutputGuard(build_guardrails(GuardrailsConfig(output=["topics"], check_every=8), "on"), _Metrics(), "t")
+    checked_at: list[int] = []
+    check = guard.chain.check
+    guard.chain.check = lambda text, role: checked_at.append(len(text)) or check(text, role)  # type: ignore[method-assign]
+    sent = ""
+    for i in range(40):
+        out = guard.feed("x", final=i == 39)
+        assert out is not None and len(sent + out) == (checked_at[-1] if checked_at else 0)  # only checked text
+        sent += out
+    assert checked_at == [1, 3, 7, 15, 23, 31, 39, 40] and sent == "x" * 40  # intervals 1, 2, 4, 8, 8, ...; the end
+
+
 @pytest.mark.parametrize("every", [1, 8])
 def test_streamed_output_is_redacted_as_the_whole_text_would_be(every: int) -> None:
     """Fed a token at a time, the emitted text never shows a PII value and joins to pii.redact(whole text)."""

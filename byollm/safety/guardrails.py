@@ -31,7 +31,7 @@ A config file (every key optional; these are the defaults but for the topic list
 
     input: [pii, injection, topics, toxicity]   # policies on each request's text, in order
     output: [pii, topics, toxicity]             # policies on generated text, as it streams
-    check_every: 8                              # check the output every 8th piece (token)
+    check_every: 8                              # check the output every 8th piece (token), after a ramp
     pii: {kinds: null, action: redact, ner: false, holdback: 48}
     toxicity: {scorer: auto, threshold: 0.8}
     injection: {kinds: [override, role_override, forged_turn, system_prompt, hidden_text], roles: [user]}
@@ -196,9 +196,10 @@ class GuardrailsConfig(Section):
     output: list[str] = field(default_factory=lambda: ["pii", "topics", "toxicity"])
     """policies run on generated text (while it streams), in this order"""
     check_every: int = 8
-    """check the output every N-th piece (token) of text, holding the pieces between until then, so a stream
-    comes in bursts of N; the whole answer is always checked at the end. A check of the default output chain
-    costs ~40 ms with the profanity scorer (a fixed cost per call), so 1 would slow decoding down severalfold"""
+    """check the output every N-th piece (token) of text, holding the pieces between until then (after a ramp of
+    1, 2, 4, ... pieces, so the first piece is not delayed); the whole answer is always checked at the end. A
+    check of the default output chain costs ~40 ms with the profanity scorer (a fixed cost per call), so 1
+    would slow decoding down severalfold"""
     pii: PIIPolicyConfig = field(default_factory=PIIPolicyConfig)
     toxicity: ToxicityPolicyConfig = field(default_factory=ToxicityPolicyConfig)
     injection: InjectionPolicyConfig = field(default_factory=InjectionPolicyConfig)

@@ -6,7 +6,9 @@
   user's; token-id prompts are decoded first) goes through the input chain before anything is tokenised or
   retrieved. A block is a 400 in OpenAI's error shape with code `content_policy_violation`, naming the policy and
   what it found, never the offending text. A redaction replaces the PII in the text the model sees.
-- **Output**: the generated text is checked as it grows, *before* each piece is sent (`OutputGuard.feed`). A
+- **Output**: the generated text is checked as it grows, *before* each piece is sent (`OutputGuard.feed`): at
+  intervals of 1, 2, 4, ... pieces up to `check_every` (default 8), the pieces between held (so the first piece
+  is not delayed and a long answer costs one check per 8 pieces). A
   block stops the generation (the engine's request is cancelled), the piece that triggered it is withheld, and
   the answer ends with `finish_reason: "content_filter"`, streamed or not, as OpenAI's API does. With PII
   redaction on the output, a stream holds back the last `pii.holdback` characters until no PII span can still
@@ -155,11 +157,15 @@ class OutputGuard:
         self.raw = ""  # everything generated so far
         self.sent = ""  # what the client has been given
         self.pending = 0  # pieces received since the last check
+        self.checks = 0
         self.blocked: Decision | None = None
 
     def will_check(self, piece: str, final: bool = False) -> bool:
-        """Whether `feed(piece, final)` runs the chain (the caller may run it in a thread), or only holds."""
-        return self.blocked is None and (final or (bool(piece) and self.pending + 1 >= self.every))
+        """Whether `feed(piece, final)` runs the chain (the caller may run it in a thread), or only holds. The
+        interval ramps up, 1, 2, 4, ... pieces, to `check_every`: the first piece is not held back (time to first
+        token stays as without guardrails) and a long answer costs one check per `check_every` pieces."""
+        interval = min(self.every, 2 ** min(self.checks, 30))
+        return self.blocked is None and (final or (bool(piece) and self.pending + 1 >= interval))
 
     def feed(self, piece: str, final: bool = False) -> str | None:
         if self.blocked is not None:
@@ -170,6 +176,7 @@ class OutputGuard:
         if not check:
             return ""  # held until the next check: nothing unchecked is sent
         self.pending = 0
+        self.checks += 1
         result = self.chain.check(self.raw, "output")
         self.decisions.record("output", result.decisions)
         if result.blocked is not None:
