@@ -178,16 +178,9 @@ def served(ckpt: str | Path, log_file: Path, *, guardrails: str, max_tokens: int
            device: str = "cpu", timeout: float = SERVER_START_TIMEOUT_S) -> Iterator[str]:
     """`byollm serve CKPT` in a child process on a free port of 127.0.0.1; yields its base URL (.../v1) once it
     answers /v1/models, and stops it (SIGTERM, a graceful shutdown) on the way out. Its log goes to `log_file`."""
-    from byollm.serve.settings import ServeConfig
-
-    has_guardrails = "guardrails" in {f.name for f in dataclasses.fields(ServeConfig)}
-    if guardrails != "off" and not has_guardrails:
-        raise ByollmError("this byollm serve has no guardrails setting")
     port = free_port()
     cmd = [sys.executable, "-m", "byollm.cli", "serve", str(ckpt), "--port", str(port), "--model_name", "model",
-           "--device", device]
-    if has_guardrails:
-        cmd += ["--guardrails", guardrails]
+           "--device", device, "--guardrails", guardrails]
     if max_tokens:
         cmd += ["--default_max_tokens", str(max_tokens)]
     env = {k: v for k, v in os.environ.items() if k != "BYOLLM_API_KEYS"}  # a local, key-less server
