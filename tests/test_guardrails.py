@@ -215,8 +215,8 @@ def test_output_checks_ramp_up_to_check_every_and_hold_nothing_unchecked() -> No
     assert checked_at == [1, 3, 7, 15, 23, 31, 39, 40] and sent == "x" * 40  # intervals 1, 2, 4, 8, 8, ...; the end
 
 
-@pytest.mark.parametrize("every", [1, 8])
-def test_streamed_output_is_redacted_as_the_whole_text_would_be(every: int) -> None:
+@pytest.mark.parametrize(("every", "split"), [(1, "words"), (8, "words"), (1, "chars")])
+def test_streamed_output_is_redacted_as_the_whole_text_would_be(every: int, split: str) -> None:
     """Fed a token at a time, the emitted text never shows a PII value and joins to pii.redact(whole text)."""
     from byollm.serve.moderation import OutputGuard
 
@@ -224,7 +224,7 @@ def test_streamed_output_is_redacted_as_the_whole_text_would_be(every: int) -> N
     cfg = GuardrailsConfig(output=["pii"], pii=PIIPolicyConfig(holdback=24), check_every=every)
     metrics = _Metrics()
     guard = OutputGuard(build_guardrails(cfg, "on"), metrics, "test")
-    pieces = re.findall(r"\S+|\s+", text)
+    pieces = re.findall(r"\S+|\s+", text) if split == "words" else list(text)
     sent = ""
     for i, piece in enumerate(pieces):
         out = guard.feed(piece, final=i == len(pieces) - 1)

@@ -151,7 +151,8 @@ class PIIPolicyConfig(Section):
     ner: bool = False
     """also person names and places through Presidio, where it is installed"""
     holdback: int = 48
-    """streamed output: characters held back from the client until no PII span can still grow into them"""
+    """streamed output: at most this many characters (the unfinished last word and digit groups before it) held
+    back from the client until no PII span can still grow into them"""
 
     def check(self) -> None:
         if self.kinds is not None:

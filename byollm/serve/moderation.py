@@ -11,8 +11,9 @@
   is not delayed and a long answer costs one check per 8 pieces). A
   block stops the generation (the engine's request is cancelled), the piece that triggered it is withheld, and
   the answer ends with `finish_reason: "content_filter"`, streamed or not, as OpenAI's API does. With PII
-  redaction on the output, a stream holds back the last `pii.holdback` characters until no PII span can still
-  grow into them (an email arrives token by token), so what a client sees is already redacted.
+  redaction on the output, a stream holds back what could still grow into a PII span (the unfinished last word,
+  and digit groups before it: an email or a card number arrives token by token; at most `pii.holdback`
+  characters), so what a client sees is already redacted.
 - **log** mode runs every policy and changes nothing: what would have been blocked or redacted is logged (policy,
   action, reason: no text) and counted.
 - **Metrics**: `byollm_guardrail_decisions_total{stage, policy, action, mode}` counts each non-allow decision once
@@ -31,6 +32,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -143,6 +145,9 @@ def _apply(guardrails: Guardrails, metrics: Any, who: str, result: ChainResult, 
     return changed if guardrails.mode == "on" else original
 
 
+_GROWING_TAIL = re.compile(r"(?:[^\s]*\d[^\s]*[ \t])*[^\s]*\Z")
+
+
 class OutputGuard:
     """The output chain over a growing answer. `feed(piece, final)` returns the text to send now ("" while it
     is held back), or None once a policy blocks: then nothing more may be sent and the request is stopped."""
@@ -194,7 +199,12 @@ class OutputGuard:
         if self.redactor is None:
             return self.raw
         spans = self.redactor.spans(self.raw)
-        end = len(self.raw) if final else max(0, len(self.raw) - self.holdback)
+        # What could still become PII is the unfinished last word and, before it, space-separated groups holding a
+        # digit (a phone, card or IBAN arrives group by group): hold that back, at most `holdback` characters.
+        # Plain words before it cannot grow into a span, so prose streams with a delay of one word.
+        tail = _GROWING_TAIL.search(self.raw)
+        held = min(len(tail.group()) if tail else 0, self.holdback)
+        end = len(self.raw) if final else max(0, len(self.raw) - held)
         if not final:
             for s in reversed(spans):  # a span touching the cut could still grow: cut before it
                 if s.start < end <= s.end:
