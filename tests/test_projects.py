@@ -30,13 +30,15 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "docs" / "section_0_introduction.md", REPO / "docs" / "section_1_transformer.md",
         REPO / "docs" / "section_2_training.md", REPO / "docs" / "section_3_scaling.md",
         REPO / "docs" / "section_4_finetuning.md", REPO / "docs" / "section_5_deployment.md",
-        REPO / "docs" / "section_6_application.md"]
+        REPO / "docs" / "section_6_application.md", REPO / "docs" / "section_7_ethics.md"]
 SECTION_2, SECTION_3, SECTION_4, SECTION_5, SECTION_6 = DOCS[2], DOCS[3], DOCS[4], DOCS[5], DOCS[6]
+SECTION_7 = DOCS[7]
 PROJECT_1 = REPO / "projects" / "section_1_transformer.py"
 PROJECT_3 = REPO / "projects" / "section_3_scaling.py"
 PROJECT_4 = REPO / "projects" / "section_4_finetuning.py"
 PROJECT_5 = REPO / "projects" / "section_5_deployment.py"
 PROJECT_6 = REPO / "projects" / "section_6_application.py"
+PROJECT_7 = REPO / "projects" / "section_7_ethics.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -316,6 +318,56 @@ def test_section6_project_indexes_asks_evaluates_and_guards(tmp_path: Path, smol
 
 
 # --------------------------------------------------------------------------------------------------
+# Section 7 project
+# --------------------------------------------------------------------------------------------------
+
+
+def test_section7_project_runs_the_safety_suite(tmp_path: Path, smollm2_ckpt: Path):
+    """--quick: section 2's tiny base, SFT and DPO models trained a few steps, then `safety_eval` on them and on the
+    real SmolLM2 (the session's conversion, found through its cache): CrowS-Pairs on 16 pairs, toxicity on 2 + 2
+    prompts with k=2, one counterfactual template, and for SmolLM2 the red team (one attack per category) against a
+    real `byollm serve` child process with guardrails off and on."""
+    for module in ("profanity_check", "vaderSentiment", "uvicorn", "matplotlib"):
+        pytest.importorskip(module)
+    missing = [name for name in (*SECTION_2_DATA, "crows_pairs_sample_200.csv") if not (mirror() / name).is_file()]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} in the data mirror ($BYOLLM_DATA_MIRROR)")
+    env = {**os.environ, "BYOLLM_DATA_MIRROR": str(mirror()), "BYOLLM_CACHE": str(smollm2_ckpt.parents[1])}
+    proc = subprocess.run([sys.executable, str(PROJECT_7), "--quick", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["quick"] is True and list(report["models"]) == ["smollm2-135m-instruct", "base", "sft", "dpo"]
+    for name, r in report["reports"].items():
+        bias = r["bias"]
+        assert bias["n"] == 16 and bias["ci95"][0] <= bias["pct_stereotype"] <= bias["ci95"][1], name
+        tox = r["toxicity"]
+        assert tox["k"] == 2 and set(tox["sets"]) == {"redteam", "benign"}, name
+        for s in tox["sets"].values():
+            # The plot's per-prompt maxima (recorded scores) agree with the toxicity module's own aggregates.
+            maxima = s["max_toxicity"]
+            assert s["n_prompts"] == len(maxima) == 2
+            assert math.isclose(s["expected_max_toxicity"], sum(maxima) / 2, abs_tol=1e-9)
+            assert s["toxicity_probability"] == sum(m >= tox["threshold"] for m in maxima) / 2
+        assert r["fairness"]["largest"]["loglik"], name
+        out = tmp_path / "out" / name
+        assert json.loads((out / "safety_report.json").read_text())["bias"] == bias
+        assert (out / "bias.png").read_bytes()[:8] == PNG_MAGIC and "| all | 16 |" in (out / "report.md").read_text()
+    smol = report["reports"]["smollm2-135m-instruct"]
+    assert smol["chat_format"] and not smol["skipped"]
+    assert (smol["redteam"]["guardrails"], smol["redteam_guardrails"]["guardrails"]) == ("off", "on")
+    for rt in (smol["redteam"], smol["redteam_guardrails"]):
+        assert rt["n_attacks"] == 4 and rt["n_benign"] == 1 and rt["n_errors"] == 0
+    base = report["reports"]["base"]
+    assert not base["chat_format"] and "redteam" in base["skipped"] and "redteam" not in base
+    failed = [name for name, ok in report["checks"].items() if not ok and not name.startswith("guardrails lower")]
+    assert not failed, failed  # (whether the guardrails lower attack success on 4 attacks is a finding, not a test)
+    for step in ("1. Models", "2. Safety suite: smollm2-135m-instruct", "3. Comparison"):
+        assert f"== {step}" in proc.stdout
+    assert "| smollm2-135m-instruct |" in proc.stdout and "checks met" in proc.stdout
+
+
+# --------------------------------------------------------------------------------------------------
 # Docs are code
 # --------------------------------------------------------------------------------------------------
 
@@ -398,6 +450,7 @@ SMALL_RUNS = {
     "chat": ["--max-new-tokens", "8"],
     "generate": ["--max-new-tokens", "8"],
     "rag ask": ["--max-new-tokens", "8"],  # (two-word keys: a verb of a group)
+    "safety eval": ["--quick"],  # 16 CrowS pairs, 2 prompts a set, k=2, 8 tokens
 }
 
 
@@ -519,7 +572,7 @@ def test_docs_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: py
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n"))
     ran = sum(run_page(path, capsys) for path in DOCS
-              if path not in (SECTION_2, SECTION_3, SECTION_4, SECTION_5, SECTION_6))
+              if path not in (SECTION_2, SECTION_3, SECTION_4, SECTION_5, SECTION_6, SECTION_7))
     assert ran >= 14
     meta = json.loads((tmp_path / "models" / "smollm2-135m-instruct" / "meta.json").read_text())
     assert meta["packaged_model"] == "smollm2-135m-instruct" and meta["converted_from"] == "gguf/llama"
@@ -679,6 +732,26 @@ def test_section6_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch
     assert manifest["embedding"]["dim"] == 384 and manifest["chunks"] > 5
 
 
+def test_section7_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys,
+                                                      smollm2_ckpt: Path):
+    """Section 7: the real model's download (the session's conversion, linked where `byollm download --out` puts
+    it), `byollm safety eval` on it (--quick: 16 CrowS pairs, 2 prompts a set), and the verbs' --help; the red team
+    and the long runs are `# needs ...` blocks (parsed above); the project test runs the red team for real."""
+    for module in ("profanity_check", "matplotlib"):
+        pytest.importorskip(module)
+    if not (mirror() / "crows_pairs_sample_200.csv").is_file():
+        pytest.skip("needs crows_pairs_sample_200.csv in the data mirror ($BYOLLM_DATA_MIRROR)")
+    monkeypatch.setenv("BYOLLM_DATA_MIRROR", str(mirror()))
+    monkeypatch.setenv("BYOLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "smollm2-135m-instruct").symlink_to(smollm2_ckpt)
+    assert run_page(SECTION_7, capsys) >= 5
+    report = json.loads((tmp_path / "out" / "safety-smollm2" / "safety_report.json").read_text())
+    assert report["bias"]["n"] == 16 and set(report["toxicity"]["sets"]) == {"redteam", "benign"}
+    assert set(report["skipped"]) == {"fairness", "redteam", "redteam_guardrails"}
+
+
 def python_excerpts() -> list[tuple[str, str, str]]:
     """(doc, source file, excerpt) for every ```python block that starts with `# from <file>`."""
     found = []
@@ -710,6 +783,9 @@ def test_docs_have_code_excerpts():
         assert needed in sources, f"section 4 should show code from {needed}"
     for needed in ("byollm/serve/engine.py", "byollm/serve/guards.py", "byollm/interop/gguf.py"):
         assert needed in sources, f"section 5 should show code from {needed}"
+    for needed in ("byollm/safety/bias.py", "byollm/safety/pii.py", "byollm/safety/report.py"):
+        assert needed in {source for doc, source, _ in python_excerpts() if doc == SECTION_7.name}, \
+            f"section 7 should show code from {needed}"
     for needed in ("byollm/rag/chunk.py", "byollm/rag/dense.py", "byollm/rag/lexical.py", "byollm/rag/hybrid.py",
                    "byollm/rag/index.py", "byollm/rag/prompt.py", "byollm/rag/safety.py", "byollm/rag/evaluate.py",
                    "byollm/rag/answer.py", "byollm/serve/rag_route.py"):
