@@ -60,6 +60,8 @@ def test_each_detector_finds_its_kind(text: str, want: list[tuple[str, str]]) ->
     "version 1.2.3.4", "torch==2.13.0", "on 2024-01-15 at 10:30:45", "the year 1999", "Order #123456789",
     "ISBN 978-3-16-148410-0", "address 256.1.1.1", "192.168.1.300", "MAC 00:1A:2B:3C:4D:5E",
     "password = <your password here>", "max_tokens=256", "-----BEGIN PUBLIC KEY-----", "sk-learn",
+    "the area is 50.26548245743669 cm",  # 14 decimals that pass Luhn (an Alpaca answer)
+    "4111111111111111.25 units",
 ])
 def test_look_alikes_are_not_flagged(text: str) -> None:
     assert kinds_found(text) == []
