@@ -147,10 +147,12 @@ def test_logits_and_greedy_tokens_match_llama_cpp(smollm2, smollm2_llama_cpp):
     """llama.cpp multiplies Q4_1 weights with activations it rounds to 8 bits (Q8_1), we use fp32 activations, so
     logits differ a little (measured: max |diff| 1.52 on logits of magnitude ~30-37, mean ~0.2; top-1 agreement
     69/70 positions; llama.cpp on an f32 export of our weights agrees with us to 8e-5, see the export test).
-    Greedy 32-token continuations: measured identical on 3 of the 5 prompts; the other two agree for the first 6
-    and 16 tokens, then a near-tie goes the other way."""
+    Greedy 32-token continuations: identical on 3 of the 5 prompts (measured on an AVX-512 and an AVX2 machine);
+    where they part, a near-tie goes the other way: the first differing position (6 and 16 tokens in on AVX-512,
+    3 and 10 on AVX2, whose Q8_1 kernels round differently) has our logits of the two tokens within 1 of each
+    other, below the logit error the 8-bit activations cause."""
     model, tok = smollm2.model, smollm2.tokenizer
-    worst, agree, total, identical, prefixes = 0.0, 0, 0, 0, []
+    worst, agree, total, identical, prefixes, margins = 0.0, 0, 0, 0, [], []
     for text in PROMPTS:
         ids = tok.encode(text)
         assert ids == smollm2_llama_cpp.tokenize(text.encode(), add_bos=False, special=True)
@@ -162,12 +164,18 @@ def test_logits_and_greedy_tokens_match_llama_cpp(smollm2, smollm2_llama_cpp):
         total += len(ids)
         a, b = greedy_ours(model, ids, N_GREEDY), greedy_llama_cpp(smollm2_llama_cpp, ids, N_GREEDY)
         identical += a == b
-        prefixes.append(common_prefix(a, b))
+        p = common_prefix(a, b)
+        prefixes.append(p)
+        if p < min(len(a), len(b)):  # how close our own choice was at the first differing token
+            with torch.no_grad():
+                at = model(torch.tensor([ids + a[:p]])).logits[0, -1]
+            margins.append((at[a[p]] - at[b[p]]).item())
     print(f"max |logit diff| {worst:.3f}, top-1 agreement {agree}/{total}, greedy identical {identical}/5, "
-          f"common prefixes {prefixes}")
-    assert worst < 2.5  # measured 1.52
-    assert agree / total >= 0.9  # measured 69/70
-    assert identical >= 2 and min(prefixes) >= 4  # measured 3 of 5, shortest common prefix 6
+          f"common prefixes {prefixes}, our margins where they part {margins}")
+    assert worst < 2.5  # measured 1.52 (AVX-512), 1.49 (AVX2)
+    assert agree / total >= 0.9  # measured 69/70, 68/70
+    assert identical >= 2  # measured 3 of 5 on both
+    assert all(0 <= m < 1.0 for m in margins)  # a near-tie, never a confident disagreement
 
 
 def test_the_chat_model_answers(smollm2):
