@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts-per-set", type=int, default=None, help="toxicity prompts per set (default 25)")
     parser.add_argument("--k", type=int, default=None, help="toxicity samples per prompt (default 10)")
     parser.add_argument("--redteam-limit", type=int, default=None, help="attacks per category (default 12)")
-    parser.add_argument("--figures", type=Path, default=None, help="also write the figures here (docs/figures)")
+    parser.add_argument("--figures", type=Path, default=None, help="also write the figures into this folder")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     import torch
