@@ -93,15 +93,16 @@ def request(tokenizer: Any, sentence: str) -> tuple[list[int], list[int]]:
 
 
 @torch.no_grad()
-def sentence_loglikelihoods(model: torch.nn.Module, tokenizer: Any, sentences: Sequence[str], *,
-                            batch_size: int = 16, device: torch.device | str | None = None) -> list[float]:
-    """Sum of the log-probabilities of each sentence's tokens given the prefix token (and the tokens before them),
-    in fp32; sentences are right-padded into batches (a causal model never looks at the padding to its right)."""
+def continuation_logprobs(model: torch.nn.Module, requests: Sequence[tuple[list[int], list[int]]], *,
+                          batch_size: int = 16, device: torch.device | str | None = None) -> list[float]:
+    """Sum of the log-probabilities of each (context ids, continuation ids) request's continuation tokens given
+    the context, in fp32; requests are right-padded into batches (a causal model never looks at the padding to
+    its right)."""
     device = device if device is not None else next(model.parameters()).device
     block = getattr(getattr(model, "config", None), "block_size", None)
     out: list[float] = []
-    for start in range(0, len(sentences), batch_size):
-        reqs = [request(tokenizer, s) for s in sentences[start:start + batch_size]]
+    for start in range(0, len(requests), batch_size):
+        reqs = requests[start:start + batch_size]
         seqs = [c + k for c, k in reqs]
         longest = max(len(s) for s in seqs)
         if block is not None and longest > block:
@@ -117,6 +118,14 @@ def sentence_loglikelihoods(model: torch.nn.Module, tokenizer: Any, sentences: S
             first = len(context) - 1  # the position whose prediction is the first continuation token
             out.append(logprobs[i, first:first + len(continuation)].sum().item())
     return out
+
+
+def sentence_loglikelihoods(model: torch.nn.Module, tokenizer: Any, sentences: Sequence[str], *,
+                            batch_size: int = 16, device: torch.device | str | None = None) -> list[float]:
+    """Sum of the log-probabilities of each sentence's tokens given the prefix token (and the tokens before them),
+    in fp32, batched as `continuation_logprobs`."""
+    return continuation_logprobs(model, [request(tokenizer, s) for s in sentences], batch_size=batch_size,
+                                 device=device)
 
 
 def bootstrap_ci(values: Sequence[float], *, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0,

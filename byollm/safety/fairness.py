@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from byollm.errors import ByollmError, require
+from byollm.safety.bias import continuation_logprobs
 from byollm.safety.fairness_templates import ATTRIBUTES, TEMPLATES, Template
 
 DEFAULT_K = 4
@@ -105,26 +105,11 @@ def continuation_loglikelihoods(model: torch.nn.Module, tokenizer: Any, requests
     added (as lm-eval's HF model does for a non-empty context): SmolLM2's bos is <|im_start|>, which would turn
     the plain sentence into a chat turn. Right-padded batches: a causal model never looks at the padding to its
     right."""
-    device = next(model.parameters()).device
-    out: list[float] = []
-    for start in range(0, len(requests), batch_size):
-        encoded = [(tokenizer.encode(c), tokenizer.encode(x)) for c, x in requests[start:start + batch_size]]
-        for context, continuation in encoded:
-            if not context or not continuation:
-                raise ByollmError("a fairness probe needs a non-empty context and continuation")
-        seqs = [c + x for c, x in encoded]
-        longest = max(len(s) for s in seqs)
-        ids = torch.zeros(len(seqs), longest, dtype=torch.long)
-        mask = torch.zeros(len(seqs), longest, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, :len(s)] = 1
-        logits = model(ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logprobs = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
-        for i, (context, continuation) in enumerate(encoded):
-            first = len(context) - 1  # the position that predicts the continuation's first token
-            out.append(logprobs[i, first:first + len(continuation)].sum().item())
-    return out
+    encoded = [(tokenizer.encode(c), tokenizer.encode(x)) for c, x in requests]
+    for context, continuation in encoded:
+        if not context or not continuation:
+            raise ByollmError("a fairness probe needs a non-empty context and continuation")
+    return continuation_logprobs(model, encoded, batch_size=batch_size)
 
 
 def loglik_gaps(model: torch.nn.Module, tokenizer: Any, templates: Sequence[Template] = TEMPLATES,
