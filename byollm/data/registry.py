@@ -4,9 +4,13 @@ A dataset is found, in this order: an explicit path you give, the local mirror d
 ($BYOLLM_DATA_MIRROR), the cache (~/.cache/byollm/data), and only then the network (see sources.py).
 Each entry pins the sha256 of its file where the source publishes a fixed file. A *streaming* entry
 (FineWeb-Edu) is read document by document while training instead (streaming.py); a local copy in the
-mirror still wins. Some entries also accept a *subset*: a smaller file with its own checksum (e.g. the
-4,500 Alpaca records of the data mirror), which is used as the
-dataset's local copy with a notice saying that it is a subset.
+mirror still wins.
+
+A *subset* is a named part of a dataset cut from its real source by a rule anyone can rerun (`Cut`: the
+first N records, or a seeded sample of N), with the sha256 of the file that rule writes. Where an entry has
+a `default_subset`, its plain name means that subset: the guide's numbers were made with it, so
+`alpaca` is the first 4,500 records of its source file wherever it comes from (the mirror, the cache, or
+a download cut to the same records); `alpaca-full` is the whole release.
 """
 
 from __future__ import annotations
@@ -38,13 +42,34 @@ class HFSource:
 
 
 @dataclass(frozen=True)
+class Cut:
+    """How a subset is cut from its source file's records (articles, for SQuAD), so anyone can remake it.
+
+    first: records [0, n). sample: the records at sorted(random.Random(seed).sample(range(total), n)), kept in
+    the source's order. `source` is the URL of the file it is cut from when that is not the dataset's own.
+    """
+
+    kind: Literal["first", "sample"]
+    n: int
+    seed: int | None = None
+    source: str | None = None
+
+    def describe(self, of: str) -> str:
+        if self.kind == "first":
+            return f"the first {self.n:,} {of}"
+        return f"a sample of {self.n:,} {of}: random.Random({self.seed}).sample(range(total), {self.n}), in file order"
+
+
+@dataclass(frozen=True)
 class Subset:
-    """A smaller file accepted as a local copy of a dataset, with its own checksum."""
+    """A named part of a dataset with its own file name and checksum; `cut` says how to make it from the source."""
 
     filename: str
     sha256: str
     n_records: int  # records (or articles, see DatasetSpec.unit) in the subset
     description: str
+    name: str = ""  # e.g. "alpaca-4500": a dataset name of its own
+    cut: Cut | None = None  # None: a local file only (it cannot be remade from the source)
 
 
 @dataclass(frozen=True)
@@ -67,6 +92,8 @@ class DatasetSpec:
     # the mirror or cache when there is one (`filename`, or NAME.parquet / NAME.txt / a folder NAME/), else
     # from the Hugging Face dataset `hf`. `fields[0]` is the documents' text field.
     streaming: bool = False
+    # The subset (by name) that the dataset's plain name means; None: the plain name means the full dataset.
+    default_subset: str | None = None
 
     @property
     def is_text(self) -> bool:
@@ -87,6 +114,12 @@ _ALPACA = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpa
 _HH = "https://raw.githubusercontent.com/anthropics/hh-rlhf/master/harmless-base/{split}.jsonl.gz"
 _CROWS = "https://raw.githubusercontent.com/nyu-mll/crows-pairs/master/data/crows_pairs_anonymized.csv"
 _SQUAD = "https://rajpurkar.github.io/SQuAD-explorer/dataset/dev-v1.1.json"
+# The guide's 4,500 Alpaca records are the first 4,500 of a 5,000-record file, data/alpaca_5000.json, as the data
+# mirror's README names its source. They are NOT the first 4,500 of the published release alpaca_data.json (its
+# first record is "Give three tips for staying healthy.", the subset's is "Are the two sentences below
+# grammatically correct? ..."), so the subset is cut from that file, never from the release; this URL follows the
+# README's path and was not reachable where the registry was written (no network): see docs/LOG.md.
+_ALPACA_5000 = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/data/alpaca_5000.json"
 _HH_FIELDS = ("chosen", "rejected")
 
 REGISTRY: dict[str, DatasetSpec] = {
@@ -140,9 +173,12 @@ REGISTRY: dict[str, DatasetSpec] = {
                     "alpaca_4500.json",
                     "e5f1a6cd206ff1915da189ad643418df324d026e9e6e37d2ade78dd39a137213",
                     4_500,
-                    "the data mirror's 4,500-record subset",
+                    "the first 4,500 records of data/alpaca_5000.json (not of the 52,002-record release)",
+                    name="alpaca-4500",
+                    cut=Cut("first", 4_500, source=_ALPACA_5000),
                 ),
             ),
+            default_subset="alpaca-4500",
             license="CC BY-NC 4.0",
             homepage="https://github.com/tatsu-lab/stanford_alpaca",
         ),
@@ -161,9 +197,12 @@ REGISTRY: dict[str, DatasetSpec] = {
                     "hh_rlhf_harmless_2000.jsonl",
                     "cbf0fb8f65b9f41cac849556331e3783eb24bb93c0590bf89ef31f0415c71730",
                     2_000,
-                    "the data mirror's first 2,000 pairs",
+                    "the first 2,000 of the 2,312 pairs of harmless-base/test.jsonl.gz",
+                    name="hh-rlhf-2000",
+                    cut=Cut("first", 2_000),
                 ),
             ),
+            default_subset="hh-rlhf-2000",
             license="MIT",
             homepage="https://github.com/anthropics/hh-rlhf",
             aliases=("hh", "anthropic-hh"),
@@ -195,9 +234,12 @@ REGISTRY: dict[str, DatasetSpec] = {
                     "crows_pairs_sample_200.csv",
                     "58328bd1ff70693cff984fe9ae09a1865517bb07f0571b415d195172c3268597",
                     200,
-                    "the data mirror's random sample of 200 pairs",
+                    "200 of the 1,508 pairs: random.Random(0).sample(range(1508), 200), in file order",
+                    name="crows-pairs-200",
+                    cut=Cut("sample", 200, seed=0),
                 ),
             ),
+            default_subset="crows-pairs-200",
             license="CC BY-SA 4.0",
             homepage="https://github.com/nyu-mll/crows-pairs",
             aliases=("crows", "crowspairs"),
@@ -216,9 +258,12 @@ REGISTRY: dict[str, DatasetSpec] = {
                     "squad_v1.1_dev_super_bowl_50.json",
                     "eae461fb0c355ee27fe79fb0d9c178bef644fa6c109b512642190994cc1b99c6",
                     1,
-                    "the data mirror's article 'Super_Bowl_50' (54 paragraphs, 810 questions)",
+                    "the first article of dev-v1.1.json, 'Super_Bowl_50' (54 paragraphs, 810 questions)",
+                    name="squad-super-bowl-50",
+                    cut=Cut("first", 1),
                 ),
             ),
+            default_subset="squad-super-bowl-50",
             license="CC BY-SA 4.0",
             homepage="https://rajpurkar.github.io/SQuAD-explorer/",
             aliases=("squad-v1.1", "squad-dev"),
@@ -248,13 +293,58 @@ def list_datasets() -> list[str]:
     return sorted(REGISTRY)
 
 
-def find_spec(name: str) -> DatasetSpec | None:
-    """The registry entry called `name` (case, '_' vs '-' and aliases ignored), or None."""
+def dataset_names() -> list[str]:
+    """Every name `resolve` accepts for a registry dataset, subsets and NAME-full included (no aliases)."""
+    names = []
+    for spec in REGISTRY.values():
+        names.append(spec.name)
+        names += [s.name for s in spec.subsets if s.name]
+        if spec.default_subset:
+            names.append(spec.name + FULL_SUFFIX)
+    return sorted(names)
+
+
+FULL_SUFFIX = "-full"
+
+
+def find_dataset(name: str) -> tuple[DatasetSpec, Subset | None] | None:
+    """(entry, subset) for a dataset name, or None: a plain name gives the entry's default subset (None: the full
+    dataset), a subset's own name (e.g. "alpaca-4500") that subset, NAME-full the full dataset."""
     key = _normalise(name)
     for spec in REGISTRY.values():
-        if key == spec.name or key in spec.aliases:
-            return spec
+        names = (spec.name, *spec.aliases)
+        if key in names:
+            return spec, subset_named(spec, spec.default_subset)
+        if spec.default_subset and key.endswith(FULL_SUFFIX) and key[: -len(FULL_SUFFIX)] in names:
+            return spec, None
+        for sub in spec.subsets:
+            if sub.name and key == sub.name:
+                return spec, sub
     return None
+
+
+def subset_named(spec: DatasetSpec, name: str | None) -> Subset | None:
+    if name is None:
+        return None
+    for sub in spec.subsets:
+        if sub.name == name:
+            return sub
+    raise DataError(f"dataset {spec.name!r} has no subset {name!r}; its subsets: {[s.name for s in spec.subsets]}")
+
+
+def find_spec(name: str) -> DatasetSpec | None:
+    """The registry entry called `name` (case, '_' vs '-', aliases, subset names and NAME-full ignored), or None."""
+    found = find_dataset(name)
+    return None if found is None else found[0]
+
+
+def get_dataset(name: str) -> tuple[DatasetSpec, Subset | None]:
+    """find_dataset, with get_spec's error for an unknown name."""
+    found = find_dataset(name)
+    if found is not None:
+        return found
+    get_spec(name)  # raises with 'did you mean'
+    raise AssertionError("unreachable")
 
 
 def get_spec(name: str) -> DatasetSpec:
@@ -263,6 +353,7 @@ def get_spec(name: str) -> DatasetSpec:
     if spec is not None:
         return spec
     known = {n: s.name for s in REGISTRY.values() for n in (s.name, *s.aliases)}
+    known |= {n: n for n in dataset_names()}
     close = difflib.get_close_matches(_normalise(name), list(known), n=3, cutoff=0.5)
     names = dict.fromkeys(known[c] for c in close)  # several aliases of one dataset: name it once
     hint = f"did you mean {' or '.join(repr(n) for n in names)}? " if names else ""

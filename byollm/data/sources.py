@@ -10,14 +10,19 @@ Order, first hit wins:
      subset's file name, or the dataset's name (e.g. `tinyshakespeare.txt` or `tinyshakespeare`);
   3. the cache, $BYOLLM_CACHE/data (default ~/.cache/byollm/data), looked up the same way;
   4. a download into the cache: the registry's URLs, then its Hugging Face dataset (optional `datasets`).
-A mirror or cache file whose sha256 differs from the registry's is an error, never silently used. With
-nothing local and no network you get one DataError that says where to put the file; with
+A registry *subset* (a plain name with a default subset, e.g. "alpaca", or a subset's own name) is looked
+up the same way under its own file name; else it is cut from a full copy in the mirror or cache, else from a
+download, into the cache, and checked against the subset's sha256 (subsets.py). Every load logs one line
+naming the dataset, the subset and where it came from. A mirror or cache file whose sha256 differs from the
+registry's is an error, never silently used. With nothing local and no network you get one DataError
+that says what to download from where; with
 allow_fallback=True a text dataset falls back to CPython's own documentation (see fallback_corpus).
 Set BYOLLM_OFFLINE=1 to skip download attempts altogether.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -31,7 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from byollm.data.registry import DatasetSpec, Format, Subset, find_spec, get_spec
+from byollm.data.registry import FULL_SUFFIX, DatasetSpec, Format, Subset, find_dataset, get_dataset
+from byollm.data.subsets import cut_subset
 from byollm.errors import DataError
 
 logger = logging.getLogger("byollm.data")
@@ -47,6 +53,8 @@ SourceKind = Literal["path", "mirror", "cache", "download", "fallback"]
 
 class DataUnavailable(DataError):
     """Nothing local and the download failed: the one case where a fallback corpus may step in."""
+
+    reason: str = ""  # why it was not downloaded, in words
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,7 @@ class Source:
             "sha256": self.sha256,
             "format": self.format,
             "subset": None if self.subset is None else self.subset.filename,
+            "subset_name": None if self.subset is None else self.subset.name or None,
             "notice": self.notice,
         }
 
@@ -169,15 +178,19 @@ def _mismatch(spec: DatasetSpec, path: Path, expected: str, actual: str, what: s
 
 
 def _candidates(spec: DatasetSpec) -> list[str]:
-    """File names a dataset may have in the mirror or cache: full file, subsets, then the bare name."""
+    """File names a dataset may have in the mirror or cache: full file, subsets, then the bare name.
+
+    For an entry whose plain name means a subset, the full dataset is its full file only."""
+    if spec.default_subset:
+        return [spec.filename]
     names = [spec.filename, *(s.filename for s in spec.subsets), spec.name, spec.name + Path(spec.filename).suffix]
     return list(dict.fromkeys(names))
 
 
-def _find_in(directory: Path | None, spec: DatasetSpec) -> Path | None:
+def _find_in(directory: Path | None, spec: DatasetSpec, names: list[str] | None = None) -> Path | None:
     if directory is None or not directory.is_dir():
         return None
-    for name in _candidates(spec):
+    for name in names or _candidates(spec):
         p = directory / name
         if p.exists() and not p.name.endswith(".sha256"):
             return p
@@ -209,6 +222,9 @@ VAL_FILES = ("validation.txt", "valid.txt", "val.txt")
 def _local_notice(kind: str, spec: DatasetSpec, path: Path, sha: str, sub: Subset | None, how: str) -> str:
     where = {"mirror": "local mirror copy", "cache": "cached copy", "download": "downloaded copy", "path": "given file"}
     text = f"using {where[kind]} {path} (sha256 {sha[:12]}... {how})"
+    if sub is not None and sub.name:
+        of = f" ({sub.n_records:,} of {spec.n_records:,} {spec.unit})" if spec.n_records else ""
+        return f"{spec.name}: subset {sub.name}{of}, {sub.description}; " + text
     if sub is not None:
         of = f" ({sub.n_records:,} of {spec.n_records:,} {spec.unit})" if spec.n_records else ""
         text += f"; this is a LOCAL SUBSET of {spec.name}{of}: {sub.description}, so results differ from the full set"
@@ -228,19 +244,22 @@ def resolve(
     A registry name wins over a file of the same name in the working directory; write ./name to mean the file.
     allow_fallback=True: a text dataset that is nowhere to be found is replaced by fallback_corpus().
     """
-    spec = find_spec(str(name_or_path)) if not isinstance(name_or_path, Path) else None
-    if path is None and spec is None:
+    found = find_dataset(str(name_or_path)) if not isinstance(name_or_path, Path) else None
+    if path is None and found is None:
         p = Path(name_or_path).expanduser()
         if p.exists():
             path = p
         elif isinstance(name_or_path, Path) or "/" in str(name_or_path) or p.suffix:
             raise DataError(f"{p} does not exist; give an existing file or directory, or a dataset name")
         else:
-            spec = get_spec(str(name_or_path))  # raises with 'did you mean'
+            found = get_dataset(str(name_or_path))  # raises with 'did you mean'
+    spec, subset = found if found is not None else (None, None)
     if path is not None:
         return _explicit(Path(path).expanduser(), spec)
     assert spec is not None
     try:
+        if subset is not None and subset.cut is not None:
+            return _registered_subset(spec, subset, allow_download)
         return _registered(spec, allow_download)
     except DataUnavailable as e:
         if not allow_fallback or not spec.is_text:
@@ -283,16 +302,87 @@ def _registered(spec: DatasetSpec, allow_download: bool) -> Source:
     return Source(spec.name, "download", found, sha, spec.format, spec, sub, notice)
 
 
-def _unavailable(spec: DatasetSpec, reason: str) -> str:
+def _unavailable(spec: DatasetSpec, reason: str, sub: Subset | None = None) -> str:
+    """The one line for a dataset that is nowhere local and could not be downloaded: what, from where, or which file."""
     mirror = mirror_dir()
     state = f"now {mirror}" if mirror is not None else "now unset"
-    also = "".join(f" (or its subset {s.filename})" for s in spec.subsets)
+    if sub is not None:
+        what = f"{spec.name} (subset {sub.name}: {sub.description})"
+        origin = sub.cut.source if sub.cut is not None and sub.cut.source else spec.where()
+        files, full = sub.filename, f" or the full {spec.filename}" if not (sub.cut and sub.cut.source) else ""
+    else:
+        what = f"{spec.name}{FULL_SUFFIX}" if spec.default_subset else spec.name
+        origin, files = spec.where(), spec.filename
+        full = "".join(f" (or its subset {s.filename})" for s in spec.subsets if not spec.default_subset)
     return (
-        f"dataset {spec.name!r} is not available locally and was not downloaded ({reason}): "
-        f"put {spec.filename}{also} in the local mirror directory (set {MIRROR_ENV}=DIR; {state}) "
-        f"or in the cache at {cache_dir() / spec.filename}; it comes from {spec.where()}; "
-        "or pass the path of your own copy"
+        f"{what} is not available offline ({reason}): download it from {origin} (or set {MIRROR_ENV} to a folder "
+        f"holding {files}{full}; {state}; or put it in the cache at {cache_dir() / files}, or give your copy's path)"
     )
+
+
+def _registered_subset(spec: DatasetSpec, sub: Subset, allow_download: bool) -> Source:
+    """A subset with a cut rule: its file in the mirror or cache, else cut from a local full copy, else downloaded."""
+    assert sub.cut is not None
+    for kind, directory in (("mirror", mirror_dir()), ("cache", cache_dir())):
+        found = _find_in(directory, spec, [sub.filename])
+        if found is not None:
+            sha = sha256_path(found)
+            if sha != sub.sha256:
+                raise _mismatch(spec, found, sub.sha256, sha, what=f"the registry's, subset {sub.name}")
+            return _subset_source(kind, spec, sub, found, sha, "verified")
+    full_spec = _source_spec(spec, sub)
+    for kind, directory in (("mirror", mirror_dir()), ("cache", cache_dir())):
+        full = _find_in(directory, full_spec, [full_spec.filename])
+        if full is not None:
+            _verify(full_spec, full)
+            return _cut_into_cache(kind, spec, sub, full)
+    if not allow_download:
+        raise DataUnavailable(_unavailable(spec, "downloads are turned off", sub))
+    if offline():
+        raise DataUnavailable(_unavailable(spec, f"{OFFLINE_ENV} is set", sub))
+    try:
+        full = _download(full_spec)
+    except DataUnavailable as e:
+        raise DataUnavailable(_unavailable(spec, e.reason, sub)) from e
+    return _cut_into_cache("download", spec, sub, full)
+
+
+def _source_spec(spec: DatasetSpec, sub: Subset) -> DatasetSpec:
+    """The entry of the file a subset is cut from: the dataset's own, or its cut's own source URL."""
+    if sub.cut is None or sub.cut.source is None:
+        return dataclasses.replace(spec, default_subset=None, subsets=())
+    url = sub.cut.source
+    return dataclasses.replace(spec, filename=url.rsplit("/", 1)[-1], sha256=None, urls=(url,), hf=None,
+                               default_subset=None, subsets=())
+
+
+def _cut_into_cache(kind: str, spec: DatasetSpec, sub: Subset, full: Path) -> Source:
+    """Cut `sub` from the full file into the cache, atomically, and keep it only if its sha256 is the registry's."""
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    dest = cache / sub.filename
+    tmp = cache / f".{sub.filename}.part-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        cut_subset(spec, sub, full, tmp)
+        sha = sha256_path(tmp)
+        if sha != sub.sha256:
+            raise DataError(
+                f"the subset {sub.name} cut from {full} has sha256 {sha}, not the registry's {sub.sha256}: the source "
+                f"is not the release the subset was defined on, so it was not used; put {sub.filename} from a "
+                f"verified copy in the mirror ({MIRROR_ENV}) or the cache ({dest})"
+            )
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    how = {"mirror": "cut from the mirror's full copy", "cache": "cut from the cached full copy",
+           "download": f"cut from the download of {_source_spec(spec, sub).where()}"}[kind]
+    return _subset_source(kind, spec, sub, dest, sha, f"verified, {how}")
+
+
+def _subset_source(kind: str, spec: DatasetSpec, sub: Subset, path: Path, sha: str, how: str) -> Source:
+    notice = _local_notice(kind, spec, path, sha, sub, how)
+    _log(notice, True)
+    return Source(spec.name, kind, path, sha, spec.format, spec, sub, notice)  # type: ignore[arg-type]
 
 
 def _log(notice: str, important: bool) -> None:
@@ -310,7 +400,16 @@ def download(name: str, *, force: bool = False) -> Path:
 
     A mirror or cache copy is used when there is one (force=True downloads into the cache anyway).
     """
-    spec = get_spec(name)
+    spec, sub = get_dataset(name)
+    if sub is not None and sub.cut is not None:
+        if force:
+            if offline():
+                raise DataUnavailable(_unavailable(spec, f"{OFFLINE_ENV} is set", sub))
+            source = _cut_into_cache("download", spec, sub, _download(_source_spec(spec, sub)))
+        else:
+            source = _registered_subset(spec, sub, allow_download=True)
+        assert source.path is not None
+        return source.path
     if spec.streaming:
         raise DataError(f"{spec.name} is streamed while training (byollm pretrain with data.name {spec.name}), "
                         f"never downloaded whole; for a local copy put {spec.filename} in the mirror ({MIRROR_ENV})")
@@ -336,7 +435,9 @@ def _download(spec: DatasetSpec) -> Path:
         try:
             fetch(spec, tmp)
         except (OSError, DataError, ImportError, ValueError) as e:
-            raise DataUnavailable(_unavailable(spec, f"download failed: {type(e).__name__}: {e}")) from e
+            failed = DataUnavailable(_unavailable(spec, f"download failed: {type(e).__name__}: {e}"))
+            failed.reason = f"download failed: {type(e).__name__}: {e}"
+            raise failed from e
         actual = sha256_path(tmp)
         if spec.sha256 is not None and actual != spec.sha256:
             raise DataError(
