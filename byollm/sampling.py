@@ -18,9 +18,9 @@ stop with these, so a request gets the same tokens and the same text from either
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
@@ -73,6 +73,10 @@ class SamplingParams:
     seed: seeds a private torch.Generator, so sampling is reproducible (None: torch's global RNG).
     logprobs: also return the log-probability of each chosen token under the model's own distribution
         (log-softmax of the raw logits, before penalty, temperature and filters).
+    top_logprobs: with logprobs, also the this many most likely tokens at each position and their logprobs.
+    constraint: a factory of a TokenConstraint (below): each sequence calls it once for its own state, and only
+        tokens the constraint allows are sampled (constrained decoding: structured output). Honoured by the
+        serving engine (byollm.serve.engine).
     skip_special_tokens: leave special tokens (e.g. <|endoftext|>) out of the returned text.
 
     Filters are applied in Hugging Face's order: repetition penalty, temperature, top-k, top-p, min-p.
@@ -88,6 +92,8 @@ class SamplingParams:
     stop_strings: Sequence[str] = field(default_factory=tuple)
     seed: int | None = None
     logprobs: bool = False
+    top_logprobs: int = 0
+    constraint: Callable[[], TokenConstraint] | None = None
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -127,6 +133,10 @@ class SamplingParams:
             raise bad("stop_strings", "must be a list of non-empty strings")
         if self.seed is not None and not is_int(self.seed):
             raise bad("seed", "must be None or an integer")
+        if not is_int(self.top_logprobs) or self.top_logprobs < 0:
+            raise bad("top_logprobs", "must be an integer >= 0")
+        if self.constraint is not None and not callable(self.constraint):
+            raise bad("constraint", "must be None or a callable returning a TokenConstraint")
 
     def resolved_stop_ids(self, tokenizer: Tokenizer | None) -> frozenset[int]:
         """The token ids that end a sequence: stop_token_ids, or by default the tokenizer's eos (if any)."""
@@ -134,6 +144,19 @@ class SamplingParams:
             return frozenset(self.stop_token_ids)
         eos = tokenizer.eos_id if tokenizer is not None else None
         return frozenset(() if eos is None else (eos,))
+
+
+class TokenConstraint(Protocol):
+    """Which tokens may come next in one sequence (a grammar's state, for example), as the engine uses it:
+    mask (V,) logits -> a copy with the disallowed tokens at -inf; accept the token that was chosen; done: the
+    sequence is complete and must end (finish_reason "stop")."""
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+    def accept(self, token: int) -> None: ...
+
+    @property
+    def done(self) -> bool: ...
 
 
 def seeded_generator(params: SamplingParams, device: torch.device | str) -> torch.Generator | None:
@@ -327,6 +350,7 @@ class StopChecker:
 
 __all__ = [
     "FinishReason", "GenerationError", "MIN_TEMPERATURE", "SamplingParams", "StopChecker", "StopStringTracker",
+    "TokenConstraint",
     "apply_repetition_penalty", "is_int", "min_p_filter", "sample_next", "seeded_generator", "top_k_filter",
     "top_p_filter",
 ]

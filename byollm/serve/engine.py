@@ -54,7 +54,7 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -85,6 +85,7 @@ class StepOutput:
         or "cancelled" on its last event.
     prompt_tokens, completion_tokens: counts so far (completion_tokens includes this token).
     logprob: log-probability of the token under the model (when SamplingParams.logprobs), else None.
+    top_logprobs: with SamplingParams.top_logprobs = k, the k most likely (token id, logprob) at this position.
     """
 
     request_id: str
@@ -94,6 +95,7 @@ class StepOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,6 +115,7 @@ class _EngineRequest:
     history: list[int] = field(default_factory=list)  # prompt + generated: what the repetition penalty sees
     slot: int = -1
     last_token: int = -1  # sampled but not yet fed to the model
+    constraint: Any = None  # its sampling.TokenConstraint (from params.constraint), made at its first token
 
 
 class Engine:
@@ -318,27 +321,46 @@ class Engine:
         if not rows:
             return []
         logits = torch.stack([row for _, row in rows])[:, :self.n_ids].float()  # (n, V)
-        # Greedy requests without a penalty only need the argmax: one call for all of them.
+        # Greedy requests without a penalty or constraint only need the argmax: one call for all of them.
         argmax = logits.argmax(dim=-1).tolist()
         outputs = []
         for i, (request, _) in enumerate(rows):
             params = request.params
+            row = logits[i:i + 1]
+            if params.constraint is not None:  # constrained decoding: disallowed tokens get -inf before sampling
+                if request.constraint is None:
+                    request.constraint = params.constraint()
+                row = request.constraint.mask(row)
             if params.greedy and params.repetition_penalty == 1.0:
-                token = argmax[i]
+                token = argmax[i] if params.constraint is None else int(row.argmax())
             else:
                 history = torch.tensor([request.history], device=self.device) \
                     if params.repetition_penalty != 1.0 else None
-                token = int(sample_next(logits[i:i + 1], params, request.generator, token_ids=history)[0])
-            logprob = float(F.log_softmax(logits[i], dim=-1)[token]) if params.logprobs else None
-            outputs.append(self._advance(request, token, logprob))
+                token = int(sample_next(row, params, request.generator, token_ids=history)[0])
+            logprob, top = None, None
+            if params.logprobs:  # under the model's own distribution: the raw logits, not the masked ones
+                logprobs = F.log_softmax(logits[i], dim=-1)
+                logprob = float(logprobs[token])
+                if params.top_logprobs:
+                    values, ids = logprobs.topk(min(params.top_logprobs, logprobs.numel()))
+                    top = list(zip(ids.tolist(), values.tolist(), strict=True))
+            outputs.append(self._advance(request, token, logprob, top))
         return outputs
 
-    def _advance(self, request: _EngineRequest, token: int, logprob: float | None) -> StepOutput:
-        """Record the request's new token: its text piece and whether it finishes it (as in generate)."""
+    def _advance(self, request: _EngineRequest, token: int, logprob: float | None,
+                 top_logprobs: list[tuple[int, float]] | None = None) -> StepOutput:
+        """Record the request's new token: its text piece and whether it finishes it (as in generate, or because
+        its constraint is complete)."""
         request.history.append(token)
         request.last_token = token
         text, reason = request.stops.add(token)
-        return StepOutput(request.id, token, text, reason, len(request.prompt), request.stops.generated, logprob)
+        if request.constraint is not None:
+            request.constraint.accept(token)
+            if reason is None and request.constraint.done:
+                reason = "stop"
+                text += request.stops.text.finish() if request.stops.text is not None else ""
+        return StepOutput(request.id, token, text, reason, len(request.prompt), request.stops.generated, logprob,
+                          top_logprobs)
 
     # ---- bookkeeping (called with self._lock held) -----------------------------------------------
     def _find_running(self, request_id: str) -> _EngineRequest:

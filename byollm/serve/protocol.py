@@ -6,13 +6,16 @@ same models generate the OpenAPI schema (/openapi.json): what is documented is w
 What a request may contain is decided here, in two layers:
 - the request models' field types and ranges (strict JSON types: no 0 for false, no "1" for 1). A body
   that breaks them is answered 422 by FastAPI;
-- `RequestLimits`: what this server and its model can do: the one model name (404 otherwise), n = 1, at most
-  max_stop_sequences stop strings, prompt + max_tokens within the context, token ids in the vocabulary,
-  valid UTF-8, unsupported options off. Answered 400 with a message that says what to change. The same
-  object narrows the published schema to these limits (`narrow_schema`), so clients and fuzzers reading
-  /openapi.json see what is accepted.
+- `RequestLimits`: what this server and its model can do: the one model name (404 otherwise), n up to max_n, at
+  most max_stop_sequences stop strings, prompt + max_tokens within the context, token ids in the vocabulary,
+  valid UTF-8, unsupported options off (`ONLY`: tools, logit_bias, audio, ... each refused by name when set to
+  anything but its default). Answered 400 with a message that says what to change. The same object narrows the
+  published schema to these limits (`narrow_schema`), so clients and fuzzers reading /openapi.json see what is
+  accepted.
 Request shapes are OpenAI's, plus vLLM's sampling extensions top_k, min_p, repetition_penalty and
-ignore_eos. Unknown fields are ignored, as OpenAI's own client may send newer ones.
+ignore_eos. A field that is none of these is refused by name (400), as OpenAI does ("unrecognized request
+argument"): a misspelt option fails loudly instead of being ignored. OpenAI's own client sends only the fields
+its caller gave. (The RAG route, built on chat, ignores unknown fields: see byollm.serve.rag_route.)
 """
 
 from __future__ import annotations
@@ -113,24 +116,46 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(strict=True, populate_by_name=True)
+
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="a JSON Schema the reply must validate against")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """text (the default), json_object (any JSON object) or json_schema (an object valid against the schema):
+    both JSON kinds by constrained decoding, so the reply always parses (byollm.serve.constrained)."""
+
+    model_config = STRICT
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = Field(None, description="with type json_schema: the schema")
+
+
 class CommonRequest(BaseModel):
     """The fields /v1/completions and /v1/chat/completions share: model, sampling, stopping, streaming."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # extra: kept (in model_extra) so that an unknown field is refused by name (RequestLimits.check_unknown)
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     max_tokens: int | None = Field(None, ge=1, description="default: the server's default_max_tokens, capped by "
                                    "what the context leaves after the prompt")
     temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy; default 1")
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int | None = Field(None, ge=1, description="must be 1: one choice per request")
+    n: int | None = Field(None, ge=1, description="choices to generate (up to the server's max_n); with a seed, "
+                          "choice i is sampled with seed + i")
     stop: str | list[str] | None = Field(None, description="stop strings (the reply is cut before one)")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=-INT64, lt=INT64)
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
     frequency_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
-    user: str | None = None
+    user: str | None = Field(None, description="an id of the end user (logged hashed, with log_prompts only)")
+    logit_bias: dict[str, int | float] | None = Field(None, description="not supported: empty only")
     top_k: int | None = Field(None, ge=-1, lt=INT64, description="extension: sample among the k most likely "
                               "(0 or -1: off)")
     min_p: float | None = Field(None, ge=0, le=1, description="extension")
@@ -138,19 +163,43 @@ class CommonRequest(BaseModel):
     ignore_eos: bool = Field(False, description="extension: do not stop at the end token (benchmarks)")
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+
+
 class ChatCompletionRequest(CommonRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="same as max_tokens")
-    logprobs: bool | None = Field(None, description="not supported: false only")
+    logprobs: bool | None = Field(None, description="return each reply token's log-probability")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="with logprobs: also the most "
+                                     "likely alternatives at each position")
+    response_format: ResponseFormat | None = None
+    # OpenAI's fields for features this server does not have: accepted only at their defaults (see ONLY)
+    tools: list[dict[str, Any]] | None = Field(None, description="not supported: empty only")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="not supported: 'none' only")
+    parallel_tool_calls: bool | None = Field(None, description="ignored (no tools)")
+    functions: list[dict[str, Any]] | None = Field(None, description="not supported: empty only")
+    function_call: str | dict[str, Any] | None = Field(None, description="not supported: 'none' only")
+    modalities: list[str] | None = Field(None, description="['text'] only")
+    audio: dict[str, Any] | None = Field(None, description="not supported")
+    prediction: dict[str, Any] | None = Field(None, description="not supported")
+    service_tier: str | None = Field(None, description="'auto' or 'default' only")
+    store: bool | None = Field(None, description="not supported: false only")
+    metadata: dict[str, str] | None = Field(None, description="not supported: empty only")
+    reasoning_effort: str | None = Field(None, description="not supported")
+    verbosity: str | None = Field(None, description="not supported")
+    web_search_options: dict[str, Any] | None = Field(None, description="not supported")
+    prompt_cache_key: str | None = Field(None, description="accepted and ignored (a cache hint)")
+    safety_identifier: str | None = Field(None, description="as user")
 
 
 class CompletionRequest(CommonRequest):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="a string, or a list of token ids (a list of one string or of one id list also works)")
-    echo: bool | None = Field(None, description="not supported: false only")
+    echo: bool | None = Field(None, description="put the prompt's text before the completion")
     suffix: str | None = Field(None, description="not supported")
     best_of: int | None = Field(None, ge=1, description="must be 1")
-    logprobs: int | None = Field(None, ge=0, description="not supported")
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="return each token's log-probability "
+                                 "and the this many most likely alternatives")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,10 +238,36 @@ class ChatChoiceMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None  # the token's UTF-8 bytes (a token may hold part of a character)
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """Chat: one entry per reply token, its log-probability under the model (log-softmax of its logits, before
+    temperature and filters) and the top_logprobs most likely tokens at that position."""
+
+    content: list[TokenLogprob] | None
+
+
+class CompletionLogprobs(BaseModel):
+    """Completions (the legacy shape): parallel lists per token; text_offset: where the token starts in the text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatChoiceMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None
 
 
@@ -208,7 +283,7 @@ class ChatCompletion(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 
@@ -235,7 +310,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
     finish_reason: str | None
 
 
@@ -270,27 +345,49 @@ class _Only(NamedTuple):
     message: str  # formatted with the field's name and the value given
 
 
+_OFF = "{name} is not supported by this server; leave it out"
+_NO_TOOLS = ("{name} is not supported: this server has no tool or function calling; send the request without "
+             "{name} (describe the wanted output with response_format json_schema instead)")
 _COMMON_ONLY = {
-    "n": _Only(lambda v: v in (None, 1), {"integer": {"maximum": 1}},
-               "n={value} is not supported: this server returns one choice per request (n must be 1); send several "
-               "requests instead"),
     **{name: _Only(lambda v: not v, {"number": {"minimum": 0, "maximum": 0}},
                    "{name} is not supported (only 0); use repetition_penalty (> 1 discourages repeats)")
        for name in ("presence_penalty", "frequency_penalty")},
+    "logit_bias": _Only(lambda v: not v, {"object": {"maxProperties": 0}},
+                        "logit_bias is not supported by this server (only an empty object); leave it out"),
 }
 _UNSUPPORTED = "{name} is not supported by this server"
 ONLY: dict[type[CommonRequest], dict[str, _Only]] = {
     ChatCompletionRequest: {
         **_COMMON_ONLY,
-        "logprobs": _Only(lambda v: not v, {"boolean": {"enum": [False]}}, "logprobs are not supported by this server"),
+        **{name: _Only(lambda v: not v, {"array": {"maxItems": 0}}, _NO_TOOLS) for name in ("tools", "functions")},
+        **{name: _Only(lambda v: v in (None, "none"), {"string": {"enum": ["none"]}, "object": None}, _NO_TOOLS)
+           for name in ("tool_choice", "function_call")},
+        "modalities": _Only(lambda v: v is None or set(v) <= {"text"},
+                            {"array": {"maxItems": 1, "items": {"type": "string", "enum": ["text"]}}},
+                            "modalities={value} is not supported: this server answers with text only (['text'])"),
+        **{name: _Only(lambda v: v is None, {"object": None}, _OFF)
+           for name in ("audio", "prediction", "web_search_options")},
+        **{name: _Only(lambda v: v is None, {"string": None}, _OFF) for name in ("reasoning_effort", "verbosity")},
+        "service_tier": _Only(lambda v: v in (None, "auto", "default"), {"string": {"enum": ["auto", "default"]}},
+                              "service_tier={value} is not supported: this server has one tier ('auto' or 'default')"),
+        "store": _Only(lambda v: not v, {"boolean": {"enum": [False]}},
+                       "store is not supported: this server keeps no completions (false only)"),
+        "metadata": _Only(lambda v: not v, {"object": {"maxProperties": 0}},
+                          "metadata is not supported: this server stores no completions to tag; leave it out"),
     },
     CompletionRequest: {
         **_COMMON_ONLY,
-        "echo": _Only(lambda v: not v, {"boolean": {"enum": [False]}}, _UNSUPPORTED),
         "suffix": _Only(lambda v: v is None, {"string": None}, _UNSUPPORTED),
-        "best_of": _Only(lambda v: v in (None, 1), {"integer": {"maximum": 1}}, _UNSUPPORTED),
-        "logprobs": _Only(lambda v: v is None, {"integer": None}, _UNSUPPORTED),
+        "best_of": _Only(lambda v: v in (None, 1), {"integer": {"maximum": 1}},
+                         "best_of={value} is not supported (only 1); use n for several completions"),
     },
+}
+# Routes built on chat that post-process one plain-text answer (the RAG route) take one choice of text only.
+SINGLE_ANSWER_ONLY = {
+    "n": _Only(lambda v: v in (None, 1), {}, "n={value} is not supported on this route (one answer per request)"),
+    "logprobs": _Only(lambda v: not v, {}, "logprobs are not supported on this route"),
+    "response_format": _Only(lambda v: v is None or v.type == "text", {},
+                             "response_format is not supported on this route (its answer is text with citations)"),
 }
 
 
@@ -309,7 +406,8 @@ class RequestLimits:
 
     model_name: the one model it serves. context: prompt + completion tokens per request. vocab_size: valid
     token ids are 0..vocab_size-1. max_stop_sequences: stop strings per request. max_token_bytes: the most
-    bytes of text one token stands for, which bounds a text's token count before it is tokenised.
+    bytes of text one token stands for, which bounds a text's token count before it is tokenised. max_n:
+    choices per request.
     """
 
     model_name: str
@@ -317,19 +415,37 @@ class RequestLimits:
     vocab_size: int
     max_stop_sequences: int
     max_token_bytes: int = 1
+    max_n: int = 1
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
             raise APIError(404, f"the model '{name[:100]}' does not exist; this server serves '{self.model_name}'",
                            param="model", code="model_not_found")
 
-    def check_only(self, req: CommonRequest, *fields: str) -> None:
-        """Refuse an option this server supports with one value only (see ONLY), naming it."""
-        rules = next(ONLY[c] for c in type(req).__mro__ if c in ONLY)  # a subclass (the RAG route's) inherits
-        for name in fields:
+    def check_only(self, req: CommonRequest, *fields: str, rules: dict[str, _Only] | None = None) -> None:
+        """Refuse an option this server supports with one value only (see ONLY), naming it; no fields: all of
+        the request's rules."""
+        if rules is None:
+            rules = next(ONLY[c] for c in type(req).__mro__ if c in ONLY)  # a subclass (the RAG route's) inherits
+        for name in fields or rules:
             value = getattr(req, name)
             if not rules[name].allowed(value):
                 raise bad_request(rules[name].message.format(name=name, value=value), name)
+
+    def check_unknown(self, req: CommonRequest) -> None:
+        """Refuse a field that is not part of the request's shape, naming it (as OpenAI does)."""
+        if req.model_extra:
+            name = next(iter(req.model_extra))[:100]
+            raise bad_request(f"unrecognized request field '{name}'; this server takes OpenAI's fields (and the "
+                              "extensions top_k, min_p, repetition_penalty, ignore_eos), listed in /openapi.json", name)
+
+    def choices(self, req: CommonRequest) -> int:
+        """How many choices the request asks for (n), at most max_n."""
+        n = req.n or 1
+        if n > self.max_n:
+            raise bad_request(f"n={n} choices were asked for; this server returns at most {self.max_n} per request "
+                              "(its max_n); send several requests instead", "n")
+        return n
 
     def stop_strings(self, req: CommonRequest) -> list[str]:
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -392,8 +508,11 @@ class RequestLimits:
             return [b for b in prop.get("anyOf", [prop]) if b.get("type") == type_]
 
         for model, rules in ONLY.items():
+            schemas[model.__name__]["additionalProperties"] = False  # check_unknown
             props = schemas[model.__name__]["properties"]
             props["model"] = {"type": "string", "enum": [self.model_name], "title": "Model"}  # check_model
+            for b in branches(props["n"], "integer"):  # choices
+                b["maximum"] = self.max_n
             for name, rule in rules.items():
                 for type_, keywords in rule.schema.items():
                     if keywords is None:
@@ -427,7 +546,9 @@ class RequestLimits:
 
 __all__ = [
     "APIError", "ChatChoice", "ChatChoiceMessage", "ChatChunkChoice", "ChatCompletion", "ChatCompletionChunk",
-    "ChatCompletionRequest", "ChatDelta", "ChatMessage", "CommonRequest", "CompletionChoice", "CompletionRequest",
-    "ErrorDetail", "ErrorResponse", "HealthStatus", "ModelCard", "ModelList", "RequestLimits", "StreamOptions",
-    "TextCompletion", "TextCompletionChunk", "TextPart", "Usage", "bad_request", "check_text", "error_responses",
+    "ChatCompletionRequest", "ChatDelta", "ChatMessage", "ChoiceLogprobs", "CommonRequest", "CompletionChoice",
+    "CompletionLogprobs", "CompletionRequest", "ErrorDetail", "ErrorResponse", "HealthStatus", "JSONSchemaFormat",
+    "MAX_TOP_LOGPROBS", "ModelCard", "ModelList", "RequestLimits", "ResponseFormat", "SINGLE_ANSWER_ONLY",
+    "StreamOptions", "TextCompletion", "TextCompletionChunk", "TextPart", "TokenLogprob", "TopLogprob", "Usage",
+    "bad_request", "check_text", "error_responses",
 ]

@@ -12,13 +12,16 @@ Endpoints (the shapes of OpenAI's API, so the official `openai` client and tools
 
 `"stream": true` answers with server-sent events, one `data: {json}\\n\\n` chunk per piece of text and a
 last `data: [DONE]\\n\\n`. Every answer carries `usage` (prompt and completion tokens) and a `finish_reason`
-("stop": a stop token or string, "length": max_tokens or the context was reached).
+("stop": a stop token or string, "length": max_tokens or the context was reached). Also OpenAI's `n` (several
+choices), `logprobs` (`top_logprobs` in chat), `seed`, `stop`, `echo` (completions) and `response_format`
+json_object / json_schema (chat: JSON by constrained decoding, `byollm.serve.constrained`).
 
 What keeps it safe under load, in the order a request meets it:
 1. body size: a body over `max_body_bytes` is answered 413 before it is parsed;
 2. API keys: when configured, every /v1 endpoint needs `Authorization: Bearer KEY` (401 otherwise); keys
    are compared in constant time and never logged (a short hash names a key in logs and limits);
-3. validation: the JSON schema (422), then what the model can do (400): `n` must be 1, at most
+3. validation: the JSON schema (422), then what the model can do (400): unknown fields and OpenAI options this
+   server does not have (tools, logit_bias, ...) refused by name, `n` up to `max_n`, at most
    `max_stop_sequences` stop strings, prompt + max_tokens within the context, valid UTF-8, token ids in the
    vocabulary, chat control tokens (any special token of an imported template) refused inside messages
    (they would forge turns);
@@ -67,7 +70,8 @@ from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import Response  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
-from byollm.sampling import SamplingParams  # noqa: E402
+from byollm.sampling import SamplingParams, TokenConstraint  # noqa: E402
+from byollm.serve.constrained import GrammarError, Grammars  # noqa: E402
 from byollm.serve.engine import AsyncEngine, Engine  # noqa: E402
 from byollm.serve.guards import APIKeys, GuardMiddleware, Metrics, RateLimiter  # noqa: E402
 from byollm.serve.moderation import (  # noqa: E402
@@ -78,6 +82,7 @@ from byollm.serve.moderation import (  # noqa: E402
     screen_prompt,
 )
 from byollm.serve.protocol import (  # noqa: E402
+    SINGLE_ANSWER_ONLY,
     APIError,
     ChatCompletion,
     ChatCompletionRequest,
@@ -87,6 +92,7 @@ from byollm.serve.protocol import (  # noqa: E402
     ModelCard,
     ModelList,
     RequestLimits,
+    ResponseFormat,
     TextCompletion,
     bad_request,
     check_text,
@@ -125,7 +131,8 @@ class _Service:
         self.auth = APIKeys(settings.load_key_groups())
         self.limiter = RateLimiter(settings.requests_per_minute, settings.tokens_per_minute)
         self.limits = RequestLimits(model_name, context, vocab_size, settings.max_stop_sequences,
-                                    _max_token_bytes(tokenizer))
+                                    _max_token_bytes(tokenizer), settings.max_n)
+        self.grammars: Grammars | None = None  # response_format's grammar compiler, made at the first use
         self.metrics = Metrics(async_engine)
         self.guardrails = make_guardrails(settings.guardrails, settings.guardrails_config)
         self.created = int(time.time())
@@ -142,19 +149,21 @@ class _Service:
     # -- validation ---------------------------------------------------------------------------------------
 
     def _params(self, req: CommonRequest, prompt_len: int, max_tokens: int | None,
-                stop_ids: tuple[int, ...] | None, prompt_param: str) -> tuple[SamplingParams, int]:
+                stop_ids: tuple[int, ...] | None, prompt_param: str, logprobs: int | None = None,
+                constraint: Callable[[], TokenConstraint] | None = None) -> tuple[SamplingParams, int]:
         limits = self.limits
-        limits.check_only(req, "n")
+        limits.choices(req)
         stops = limits.stop_strings(req)
-        limits.check_only(req, "presence_penalty", "frequency_penalty")
         max_tokens = limits.max_tokens(prompt_len, max_tokens, self.settings.default_max_tokens, prompt_param)
         top_k = req.top_k if req.top_k and req.top_k > 0 else None
+        stop_ids = () if req.ignore_eos else stop_ids
         # A tiny temperature is passed on as it is: SamplingParams treats any below MIN_TEMPERATURE as greedy.
         params = SamplingParams(
             max_new_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
             top_k=None if top_k is None else min(top_k, limits.vocab_size), top_p=req.top_p, min_p=req.min_p,
             repetition_penalty=req.repetition_penalty or 1.0, seed=req.seed, stop_strings=stops,
-            stop_token_ids=() if req.ignore_eos else stop_ids)
+            stop_token_ids=stop_ids, logprobs=logprobs is not None, top_logprobs=logprobs or 0,
+            constraint=constraint)
         return params, max_tokens
 
     async def _tokenize(self, fn: Callable[[], list[int]], texts: list[str]) -> list[int]:
@@ -163,8 +172,25 @@ class _Service:
             return await asyncio.to_thread(fn)
         return fn()
 
+    async def _constraint(self, fmt: ResponseFormat | None, stop_ids: tuple[int, ...]
+                          ) -> Callable[[], TokenConstraint] | None:
+        """The grammar constraint of a JSON response_format (None for text); compiled in a worker thread."""
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_schema" and fmt.json_schema is None:
+            raise bad_request("response_format of type json_schema needs json_schema: {\"name\": ..., \"schema\": "
+                              "{...}}", "response_format.json_schema")
+        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" and fmt.json_schema is not None else None
+        if self.grammars is None:
+            self.grammars = Grammars(self.tokenizer, self.limits.vocab_size)
+        try:
+            return await asyncio.to_thread(self.grammars.constraint, schema, stop_ids)
+        except GrammarError as e:
+            raise bad_request(str(e), "response_format.json_schema.schema", "invalid_json_schema") from None
+
     async def prepare_chat(self, req: ChatCompletionRequest, key: str, arrived: float) -> Job:
         self.limits.check_model(req.model)
+        self.limits.check_unknown(req)
         messages = [{"role": "system" if m.role == "developer" else m.role,
                      "content": check_text(m.text(), f"messages[{i}].content")} for i, m in enumerate(req.messages)]
         messages = await screen_messages(self.guardrails, self.metrics, key, messages)  # 400 when a policy blocks
@@ -176,7 +202,12 @@ class _Service:
         chat = self.chat
         if chat is None:
             raise bad_request(f"{self.chat_unavailable}; or use /v1/completions", "messages", "chat_not_supported")
-        self.limits.check_only(req, "logprobs")
+        limits = self.limits
+        limits.check_only(req)  # OpenAI's options this server does not have, at their defaults
+        if type(req) is not ChatCompletionRequest:  # a route built on chat (RAG) post-processes one text answer
+            limits.check_only(req, rules=SINGLE_ANSWER_ONLY)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
         texts = [m["content"] for m in messages]
         self.limits.check_size(texts, "messages")
         try:
@@ -184,13 +215,19 @@ class _Service:
         except ByollmError as e:  # a control token inside a message, ...
             raise bad_request(str(e), "messages") from None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params, max_tokens = self._params(req, len(ids), max_tokens, chat.stop_ids, "messages")
+        constraint = await self._constraint(req.response_format, () if req.ignore_eos else tuple(chat.stop_ids))
+        params, max_tokens = self._params(req, len(ids), max_tokens, chat.stop_ids, "messages",
+                                          (req.top_logprobs or 0) if req.logprobs else None, constraint)
         log_text = log_safe_messages(messages)[:2000] if self.settings.log_prompts else None
         return self._job("chat", ids, params, req, key, max_tokens, arrived, log_text, count_request)
 
     async def prepare_completion(self, req: CompletionRequest, key: str, arrived: float) -> Job:
         self.limits.check_model(req.model)
-        self.limits.check_only(req, "echo", "suffix", "best_of", "logprobs")
+        self.limits.check_unknown(req)
+        self.limits.check_only(req)  # OpenAI's options this server does not have, at their defaults
+        if req.echo and req.logprobs is not None:
+            raise bad_request("echo together with logprobs is not supported (the prompt's logprobs would need a "
+                              "scoring pass of their own); ask for one of them", "echo")
         prompt = self.limits.completion_prompt(req)
         if self.guardrails is not None:  # token ids are judged as the text they stand for
             text = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
@@ -204,18 +241,25 @@ class _Service:
         if not ids:
             raise bad_request("the prompt is empty; give at least one token", "prompt")
         eos = self.tokenizer.eos_id
-        params, max_tokens = self._params(req, len(ids), req.max_tokens, () if eos is None else (eos,), "prompt")
+        params, max_tokens = self._params(req, len(ids), req.max_tokens, () if eos is None else (eos,), "prompt",
+                                          req.logprobs)
         log_text = None
         if self.settings.log_prompts:  # redacted: the logs never hold PII
             log_text = log_safe(prompt if isinstance(prompt, str) else str(ids))[:2000]
-        return self._job("completion", ids, params, req, key, max_tokens, arrived, log_text)
+        job = self._job("completion", ids, params, req, key, max_tokens, arrived, log_text)
+        if req.echo:
+            job.echo = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)
+        return job
 
     def _job(self, kind: Literal["chat", "completion"], ids: list[int], params: SamplingParams, req: CommonRequest,
              key: str, max_tokens: int, arrived: float, log_text: str | None, count_request: bool = True) -> Job:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        reserved = len(ids) + max_tokens
+        n = req.n or 1
+        reserved = len(ids) + n * max_tokens  # the prompt once (its prefill is shared), each choice's reply
         self.limiter.acquire(key, reserved, count_request)
-        return Job(kind, ids, params, bool(req.stream), include_usage, key, reserved, arrived, log_text=log_text)
+        logprobs = params.top_logprobs if params.logprobs else None
+        return Job(kind, ids, params, bool(req.stream), include_usage, key, reserved, arrived, log_text=log_text,
+                   n=n, logprobs=logprobs, user=req.user or getattr(req, "safety_identifier", None))
 
     # -- running --------------------------------------------------------------------------------------------
 

@@ -49,6 +49,8 @@ class ServeConfig:
     """max_tokens of a request that gives none (capped by what is left of the context)"""
     max_stop_sequences: int = 4
     """how many `stop` strings a request may give (OpenAI allows 4)"""
+    max_n: int = 8
+    """how many choices (`n`) a request may ask for; each is one more sequence in the running batch"""
     max_batch_size: int = 8
     """requests the engine decodes together (its running batch)"""
     max_waiting: int = 64
@@ -82,7 +84,8 @@ class ServeConfig:
     api_keys: list[str] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "default_max_tokens", "max_batch_size", "max_waiting", "max_connections"):
+        for name in ("max_body_bytes", "default_max_tokens", "max_batch_size", "max_waiting", "max_connections",
+                     "max_n"):
             if getattr(self, name) < 1:
                 raise ByollmError(f"serve: {name} must be >= 1, got {getattr(self, name)}")
         for name in ("requests_per_minute", "tokens_per_minute"):
