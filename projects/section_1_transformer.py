@@ -4,7 +4,7 @@
     python projects/section_1_transformer.py                 # full run: real GPT-2 / SmolLM2 shapes (minutes)
     python projects/section_1_transformer.py --quick         # tiny shapes, well under a minute (the test runs this)
     python projects/section_1_transformer.py --hf-dir DIR    # also check a real HF checkpoint you have on disk
-    python projects/section_1_transformer.py --figures docs/figures   # copy the figures there too
+    python projects/section_1_transformer.py --figures DIR   # also copy the figures into DIR (they are in --out anyway)
     python projects/section_1_transformer.py --threads 1     # steadier timings when other jobs share the CPU
 
 Read it top to bottom; every step uses the library (`byollm.tokenizer`, `byollm.model`, `byollm.interop.hf`,
@@ -690,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("out/section1"), help="report.json and figures go here")
     parser.add_argument("--hf-dir", type=Path, default=None,
                         help="a Hugging Face GPT-2/Llama/SmolLM/Qwen2/Mistral directory to check as well")
-    parser.add_argument("--figures", type=Path, default=None, help="also copy the figures here (docs/figures)")
+    parser.add_argument("--figures", type=Path, default=None, help="also copy the figures here (see CONTRIBUTING.md)")
     parser.add_argument("--data", default="tinyshakespeare", help="dataset name or text file for the tokenizer")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 gives steadier timings on a busy machine)")

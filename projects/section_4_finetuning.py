@@ -4,7 +4,7 @@ then the QLoRA adapter merged, exported to Hugging Face, and loaded with PEFT.
 
     python projects/section_4_finetuning.py --out out/section4-finetune --threads 2     # about 15 minutes
     python projects/section_4_finetuning.py --base out/section2-align/runs/base         # skip the pretraining
-    python projects/section_4_finetuning.py --small                                      # tiny, under a minute
+    python projects/section_4_finetuning.py --quick                                      # tiny, under a minute
 
 1. base      a small Llama-style model pretrained on English text: section 2's project's stages 1-2, reused
              (`pretrain_base`), or the checkpoint given with --base
@@ -67,7 +67,7 @@ QLORA_MARGIN = 0.02  # the target: QLoRA's held-out loss within 2% of LoRA's (re
 
 @dataclass
 class Sizes:
-    """Everything --small shrinks (the base's sizes are section 2's)."""
+    """Everything --quick shrinks (the base's sizes are section 2's)."""
 
     steps: int = 200
     batch: int = 8
@@ -205,20 +205,21 @@ def table(rows: list[list[str]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--small", action="store_true", help="a tiny configuration (under a minute; the tests)")
+    parser.add_argument("--quick", action="store_true", help="a tiny configuration (under a minute; the tests)")
+    parser.add_argument("--small", dest="quick", action="store_true", help=argparse.SUPPRESS)  # the old name
     parser.add_argument("--base", type=Path, default=None, help="start from this checkpoint instead of pretraining")
     parser.add_argument("--out", type=Path, default=Path("out/section4-finetune"))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    s = SMALL if args.small else Sizes()
+    s = SMALL if args.quick else Sizes()
     out = args.out.resolve()
     runs = out / "runs"
     if any(p.exists() for p in (runs / "base", *(runs / m for m in METHODS))):
         raise SystemExit(f"{runs} already holds runs; choose another --out or delete it")
-    progress = not args.small
-    report: dict[str, Any] = {"small": args.small, "sizes": vars(s), "threads": torch.get_num_threads(),
+    progress = not args.quick
+    report: dict[str, Any] = {"quick": args.quick, "sizes": vars(s), "threads": torch.get_num_threads(),
                               "cpus": os.cpu_count(), "load_before": os.getloadavg(), "stages": {}}
     t_all = time.perf_counter()
 
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     # 1. The base.
     t0 = time.perf_counter()
     if args.base is None:
-        pretrained, _ = pretrain_base(out, S2_QUICK if args.small else S2Sizes(), args.small, progress)
+        pretrained, _ = pretrain_base(out, S2_QUICK if args.quick else S2Sizes(), args.quick, progress)
         base = pretrained.run_dir
         stage("base", t0, pretrained=True, val_loss=pretrained.val.get("loss"), run=str(base))
     else:

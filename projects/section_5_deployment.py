@@ -4,7 +4,7 @@ it with the official `openai` client, load-test it and read its metrics, all on 
 
     python projects/section_5_deployment.py --out out/section5-deploy --threads 2     # about a minute
     python projects/section_5_deployment.py --ckpt out/section2-align/runs/sft        # a checkpoint of your own
-    python projects/section_5_deployment.py --small                                   # tiny, under a minute
+    python projects/section_5_deployment.py --quick                                   # tiny, under a minute
 
 1. model     the chat model to deploy: --ckpt, by default the section 2 project's SFT model
              (out/section2-align/runs/sft) when it exists, else a small Llama-style model trained here for a few
@@ -58,7 +58,7 @@ COMPLETION_PROMPT = "First Citizen:\nBefore we proceed any further, hear me"
 
 @dataclasses.dataclass
 class Sizes:
-    """Everything --small shrinks."""
+    """Everything --quick shrinks."""
 
     train_steps: int = 200  # of the stand-in model, when there is no section 2 checkpoint
     parity_tokens: int = 32
@@ -202,22 +202,23 @@ def table(rows: list[list[str]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--small", action="store_true", help="a tiny configuration (under a minute; the tests)")
+    parser.add_argument("--quick", action="store_true", help="a tiny configuration (under a minute; the tests)")
+    parser.add_argument("--small", dest="quick", action="store_true", help=argparse.SUPPRESS)  # the old name
     parser.add_argument("--ckpt", type=Path, default=None, help="the chat checkpoint to deploy (default: the section "
                         "2 project's SFT model when it exists, else a small model trained here)")
     parser.add_argument("--out", type=Path, default=Path("out/section5-deploy"))
     parser.add_argument("--threads", type=int, default=None, help="torch threads, here and in the server")
     args = parser.parse_args(argv)
-    s = SMALL if args.small else Sizes()
+    s = SMALL if args.quick else Sizes()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"small": args.small}
+    report: dict[str, Any] = {"quick": args.quick}
     t_start = time.perf_counter()
 
     print("== 1. Model", flush=True)
     ckpt = args.ckpt
-    if ckpt is None and not args.small and (SECTION_2_SFT / "checkpoints").is_dir():
+    if ckpt is None and not args.quick and (SECTION_2_SFT / "checkpoints").is_dir():
         ckpt = SECTION_2_SFT
     if ckpt is None:
         t0 = time.perf_counter()

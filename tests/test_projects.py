@@ -33,6 +33,11 @@ DOCS = [REPO / "docs" / "section_0_introduction.md", REPO / "docs" / "section_1_
         REPO / "docs" / "section_6_application.md", REPO / "docs" / "section_7_ethics.md"]
 SECTION_2, SECTION_3, SECTION_4, SECTION_5, SECTION_6 = DOCS[2], DOCS[3], DOCS[4], DOCS[5], DOCS[6]
 SECTION_7 = DOCS[7]
+# Section 2's other pages, in reading order after its entry page (their commands run after the entry page's).
+SECTION_2_PARTS = [REPO / "docs" / f"section_2_{part}.md"
+                   for part in ("data", "loop", "checkpoints", "pretraining_run", "sft", "rlhf", "dpo_orpo")]
+DOCS += SECTION_2_PARTS
+SECTION_2_NAMES = {SECTION_2.name, *(p.name for p in SECTION_2_PARTS)}
 PROJECT_1 = REPO / "projects" / "section_1_transformer.py"
 PROJECT_3 = REPO / "projects" / "section_3_scaling.py"
 PROJECT_4 = REPO / "projects" / "section_4_finetuning.py"
@@ -190,7 +195,7 @@ def test_section3_project_fsdp_matches_one_process_and_resumes_on_other_world_si
 
 @pytest.fixture(scope="module")
 def section4(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, dict]:
-    """Run the project once, --small: a tiny pretrained base, 4 steps of each method, merge, export, PEFT."""
+    """Run the project once, --quick: a tiny pretrained base, 4 steps of each method, merge, export, PEFT."""
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
     missing = [name for name in SECTION_2_DATA if not (mirror() / name).is_file()]
@@ -198,7 +203,7 @@ def section4(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Compl
         pytest.skip(f"needs {', '.join(missing)} in the data mirror ($BYOLLM_DATA_MIRROR)")
     tmp = tmp_path_factory.mktemp("section4")
     env = {**os.environ, "BYOLLM_DATA_MIRROR": str(mirror()), "BYOLLM_CACHE": str(tmp / "cache")}
-    proc = subprocess.run([sys.executable, str(PROJECT_4), "--small", "--out", str(tmp / "out"), "--threads", "1"],
+    proc = subprocess.run([sys.executable, str(PROJECT_4), "--quick", "--out", str(tmp / "out"), "--threads", "1"],
                           capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, json.loads((tmp / "out" / "report.json").read_text())
@@ -245,11 +250,11 @@ def test_section4_project_sizes_and_interop(section4):
 
 
 def test_section5_project_exports_serves_and_load_tests(tmp_path: Path):
-    """--small: a tiny trained chat model, GGUF parity with llama.cpp, `byollm serve` in a subprocess queried with
+    """--quick: a tiny trained chat model, GGUF parity with llama.cpp, `byollm serve` in a subprocess queried with
     the openai client (completion, chat, stream, 401, 400), a short load test, /metrics, a graceful shutdown."""
     for module in ("llama_cpp", "openai", "fastapi", "uvicorn", "httpx"):
         pytest.importorskip(module)
-    proc = subprocess.run([sys.executable, str(PROJECT_5), "--small", "--out", str(tmp_path / "out"), "--threads", "1"],
+    proc = subprocess.run([sys.executable, str(PROJECT_5), "--quick", "--out", str(tmp_path / "out"), "--threads", "1"],
                           capture_output=True, text=True, timeout=300, cwd=REPO, env=data_env(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -476,7 +481,7 @@ def test_docs_exist_and_show_the_cli():
         assert any(d == doc and byollm_argv(c)[0] == verb and "smollm2-135m-instruct" in c
                    for d, c in doc_byollm_commands()), (doc, verb)
     # Section 2 shows the nanoGPT recipe, a resume, and torchrun on the CPU and on 8 GPUs.
-    section2 = [c for doc, c in doc_byollm_commands() if doc == SECTION_2.name]
+    section2 = [c for doc, c in doc_byollm_commands() if doc in SECTION_2_NAMES]
     assert any("configs/nanogpt-shakespeare-char-cpu.yaml" in c and c.startswith("byollm ") for c in section2)
     assert any("--resume true" in c for c in section2)
     assert any(c.startswith("torchrun ") and "configs/gpt2-124m-fineweb.yaml" in c for c in section2)
@@ -572,7 +577,7 @@ def test_docs_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch: py
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n"))
     ran = sum(run_page(path, capsys) for path in DOCS
-              if path not in (SECTION_2, SECTION_3, SECTION_4, SECTION_5, SECTION_6, SECTION_7))
+              if path not in (SECTION_2, *SECTION_2_PARTS, SECTION_3, SECTION_4, SECTION_5, SECTION_6, SECTION_7))
     assert ran >= 14
     meta = json.loads((tmp_path / "models" / "smollm2-135m-instruct" / "meta.json").read_text())
     assert meta["packaged_model"] == "smollm2-135m-instruct" and meta["converted_from"] == "gguf/llama"
@@ -618,7 +623,7 @@ def test_section2_commands_and_snippets_run_in_order(tmp_path: Path, monkeypatch
     (tmp_path / "configs").symlink_to(REPO / "configs")  # the page runs from the repo root
     stand_in_base(tmp_path / PROJECT_2_BASE)
     monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n"))
-    assert run_page(SECTION_2, capsys) >= 16
+    assert sum(run_page(page, capsys) for page in (SECTION_2, *SECTION_2_PARTS)) >= 16
     for run in ("shakespeare", "nanogpt-shakespeare-char-cpu", "sft", "reward", "dpo", "orpo", "ppo"):
         assert (tmp_path / "runs" / run / "checkpoints" / "latest").is_file(), run
     assert (tmp_path / "runs" / "shakespeare" / "checkpoints" / "latest").read_text().strip() == "step-6"
