@@ -18,6 +18,8 @@ export OMP_WAIT_POLICY ?= PASSIVE
 help:
 	@echo "make quickstart  set up .venv and train + sample a small model on Tiny Shakespeare (CPU, minutes)"
 	@echo "make test        set up .venv with dev extras, run ruff and the test suite"
+	@echo "make docs        build the guide as a website into site/ (mkdocs --strict)"
+	@echo "make sections    run every section's project in order (QUICK=1: the small configurations)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +40,18 @@ setup: $(VENV)/.installed
 requirements: | $(BIN)/python  # requirements.txt from pyproject.toml (a test checks they agree)
 	$(BIN)/python scripts/sync_requirements.py
 setup-dev: $(VENV)/.installed-dev
+
+# The guide as a website in site/ (gitignored): a broken link or anchor, a missing figure, a page not in mkdocs.yml's
+# nav fails it. `$(BIN)/mkdocs serve` shows it while you edit.
+.PHONY: docs sections
+docs: setup-dev
+	$(BIN)/mkdocs build --strict --site-dir site
+
+# Every section's project in order, each feeding the next (docs/how_the_sections_chain.md): ~70 min on 2 cores;
+# QUICK=1 (or SMALL=1) runs their small --quick configurations instead, in minutes.
+QUICK ?= $(SMALL)
+sections: setup-dev
+	$(BIN)/python scripts/run_sections.py $(if $(QUICK),--quick)
 
 quickstart: setup
 	$(BIN)/byollm quickstart
