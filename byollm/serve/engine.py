@@ -5,8 +5,8 @@ whole batch, and a short answer keeps its row busy until the longest one is done
 on its own schedule:
 
     add_request()  puts a request in the waiting queue (bounded: QueueFull when it is full)
-    step()         1. admits waiting requests into free KV-cache slots and *prefills* each one (its whole
-                      prompt in one forward pass) -> its first token;
+    step()         1. admits waiting requests into free KV-cache slots and *prefills* them, each from its longest
+                      cached prefix, at most `prefill_chunk_tokens` a step (serve.scheduler) -> first tokens;
                    2. runs one batched *decode* forward for the requests that were already running -> one
                       more token each;
                    3. finished requests (stop token, stop string, max_new_tokens, cancel) leave at once and
@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from byollm.errors import ByollmError
 from byollm.generate import inference_mode
 from byollm.sampling import GenerationError, SamplingParams, StopChecker, is_int, sample_next, seeded_generator
+from byollm.serve.scheduler import PrefillScheduler, PrefillStats
 from byollm.serve.slot_cache import SlotKVCache
 from byollm.tokenizer.base import Tokenizer
 
@@ -129,11 +130,14 @@ class Engine:
         name of `byollm.serve.int8` ("dequant", "int8pack", "fbgemm": the fast one on CPU, see there).
     transpose_weights: store the (remaining fp) linear weights transposed, in place, for faster one-row
         products on a CPU (`byollm.serve.layout`: ~1.4x decode at batch 1 here); the model is then for inference only.
+    prefix_caching, prefill_chunk_tokens: reuse cached prompt prefixes (`byollm.serve.prefix_cache`); prefill at most
+        this many prompt tokens a step, None: whole prompts (`byollm.serve.scheduler`). Same tokens either way.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer | None = None, *, max_batch_size: int = 8,
                  max_seq_len: int | None = None, max_waiting: int = 64, int8: bool | str = False,
-                 transpose_weights: bool = False) -> None:
+                 transpose_weights: bool = False, prefix_caching: bool = True,
+                 prefill_chunk_tokens: int | None = 256) -> None:
         config = model.config
         if max_batch_size < 1 or max_waiting < 1:
             raise GenerationError(f"max_batch_size and max_waiting must be >= 1, got {max_batch_size} "
@@ -160,9 +164,12 @@ class Engine:
         cache_dtype = p.dtype if p.is_floating_point() else torch.float32
         self.cache = SlotKVCache(config.n_layer, max_batch_size, max_seq_len, config.n_kv_head, config.head_dim,
                                  device=self.device, dtype=cache_dtype)
+        self._prefiller = PrefillScheduler(self.model, self.cache, chunk_tokens=prefill_chunk_tokens,
+                                           prefix_caching=prefix_caching)
 
         self._waiting: deque[_EngineRequest] = deque()
-        self._running: list[_EngineRequest] = []  # invariant: self._running[i].slot == i
+        self._prefilling: list[_EngineRequest] = []  # admitted, prompt not all in the cache yet (oldest first)
+        self._running: list[_EngineRequest] = []  # decoding; invariant: self._running[i].slot == i
         self._ids: set[str] = set()  # ids of waiting and running requests
         self._cancelled: set[str] = set()  # running requests cancelled while a step was in progress
         self._events: list[StepOutput] = []  # "cancelled" events, handed out by the next step()
@@ -174,7 +181,7 @@ class Engine:
     @property
     def num_running(self) -> int:
         with self._lock:
-            return len(self._running) - len(self._cancelled)
+            return len(self._running) + len(self._prefilling) - len(self._cancelled)
 
     @property
     def num_waiting(self) -> int:
@@ -186,9 +193,14 @@ class Engine:
         """Memory reserved by the KV cache: 2 x layers x max_batch_size x kv heads x max_seq_len x head dim x bytes."""
         return self.cache.nbytes
 
+    @property
+    def prefill_stats(self) -> PrefillStats:
+        """Prompt tokens computed, prefix-cache hits and the prompt tokens they saved, since the start."""
+        return dataclasses.replace(self._prefiller.stats)
+
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self._running or self._waiting or self._events)
+            return bool(self._running or self._prefilling or self._waiting or self._events)
 
     # ---- requests --------------------------------------------------------------------------------
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
@@ -251,35 +263,36 @@ class Engine:
     def cancel_all(self) -> None:
         """Cancel every waiting and running request."""
         with self._lock:
-            ids = [r.id for r in self._waiting] + [r.id for r in self._running]
+            ids = [r.id for r in self._waiting] + [r.id for r in self._prefilling + self._running]
         for request_id in ids:
             self.cancel(request_id)
 
     # ---- the step --------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        """Admit and prefill waiting requests, then decode one token for every request that was running."""
+        """Admit waiting requests, prefill (a chunk of) prompts, then decode one token for each decoding request."""
         with self._step_lock:
             with self._lock:
                 self._apply_cancellations()
                 outputs, self._events = self._events, []
-                decoding = list(self._running)  # running before this step: they decode together
-                admitted = []
-                while self._waiting and len(self._running) < self.max_batch_size:
-                    request = self._waiting.popleft()
-                    request.slot = len(self._running)  # the first free row: running rows stay 0..n-1
-                    self._running.append(request)
-                    admitted.append(request)
+                decoding = list(self._running)  # decoding before this step: they decode together
+                while self._waiting and len(self._running) + len(self._prefilling) < self.max_batch_size:
+                    self._prefilling.append(self._waiting.popleft())  # admitted: it has a slot from now on
+                prefilling = list(self._prefilling)
 
             tokens: list[tuple[_EngineRequest, torch.Tensor]] = []  # (request, its logits row)
             with inference_mode(self.model):
-                for request in admitted:
-                    tokens.append((request, self._prefill(request)))
+                # The prompts that are now all in the cache, moved into rows len(decoding), len(decoding) + 1, ...
+                prefilled = self._prefiller.run(prefilling, decoding)
+                tokens += prefilled
                 if decoding:
                     logits = self._decode(decoding)
                     tokens += [(request, logits[i]) for i, request in enumerate(decoding)]
                 outputs += self._sample(tokens)
 
             with self._lock:
+                for request, _ in prefilled:  # they decode from the next step on
+                    self._prefilling.remove(request)
+                    self._running.append(request)
                 for out in outputs:
                     if out.finish_reason in ("stop", "length"):
                         self._release(self._find_running(out.request_id))
@@ -290,14 +303,6 @@ class Engine:
                 outputs += self._events
                 self._events = []
             return outputs
-
-    def _prefill(self, request: _EngineRequest) -> torch.Tensor:
-        """Run the whole prompt into the request's (empty) slot; return the logits of its last position."""
-        ids = torch.tensor([request.prompt], device=self.device)
-        self.cache.bind(request.slot, request.slot + 1, ids.size(1))
-        # No mask, no positions: a fresh slot is exactly a batch-1 KVCache, and the model uses causal attention.
-        logits = self.model(ids, kv_cache=self.cache, logits_to_keep=1).logits
-        return logits[0, -1]
 
     def _decode(self, batch: list[_EngineRequest]) -> torch.Tensor:
         """Feed each running request its last token (rows 0..n-1 of the cache); return (n, V) logits."""
@@ -367,20 +372,23 @@ class Engine:
         return next(r for r in self._running if r.id == request_id)
 
     def _release(self, request: _EngineRequest) -> None:
-        """Free the request's slot; the last running row moves into it so running rows stay 0..n-1.
-        Only called while holding the step lock (the cache is not in use)."""
+        """Free the request's slot: the last decoding row and this one swap, so decoding rows stay 0..n-1 and
+        the freed row keeps this request's keys for prefix reuse. Only called while holding the step lock."""
         last = self._running.pop()
         if last is not request:
-            self.cache.move(last.slot, request.slot)
-            last.slot = request.slot
-            self._running[request.slot] = last
-        else:
-            self.cache.free(request.slot)
+            self.cache.swap(last.slot, request.slot)
+            last.slot, request.slot = request.slot, last.slot
+            self._running[last.slot] = last
+        self.cache.free(request.slot, request.history[:self.cache.lengths[request.slot]])
         self._ids.discard(request.id)
 
     def _apply_cancellations(self) -> None:
         for request in [r for r in self._running if r.id in self._cancelled]:
             self._release(request)
+            self._finish_cancelled(request)
+        for request in [r for r in self._prefilling if r.id in self._cancelled]:
+            self._prefilling.remove(request)
+            self._prefiller.drop(request)
             self._finish_cancelled(request)
         self._cancelled.clear()
 

@@ -215,9 +215,30 @@ class Metrics:
         waiting = Gauge("byollm_num_requests_waiting", "requests waiting for a batch slot", registry=r)
         running.set_function(lambda: engine.num_running)
         waiting.set_function(lambda: engine.num_waiting)
+        r.register(_PrefillCounters(engine))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _PrefillCounters:
+    """The engine's prefill counters (prefix caching: `Engine.prefill_stats`), read at each scrape."""
+
+    def __init__(self, engine: EngineLoad) -> None:
+        self.engine = getattr(engine, "engine", engine)  # an AsyncEngine's Engine
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        stats = getattr(self.engine, "prefill_stats", None)
+        if stats is None:
+            return
+        yield CounterMetricFamily("byollm_prefill_tokens", "prompt tokens run through the model",
+                                  value=stats.computed_tokens)
+        yield CounterMetricFamily("byollm_prefix_cache_hits", "requests that started from a cached prompt prefix",
+                                  value=stats.prefix_hits)
+        yield CounterMetricFamily("byollm_prefix_cache_hit_tokens", "prompt tokens taken from the prefix cache "
+                                  "instead of computed", value=stats.prefix_hit_tokens)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -293,7 +293,8 @@ def _engine_parts(model_or_engine: nn.Module | Engine | AsyncEngine, tokenizer: 
     on_cpu = next(model_or_engine.parameters()).device.type == "cpu"
     engine = Engine(model_or_engine, tokenizer, max_batch_size=settings.max_batch_size,
                     max_waiting=settings.max_waiting, int8=settings.int8,
-                    transpose_weights=settings.transpose_weights and on_cpu)
+                    transpose_weights=settings.transpose_weights and on_cpu, prefix_caching=settings.prefix_caching,
+                    prefill_chunk_tokens=settings.prefill_chunk_tokens)
     return engine, AsyncEngine(engine)
 
 

@@ -61,6 +61,11 @@ class ServeConfig:
     """weight-only int8 quantisation of the linear layers for inference"""
     transpose_weights: bool = True
     """on a CPU, keep linear weights transposed for faster one-row decode products (ignored elsewhere)"""
+    prefix_caching: bool = True
+    """reuse the KV cache of a prompt's longest cached prefix (a shared system prompt) instead of recomputing it"""
+    prefill_chunk_tokens: int | None = 256
+    """prefill at most this many prompt tokens per engine step, so long prompts do not stall running streams
+    (null: whole prompts at once)"""
     cors_origins: list[str] = field(default_factory=list)
     """origins allowed by CORS (empty: CORS off, the default; ["*"]: any)"""
     log_prompts: bool = False
@@ -94,6 +99,9 @@ class ServeConfig:
                 raise ByollmError(f"serve: {name} must be >= 1 or unset (no limit), got {value}")
         if self.guardrails not in ("off", "on", "log"):
             raise ByollmError(f"serve: guardrails must be off, on or log, got {self.guardrails!r}")
+        if self.prefill_chunk_tokens is not None and self.prefill_chunk_tokens < 1:
+            raise ByollmError(f"serve: prefill_chunk_tokens must be >= 1 or unset (whole prompts), got "
+                              f"{self.prefill_chunk_tokens}")
         if self.max_stop_sequences < 0:
             raise ByollmError(f"serve: max_stop_sequences must be >= 0, got {self.max_stop_sequences}")
 

@@ -4,8 +4,13 @@
 requests join and leave between steps, so each row here has a length of its own. A request owns one row
 (slot) from admission to finish; `bind` says which rows the next forward pass reads and writes, and the
 cache then speaks the model's KVCache interface (`update`, `length`, `advance`) for those rows, each
-writing at its own length. The engine keeps its running requests in rows 0..n-1 (`move` fills the gap a
+writing at its own length. The engine keeps its decoding requests in rows 0..n-1 (`swap` fills the gap a
 finished one leaves), so a batched decode reads a plain slice, never a gather of scattered rows.
+
+A free row is not wiped: it keeps the keys and values of its last request, and `retained` the token ids
+they belong to, until the row is given out again. That is what prefix caching reuses
+(byollm.serve.prefix_cache): a new prompt that starts like a retained one takes that row, or copies the shared
+positions from a busy one (`copy_prefix`), and only computes the rest.
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ class SlotKVCache:
         self._rows = slice(0, 0)  # the rows the next forward pass reads and writes
         self._write_at: int | tuple[torch.Tensor, torch.Tensor] = 0
         self._read_len = 0
+        # Prefix caching (byollm.serve.prefix_cache): a free row keeps its keys until it is given out again, and
+        # `retained` says which token ids they belong to; `last_used` picks the row to overwrite (the oldest).
+        self.retained: list[list[int]] = [[] for _ in range(n_slots)]
+        self.last_used = [0] * n_slots
+        self._clock = 0
 
     @property
     def nbytes(self) -> int:
@@ -38,7 +48,8 @@ class SlotKVCache:
     @property
     def length(self) -> int:
         """The longest bound row. The model only uses it when not given position_ids and a mask, i.e. for a
-        prefill into an empty slot, where it is 0."""
+        prefill into one slot: 0 for an empty slot, or the positions already there (a cached prefix, earlier
+        chunks), which the new tokens then follow and attend to."""
         return max(self.lengths[self._rows], default=0)
 
     def bind(self, start: int, stop: int, new_tokens: int) -> None:
@@ -72,15 +83,41 @@ class SlotKVCache:
         for i in range(self._rows.start, self._rows.stop):
             self.lengths[i] += n
 
-    def move(self, src: int, dst: int) -> None:
-        """Copy slot `src` (its filled positions) into slot `dst`, and empty `src`."""
-        n = self.lengths[src]
+    # ---- rows: what they hold, moving them, reusing them -----------------------------------------
+    def filled(self, slot: int) -> int:
+        """Positions of `slot` that hold real keys: its length, or for a free row what it retains."""
+        return self.lengths[slot] or len(self.retained[slot])
+
+    def swap(self, a: int, b: int) -> None:
+        """Exchange rows `a` and `b`: their keys and values, lengths, retained tokens and last use."""
+        if a == b:
+            return
+        n = max(self.filled(a), self.filled(b))
+        for cache in self.k + self.v:
+            cache[[a, b], :, :n] = cache[[b, a], :, :n]  # advanced indexing on the right: a copy, then the write
+        for values in (self.lengths, self.retained, self.last_used):
+            values[a], values[b] = values[b], values[a]
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Make row `dst` hold the first `n` positions of row `src` (one copy per layer): a shared prefix."""
         for cache in self.k + self.v:
             cache[dst, :, :n] = cache[src, :, :n]
-        self.lengths[dst], self.lengths[src] = n, 0
+        self.touch(src)
 
-    def free(self, slot: int) -> None:
+    def take(self, slot: int, length: int = 0) -> None:
+        """Give `slot` to a new request whose first `length` positions are already in it."""
+        self.lengths[slot], self.retained[slot] = length, []
+        self.touch(slot)
+
+    def free(self, slot: int, tokens: list[int] | None = None) -> None:
+        """Empty `slot`. `tokens`: the ids whose keys and values it holds, kept for reuse until overwritten."""
         self.lengths[slot] = 0
+        self.retained[slot] = list(tokens or [])[:self.max_len]
+        self.touch(slot)
+
+    def touch(self, slot: int) -> None:
+        self._clock += 1
+        self.last_used[slot] = self._clock
 
 
 __all__ = ["SlotKVCache"]
