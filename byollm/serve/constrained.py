@@ -45,7 +45,7 @@ class GrammarConstraint:
     """One reply's grammar state, as the engine's sampler uses it (a `byollm.sampling.TokenConstraint`)."""
 
     def __init__(self, compiled: Any, stop_ids: Sequence[int], vocab_size: int) -> None:
-        self.xgr = require("xgrammar", "serve")
+        self.xgr = require("xgrammar", "structured")
         # With no stop token (ignore_eos), the grammar itself ends the reply when the document is complete.
         self.matcher = self.xgr.GrammarMatcher(compiled, override_stop_tokens=list(stop_ids) or None,
                                                terminate_without_stop_token=not stop_ids)
@@ -83,7 +83,7 @@ class Grammars:
 
     def _get_compiler(self) -> Any:
         if self._compiler is None:
-            xgr = require("xgrammar", "serve")
+            xgr = require("xgrammar", "structured")
             tok = self.tokenizer
             specials = set(tok.special_tokens.values())
             raw = getattr(tok, "supports_bytes", False)
@@ -101,7 +101,7 @@ class Grammars:
 
     def compile(self, schema: dict[str, Any] | None) -> Any:
         """The compiled grammar of a JSON Schema (None: any JSON object). GrammarError when it cannot be compiled."""
-        key = json.dumps(schema, sort_keys=True)
+        key = json.dumps(schema)  # key order matters: it is the order the properties are written in
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
@@ -109,7 +109,8 @@ class Grammars:
             compiler = self._get_compiler()
             try:
                 # strict_mode: no properties or items beyond the schema's (a subset of what it allows, so valid)
-                compiled = compiler.compile_json_schema(key if schema is not None else json.dumps(ANY_OBJECT),
+                # (the schema as given, not the sorted key: properties are generated in the schema's order)
+                compiled = compiler.compile_json_schema(json.dumps(schema if schema is not None else ANY_OBJECT),
                                                         any_whitespace=False, strict_mode=schema is not None)
             except Exception as e:  # xgrammar raises RuntimeError/ValueError subclasses with its parser's message
                 message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -119,11 +119,15 @@ class Logprobs:
         self.pending: list[tuple[int, float, list[tuple[int, float]]]] = []
 
     def token(self, token_id: int) -> tuple[str, list[int]]:
-        """A token's text and its bytes (a byte-level token may hold part of a character: shown as U+FFFD)."""
+        """A token's text and its bytes. A byte-level token may hold part of a character: its text is then
+        OpenAI's "bytes:\\xe2\\x80" form (U+FFFD for all of them would merge different tokens)."""
         tok = self.tokenizer
         raw = tok.decode_bytes([token_id]) if getattr(tok, "supports_bytes", False) else \
             tok.decode([token_id]).encode("utf-8")
-        return raw.decode("utf-8", errors="replace"), list(raw)
+        try:
+            return raw.decode("utf-8"), list(raw)
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
 
     def add(self, out: StepOutput | None) -> None:
         """Note the token of `out` (a stop token is not part of the reply, so it has no entry)."""
