@@ -78,6 +78,17 @@ VARIANTS.update({
     "r3-combo-1000-b2-0.99": {**_R3, "max_steps": 1000, "betas": [0.9, 0.99]},
     "r3-combo-1100": {**_R3, "max_steps": 1100},
 })
+# Round 4 (a 4.5-minute budget on the slow 2-core AVX2 machine, ~5.8k tokens/s: ~750 steps of 2,048 tokens):
+# fewer steps, a higher Muon rate and a shorter warmup.
+_R4 = {**_LIN, "warmup_steps": 20, "checkpoint_interval": 0}
+VARIANTS.update({
+    "r4-base-750": {**_LIN, "max_steps": 750},
+    "r4-mlr0.03-w20-750": {**_R4, "muon_lr": 0.03, "max_steps": 750},
+    "r4-mlr0.04-w20-750": {**_R4, "muon_lr": 0.04, "max_steps": 750},
+    "r4-mlr0.03-w20-750-s1": {**_R4, "muon_lr": 0.03, "max_steps": 750, "seed": 1},
+    "r4-mlr0.03-w20-800": {**_R4, "muon_lr": 0.03, "max_steps": 800},
+    "r4-mlr0.03-w20-adam5e-3-750": {**_R4, "muon_lr": 0.03, "lr": 5e-3, "max_steps": 750},
+})
 
 
 def run_variant(name: str, overrides: dict, args: argparse.Namespace) -> dict:

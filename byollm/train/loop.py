@@ -19,6 +19,9 @@ recipe freezes the base model and passes an optimizer over its adapters), and it
         every eval_interval:       loss on fixed validation batches (and extra metrics: ppl, bits per byte)
         every sample_interval:     generate some text into samples.txt
         every checkpoint_interval: weights + optimizer + scheduler + RNG + data position, atomically
+
+time_budget_s: the first time_budget_probe steps are timed, then the run's length (and its schedule's) is set
+once to the steps that fit (`steps_in_budget`), so the learning rate still decays to its end at the last step.
 """
 
 from __future__ import annotations
@@ -211,14 +214,22 @@ class LoopConfig(Section):
     """save a resumable checkpoint every N steps (and at the last one); 0: only at the end"""
     keep_last: int = 2
     """checkpoints kept on disk (older ones are deleted)"""
+    time_budget_s: float | None = None
+    """train for at most this many seconds (evaluations included): after time_budget_probe timed steps the
+    run's length, and its schedule, become the steps that fit (at most max_steps); null: max_steps"""
+    time_budget_probe: int = 20
+    """steps timed before fitting the run to time_budget_s (when they are all warmup steps, the fitted run is
+    bitwise the run with max_steps set to the fitted length)"""
 
     def check(self) -> None:
-        for name in ("max_steps", "grad_accum", "keep_last"):
+        for name in ("max_steps", "grad_accum", "keep_last", "time_budget_probe"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("log_interval", "eval_interval", "checkpoint_interval", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ConfigError(f"time_budget_s must be positive (or null for no budget), got {self.time_budget_s}")
 
 
 class Trainer:
@@ -233,6 +244,8 @@ class Trainer:
         reward and KL on held-out prompts). Each is logged as an `eval_event` with keys `eval_prefix` + name.
     sample: model -> generated text (rank 0 only), every `sample_interval` steps, appended to samples.txt.
     stop_at_val_loss: stop early once an evaluation's loss reaches it.
+    loop.time_budget_s: the run's length is fitted once (`fit_length`) and kept in checkpoints; the scheduler
+        must then be able to change its length (`set_total_steps`, as build_training_optimizer's can).
     seed: re-seeds the generators on a resume with another number of ranks.
     flops_per_token / peak_flops: for MFU (omitted when either is unknown).
     checkpoint_meta: written into each checkpoint's meta.json (for example the run's name and data).
@@ -275,6 +288,12 @@ class Trainer:
         self.last_checkpoint = None
         self._bar: tqdm | None = None
         self._timed = [0, 0.0]  # training tokens and seconds in this process, evaluation excluded
+        self.max_steps = loop.max_steps  # the run's length: loop.max_steps, or what fits into loop.time_budget_s
+        self.time_budget: dict[str, Any] | None = None  # how the length was fitted (kept in checkpoints)
+        self._eval_seconds: float | None = None  # how long the last evaluation took
+        if loop.time_budget_s is not None and scheduler is not None and not hasattr(scheduler, "set_total_steps"):
+            raise ConfigError("time_budget_s needs a schedule whose length can be set after the start (the one "
+                              "build_training_optimizer returns); leave time_budget_s unset or build it so")
 
         self.parallel = parallel or Parallelism(ParallelConfig(), self.dist)
         # What forward/backward runs through: DDP-wrapped, Accelerate-prepared, or (sharded) the model itself.
@@ -319,24 +338,36 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------------------
     def fit(self) -> None:
         cfg = self.config
+        budget, probe = cfg.time_budget_s, cfg.time_budget_probe
         self.model.train()
-        if self.step >= cfg.max_steps:
-            self._print(f"already at step {self.step} of max_steps={cfg.max_steps}: nothing to train")
+        if self.step >= self.max_steps:
+            self._print(f"already at step {self.step} of max_steps={self.max_steps}: nothing to train")
             return
+        start, first_step, probe_seconds = time.perf_counter(), self.step, 0.0
+        fitting = budget is not None and self.time_budget is None
         # Into a file or pipe (CI, nohup) every refresh is a new line: refresh every 30 s there, not 10 times a second.
-        self._bar = bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
+        self._bar = bar = tqdm(total=self.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                                mininterval=0.1 if sys.stderr.isatty() else 30.0,
                                disable=not (self.progress and self.dist.is_main))
         if self.step == 0 and cfg.eval_interval and self.evaluates and self.last_eval_step != 0:
             self.run_eval()  # the loss before any training: about ln(vocab_size) for a fresh model
         window_tokens, window_time = 0, 0.0
         try:
-            while self.step < cfg.max_steps:
+            while self.step < self.max_steps:
                 t0 = time.perf_counter()
                 loss, metrics, tokens = self.forward_backward()
                 opt = self.optimizer_step()
                 self.step += 1
-                last = self.step == cfg.max_steps
+                if fitting and self.step - first_step > 1:  # time the probe's steps after the first (warm-up)
+                    if self.step - first_step == probe:
+                        _synchronize(self.device)
+                    probe_seconds += time.perf_counter() - t0
+                if fitting and self.step - first_step == probe:
+                    fitting = False
+                    self.fit_length(budget, time.perf_counter() - start, probe_seconds / (probe - 1))
+                    bar.total = self.max_steps
+                    bar.refresh()
+                last = self.step == self.max_steps
                 log = _due(self.step, cfg.log_interval, last)
                 if log:
                     loss = loss.item()  # waits for the GPU, so the timing below includes the queued work
@@ -362,6 +393,31 @@ class Trainer:
                     self.save_checkpoint()
         finally:
             bar.close()
+
+    def fit_length(self, budget_s: float, elapsed_s: float, seconds_per_step: float) -> int:
+        """Set the run's length, once, to the steps that fit into `budget_s` after `elapsed_s` seconds at
+        `seconds_per_step` (evaluations budgeted at the last one's duration), at most loop.max_steps; stretch
+        or shrink the schedule to it, log and print how it was chosen. Returns the new length."""
+        cfg = self.config
+        eval_s = (self._eval_seconds or 0.0) if self.evaluates else 0.0
+        kw = dict(seconds_per_step=seconds_per_step, eval_seconds=eval_s, eval_interval=cfg.eval_interval)
+        fit = steps_in_budget(budget_s, elapsed_s, self.step, max_steps=sys.maxsize, **kw)
+        steps = min(fit, cfg.max_steps)
+        self.time_budget = broadcast_object({  # rank 0's timing decides for all ranks
+            "budget_s": budget_s, "max_steps": cfg.max_steps, "step": self.step, "elapsed_s": elapsed_s,
+            "seconds_per_step": seconds_per_step, "eval_seconds": eval_s, "steps_fit": fit, "steps": steps}, self.dist)
+        fit, steps = self.time_budget["steps_fit"], self.time_budget["steps"]
+        self._set_length(steps)
+        self._log({"event": "time_budget", **self.time_budget})
+        self._print(f"time budget {budget_s:g} s: {fit:,} steps fit at {seconds_per_step:.3f} s/step"
+                    + (f" ({eval_s:.1f} s per evaluation)" if eval_s else "") + f" -> training for {steps:,} steps"
+                    + (f" (max_steps={cfg.max_steps})" if steps < fit else ""))
+        return steps
+
+    def _set_length(self, steps: int) -> None:
+        self.max_steps = steps
+        if self.scheduler is not None and hasattr(self.scheduler, "set_total_steps"):
+            self.scheduler.set_total_steps(steps)
 
     def _log_train(self, loss: float, metrics: dict[str, float], opt: dict[str, Any], tokens: int,
                    seconds: float) -> None:
@@ -392,6 +448,7 @@ class Trainer:
 
     def run_eval(self) -> dict[str, float]:
         """One evaluation now (see the class docstring), logged, printed and plotted; returns its metrics."""
+        t0 = time.perf_counter()
         if self.evaluate_fn is not None:
             result = self.evaluate_fn(self.model)
         else:
@@ -407,6 +464,7 @@ class Trainer:
                                                          for k, v in result.items()))
         if self.run is not None:
             self.run.plot()
+        self._eval_seconds = time.perf_counter() - t0  # (what a time budget reserves per evaluation)
         return result
 
     def run_sample(self) -> None:
@@ -434,6 +492,7 @@ class Trainer:
             "data": self.train_data.state_dict(),
             "rng": gather_objects(rng_state(), self.dist),  # one per rank (their dropout masks differ)
             "world_size": self.dist.world_size,
+            "time_budget": self.time_budget,
         }
 
     def resume(self, checkpoint: Path) -> None:
@@ -457,6 +516,13 @@ class Trainer:
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.train_data.load_state_dict(state["data"])
+        # The length a time budget fitted stays, unless this start asks for another (max_steps, time_budget_s):
+        # then it is max_steps again (and a budget fits it anew after the probe).
+        fitted = state.get("time_budget")
+        same = fitted is not None and (fitted["max_steps"], fitted["budget_s"]) == (self.config.max_steps,
+                                                                                    self.config.time_budget_s)
+        self.time_budget = fitted if same else None
+        self._set_length(fitted["steps"] if same else self.config.max_steps)
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:
             set_rng_state(rngs[self.dist.rank])
@@ -492,10 +558,38 @@ class Trainer:
             tqdm.write(message)
 
 
+def steps_in_budget(budget_s: float, elapsed_s: float, step: int, *, seconds_per_step: float, max_steps: int,
+                    eval_seconds: float = 0.0, eval_interval: int = 0) -> int:
+    """The length of a run that has taken `step` steps in `elapsed_s` seconds and must end within `budget_s`:
+    the most steps n <= max_steps (at least `step`) whose remaining steps and evaluations fit, that is
+    (n - step) * seconds_per_step + (evaluations in (step, n]) * eval_seconds <= budget_s - elapsed_s."""
+    left = budget_s - elapsed_s
+    if seconds_per_step <= 0:
+        return max_steps
+
+    def fits(n: int) -> bool:  # evaluations: every eval_interval steps and at the last (0: only at the last)
+        evals = (n // eval_interval - step // eval_interval + (n % eval_interval != 0)) if eval_interval else 1
+        return (n - step) * seconds_per_step + evals * eval_seconds <= left
+
+    per_step = seconds_per_step + (eval_seconds / eval_interval if eval_interval else 0.0)  # evaluations amortised
+    n = min(max_steps, step + max(0, math.floor((left - eval_seconds) / per_step)))  # then the exact count:
+    while n < max_steps and fits(n + 1):
+        n += 1
+    while n > step and not fits(n):
+        n -= 1
+    return n
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timing on a GPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _due(step: int, interval: int, last: bool) -> bool:
     """Every `interval` steps, and always at the last step (interval 0: only then)."""
     return last or (interval > 0 and step % interval == 0)
 
 
 __all__ = ["BatchSource", "CausalLM", "LoopConfig", "Objective", "Trainer", "TrainingError", "autocast_context",
-           "evaluate", "rng_state", "seed_everything", "set_rng_state", "to_device"]
+           "evaluate", "rng_state", "seed_everything", "set_rng_state", "steps_in_budget", "to_device"]

@@ -234,23 +234,40 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: Callable[[int], 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step) / base_lr if base_lr else 0.0)
 
 
+class LengthSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """A LambdaLR that sets lr = schedule(step, total_steps), where the run's length total_steps can change
+    after the start: a time budget fits it after a few steps (`Trainer.fit_length`), a resume with a larger
+    max_steps stretches it. The rate of the current step follows at once; total_steps is in the state_dict."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: Callable[[int, int], float], base_lr: float,
+                 total_steps: int) -> None:
+        self.total_steps = total_steps
+        super().__init__(optimizer, lambda step: schedule(step, self.total_steps) / base_lr if base_lr else 0.0)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        self.total_steps = total_steps
+        for group, base, factor in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas, strict=True):
+            group["lr"] = base * factor(self.last_epoch)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
 def build_training_optimizer(model: nn.Module, cfg: OptimConfig, max_steps: int, device_type: str = "cpu"
-                             ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+                             ) -> tuple[torch.optim.Optimizer, LengthSchedule]:
     """The optimizer (AdamW, or Muon + AdamW when cfg chooses it) over the trainable parameters and its
-    schedule: warmup to cfg.lr, then decay to cfg.min_lr at lr_decay_steps (default: max_steps)."""
+    schedule: warmup to cfg.lr, then decay to cfg.min_lr at lr_decay_steps (default: the run's last step,
+    max_steps until a time budget or a resume changes it)."""
     if isinstance(cfg, MuonOptimConfig) and cfg.optimizer == "muon":
         optimizer: torch.optim.Optimizer = build_muon(model, cfg.lr, cfg.muon_lr, cfg.weight_decay, cfg.betas,
                                                       cfg.muon_momentum, cfg.decay_embeddings)
     else:
         optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.decay_embeddings, device_type)
-    decay_steps = cfg.lr_decay_steps or max_steps
 
-    def schedule(step: int) -> float:
-        return lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, decay_steps=decay_steps,
-                     schedule=cfg.schedule)
+    def schedule(step: int, total_steps: int) -> float:
+        return lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
+                     decay_steps=cfg.lr_decay_steps or total_steps, schedule=cfg.schedule)
 
-    return optimizer, build_scheduler(optimizer, schedule, cfg.lr)
+    return optimizer, LengthSchedule(optimizer, schedule, cfg.lr, max_steps)
 
 
-__all__ = ["Muon", "MuonOptimConfig", "OptimConfig", "build_muon", "build_optimizer", "build_scheduler",
-           "build_training_optimizer", "is_hidden_matrix", "lr_at", "newton_schulz", "param_groups"]
+__all__ = ["LengthSchedule", "Muon", "MuonOptimConfig", "OptimConfig", "build_muon", "build_optimizer",
+           "build_scheduler", "build_training_optimizer", "is_hidden_matrix", "lr_at", "newton_schulz", "param_groups"]

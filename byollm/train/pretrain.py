@@ -193,7 +193,7 @@ def _pretrain(cfg: TrainConfig, where: Where, progress: bool) -> PretrainResult:
     say(f"[byollm] {device} {str(fsdp_dtype or autocast_dtype or torch.float32).removeprefix('torch.')}"
         f"{' compiled' if cfg.compile else ''}, {dist.world_size} process(es){strategy}; {tokens_per_step:,} "
         f"tokens/step ({cfg.batch_size} x {block_size} x {cfg.grad_accum} accum x {parallel.data_world}), "
-        f"{cfg.max_steps} steps")
+        f"{cfg.max_steps} steps" + (f" at most, or what fits in {cfg.time_budget_s:g} s" if cfg.time_budget_s else ""))
     if resume_from is not None:
         say(f"[byollm] resumed from {resume_from} (step {trainer.step})")
 
