@@ -1,0 +1,191 @@
+"""The capstone's from-scratch track: data -> tokenizer + pretraining -> SFT -> DPO (+ a judge) -> evaluation ->
+safety -> export -> RAG index. Every stage is a library recipe the guide teaches; this file only wires them.
+
+One size dial (`Sizes`, picked by name): `tiny` for tests (seconds), `cpu` the default (2 CPU cores), `gpu` the
+same recipe scaled for one GPU (the depth dial: a wider, deeper model, more steps, bf16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from byollm.capstone.data import prepare_data
+from byollm.capstone.pipeline import Stage, StageContext
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Everything the size dial sets."""
+
+    preset: str = "llama-nano"
+    vocab: int = 2048
+    block: int = 256
+    pretrain_steps: int = 600
+    pretrain_batch: int = 16
+    sft_steps: int = 300
+    pref_steps: int = 200
+    batch: int = 8
+    max_len: int = 256
+    answer_tokens: int = 48
+    win_prompts: int = 100
+    hh_limit: int | None = None
+    alpaca_limit: int | None = None
+    shakespeare_chars: int | None = None
+    max_val: int | None = None
+    safety_quick: bool = False
+    device: str = "cpu"
+    dtype: str = "fp32"
+
+
+SIZES = {
+    "tiny": Sizes(preset="llama-tiny", vocab=320, block=128, pretrain_steps=4, pretrain_batch=4, sft_steps=2,
+                  pref_steps=2, batch=2, max_len=128, answer_tokens=8, win_prompts=4, hh_limit=120, alpaca_limit=60,
+                  shakespeare_chars=20_000, max_val=12, safety_quick=True),
+    "cpu": Sizes(),
+    "gpu": Sizes(preset="d12", vocab=8192, block=1024, pretrain_steps=5000, pretrain_batch=32, sft_steps=1500,
+                 pref_steps=800, batch=16, max_len=512, answer_tokens=128, win_prompts=200, device="cuda",
+                 dtype="bf16"),
+}
+
+
+def _common(s: Sizes, out: Path) -> dict[str, Any]:
+    """The run settings every training stage shares: its folder, resumable, checkpoints to resume from."""
+    return {"device": s.device, "dtype": s.dtype, "out_dir": str(out), "name": "run", "resume": True,
+            "log_interval": 10, "eval_interval": 0, "keep_last": 1}
+
+
+def _sizes(ctx: StageContext) -> Sizes:
+    return Sizes(**ctx.config["sizes"])
+
+
+def stage_data(ctx: StageContext) -> dict[str, Any]:
+    s = _sizes(ctx)
+    return prepare_data(ctx.dir, shakespeare_chars=s.shakespeare_chars, alpaca_limit=s.alpaca_limit,
+                        hh_limit=s.hh_limit, judge_fraction=0.3, heldout_fraction=0.1)
+
+
+def stage_pretrain(ctx: StageContext) -> dict[str, Any]:
+    from byollm.train import load_config, pretrain
+
+    s = _sizes(ctx)
+    result = pretrain(load_config(None, {
+        **_common(s, ctx.dir), "model.preset": s.preset, "data.name": str(ctx.inputs["data"] / "mix.txt"),
+        "data.tokenizer": f"bpe:{s.vocab}", "block_size": s.block, "batch_size": s.pretrain_batch,
+        "max_steps": s.pretrain_steps, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": max(1, s.pretrain_steps // 20),
+        "eval_batches": 4 if s.safety_quick else 20, "sample_tokens": 16,
+        "checkpoint_interval": max(1, s.pretrain_steps // 4)}), progress=False)
+    return {"val_loss": result.val.get("loss"), "steps": result.steps, "tokens_per_s": round(result.tokens_per_s),
+            "train_seconds": round(result.train_seconds, 1), "checkpoint": str(result.checkpoint)}
+
+
+def _align(ctx: StageContext, recipe: str, base: Path, dataset: str, steps: int, lr: float,
+           **extra: Any) -> Any:
+    from byollm.train.align import dpo, load_align_config, reward, sft
+
+    s = _sizes(ctx)
+    run = {"sft": sft, "dpo": dpo, "reward": reward}[recipe]
+    return run(load_align_config(None, {
+        **_common(s, ctx.dir), "align.base": str(base), "align.dataset": dataset, "align.max_len": s.max_len,
+        "align.max_val": s.max_val, "batch_size": s.batch, "max_steps": steps, "lr": lr, "min_lr": lr / 10,
+        "warmup_steps": max(1, steps // 10), "schedule": "cosine", "weight_decay": 0.0,
+        "checkpoint_interval": max(1, steps // 4), "sample_tokens": s.answer_tokens, **extra}), progress=False)
+
+
+def _figures(result: Any) -> dict[str, Any]:
+    return {"before": result.before, "after": result.after, "steps": result.steps,
+            "seconds": round(result.seconds, 1), "data": result.data, "checkpoint": str(result.checkpoint),
+            "samples": result.samples[:2]}
+
+
+def stage_sft(ctx: StageContext) -> dict[str, Any]:
+    s = _sizes(ctx)
+    return _figures(_align(ctx, "sft", ctx.inputs["pretrain"] / "run", "alpaca", s.sft_steps, 1e-3))
+
+
+def stage_dpo(ctx: StageContext) -> dict[str, Any]:
+    s = _sizes(ctx)
+    return _figures(_align(ctx, "dpo", ctx.inputs["sft"] / "run", str(ctx.inputs["data"] / "hh_policy.jsonl"),
+                           s.pref_steps, 3e-4, **{"align.beta": 0.1}))
+
+
+def stage_judge(ctx: StageContext) -> dict[str, Any]:
+    s = _sizes(ctx)
+    return _figures(_align(ctx, "reward", ctx.inputs["sft"] / "run", str(ctx.inputs["data"] / "hh_judge.jsonl"),
+                           s.pref_steps, 3e-4))
+
+
+def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
+    """Held-out preference accuracy on unseen prompts, and the win rate of DPO over its starting model (SFT)."""
+    from byollm.capstone.judging import heldout_preferences, win_rate
+
+    s = _sizes(ctx)
+    heldout = ctx.inputs["data"] / "hh_heldout.jsonl"
+    prefs = heldout_preferences(ctx.inputs["dpo"] / "run", ctx.inputs["sft"] / "run", heldout, s.max_len)
+    wins = win_rate(ctx.inputs["dpo"] / "run", ctx.inputs["sft"] / "run", ctx.inputs["judge"] / "run", heldout,
+                    prompts=s.win_prompts, tokens=s.answer_tokens, max_len=s.max_len)
+    return {"preference": prefs, "win_rate": wins,
+            "sft_held_out_loss": {"base": ctx.results["sft"]["before"].get("loss"),
+                                  "sft": ctx.results["sft"]["after"].get("loss")},
+            "judge_held_out_accuracy": ctx.results["judge"]["after"].get("accuracy")}
+
+
+def stage_safety(ctx: StageContext) -> dict[str, Any]:
+    from byollm.safety.report import EvalOptions, safety_eval
+
+    s = _sizes(ctx)
+    report = safety_eval(ctx.inputs["dpo"] / "run", ctx.dir, EvalOptions(quick=s.safety_quick, name="capstone"))
+    return {k: report.get(k) for k in ("bias", "toxicity", "redteam", "fairness", "seconds", "skipped")}
+
+
+def stage_export(ctx: StageContext) -> dict[str, Any]:
+    from byollm.interop.convert import export_checkpoint_to_hf
+    from byollm.interop.gguf import export_checkpoint_to_gguf
+    from byollm.interop.model_card import build_model_card
+
+    ckpt = ctx.inputs["dpo"] / "run"
+    hf = export_checkpoint_to_hf(ckpt, ctx.dir / "hf")
+    gguf = export_checkpoint_to_gguf(ckpt, ctx.dir / "model.gguf")
+    card = build_model_card(ckpt, eval_path=ctx.inputs["safety"] / "safety_report.json", model_name="byollm-capstone",
+                            hf_dir=str(hf), data_licenses=["mix.txt=CC-BY-NC-4.0"])
+    card.save(str(Path(hf) / "README.md"))
+    return {"hf": str(hf), "gguf": str(gguf), "gguf_bytes": Path(gguf).stat().st_size}
+
+
+def stage_rag(ctx: StageContext) -> dict[str, Any]:
+    from byollm.rag.index import index_paths
+
+    report = index_paths([ctx.config["docs"]], ctx.dir / "index", progress=False)
+    return {"summary": report.summary(), "index": str(ctx.dir / "index")}
+
+
+def scratch_stages(size: str = "cpu", docs: str | Path = "docs") -> list[Stage]:
+    """The from-scratch track's stages at one size of the dial."""
+    cfg = {"sizes": dataclasses.asdict(SIZES[size])}
+    if cfg["sizes"]["device"] == "cuda" and not torch.cuda.is_available():
+        from byollm.errors import ByollmError
+
+        raise ByollmError("capstone --size gpu needs a CUDA GPU; use --size cpu on this machine")
+    from byollm.capstone import judging
+
+    return [
+        Stage("data", stage_data, config=cfg, describe="pretraining mix; HH pairs split by prompt"),
+        Stage("pretrain", stage_pretrain, reads=["data"], config=cfg, describe="BPE tokenizer + base model"),
+        Stage("sft", stage_sft, reads=["pretrain"], config=cfg, describe="SFT on Alpaca"),
+        Stage("dpo", stage_dpo, reads=["data", "sft"], config=cfg, describe="DPO on the policy pairs"),
+        Stage("judge", stage_judge, reads=["data", "sft"], config=cfg, describe="a reward model on the judge pairs"),
+        Stage("evaluate", stage_evaluate, reads=["data", "sft", "dpo", "judge"], config=cfg, code=[judging],
+              describe="held-out preference accuracy, win rate"),
+        Stage("safety", stage_safety, reads=["dpo"], config=cfg, describe="CrowS-Pairs, toxicity, red team"),
+        Stage("export", stage_export, reads=["dpo", "safety"], config=cfg, describe="HF dir, GGUF, model card"),
+        Stage("rag", stage_rag, config={"docs": str(docs)}, files=[Path(docs)], describe="RAG index of the guide"),
+    ]
+
+
+def dump(results: list[Any]) -> str:
+    return json.dumps({r.name: r.figures for r in results}, indent=2, default=str)
