@@ -89,7 +89,8 @@ def win_rate(policy: Path, reference: Path, judge: Path, heldout: Path, *, promp
     sb = scorer(ids, [tok.encode(x) + end for x in b])
     wins, ties = int((sa > sb).sum()), int((sa == sb).sum())
     n = len(chosen_prompts)
+    same = sum(x == y for x, y in zip(a, b, strict=True))
     return {"n": n, "wins": wins, "ties": ties, "losses": n - wins - ties,
-            "win_rate": (wins + 0.5 * ties) / n if n else None, "identical_answers": sum(x == y for x, y in zip(a, b)),
+            "win_rate": (wins + 0.5 * ties) / n if n else None, "identical_answers": same,
             "example": {"prompt": chosen_prompts[0][-1]["content"][:200], "tuned": a[0][:200], "start": b[0][:200]}
             if n else None}
