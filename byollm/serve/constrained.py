@@ -15,8 +15,9 @@ likes its first step. The logprobs a reply reports are the model's own (before t
 
 The grammar work is xgrammar's (Dong et al. 2024, the library vLLM and SGLang use; C++, runs on the CPU):
 `TokenizerInfo` from our vocabulary as raw byte strings, `GrammarCompiler` (compiled grammars are cached here by
-schema), a `GrammarMatcher` per reply, `fill_next_token_bitmask` and `apply_token_bitmask_inplace`. Its masks
-cost well under a millisecond per token next to a decode step. Replies are compact JSON (no free whitespace:
+schema), a `GrammarMatcher` per reply, `fill_next_token_bitmask` and `apply_token_bitmask_inplace`. A mask
+costs a median 0.2 ms per token for SmolLM2's 49k vocabulary (tens of ms for a decode step); the first structured
+request pays ~4 s once (importing xgrammar, which imports transformers, and indexing the vocabulary). Replies are compact JSON (no free whitespace:
 a small model could otherwise spend its budget on blank lines).
 """
 
