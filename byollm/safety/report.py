@@ -37,7 +37,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional  # noqa: UP035 - jsonargparse reads the annotations at run time
@@ -175,14 +175,17 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def served(ckpt: str | Path, log_file: Path, *, guardrails: str, max_tokens: int | None = None,
-           device: str = "cpu", timeout: float = SERVER_START_TIMEOUT_S) -> Iterator[str]:
+           device: str = "cpu", timeout: float = SERVER_START_TIMEOUT_S, extra_args: Sequence[str] = ()
+           ) -> Iterator[str]:
     """`byollm serve CKPT` in a child process on a free port of 127.0.0.1; yields its base URL (.../v1) once it
-    answers /v1/models, and stops it (SIGTERM, a graceful shutdown) on the way out. Its log goes to `log_file`."""
+    answers /v1/models, and stops it (SIGTERM, a graceful shutdown) on the way out. Its log goes to `log_file`.
+    `extra_args`: more `byollm serve` options (e.g. ["--rag_index", DIR])."""
     port = free_port()
     cmd = [sys.executable, "-m", "byollm.cli", "serve", str(ckpt), "--port", str(port), "--model_name", "model",
            "--device", device, "--guardrails", guardrails]
     if max_tokens:
         cmd += ["--default_max_tokens", str(max_tokens)]
+    cmd += list(extra_args)
     env = {k: v for k, v in os.environ.items() if k != "BYOLLM_API_KEYS"}  # a local, key-less server
     url = f"http://127.0.0.1:{port}/v1"
     with open(log_file, "w") as log:
