@@ -14,7 +14,7 @@ export PYTHONHASHSEED ?= 0
 # Spinning OpenMP threads collapse throughput when another process shares the cores (measured 10-30x).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: quickstart test lint setup setup-dev clean help requirements
+.PHONY: quickstart test lint setup setup-dev clean help requirements constraints package-check
 help:
 	@echo "make quickstart  set up .venv and train + sample a small model on Tiny Shakespeare (CPU, minutes)"
 	@echo "make test        set up .venv with dev extras, run ruff and the test suite"
@@ -25,21 +25,26 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# Stamps re-run the install when pyproject.toml changes.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# Stamps re-run the install when pyproject.toml or constraints.txt changes. constraints.txt pins every package to
+# the version CI tested (`make constraints` rewrites it from a passing .venv; torch is pinned by TORCH instead).
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -c constraints.txt -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-dev: pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(VENV)/.installed $@
 
 setup: $(VENV)/.installed
 requirements: | $(BIN)/python  # requirements.txt from pyproject.toml (a test checks they agree)
 	$(BIN)/python scripts/sync_requirements.py
 setup-dev: $(VENV)/.installed-dev
+constraints: setup-dev  # constraints.txt from the .venv (after `make test` passed; a test checks pyproject agrees)
+	$(BIN)/python scripts/sync_constraints.py --python $(BIN)/python
+package-check: setup-dev  # build the wheel and sdist, install the wheel into a clean venv, run `byollm --help`
+	$(BIN)/python scripts/package_check.py
 
 # The guide as a website in site/ (gitignored): a broken link or anchor, a missing figure, a page not in mkdocs.yml's
 # nav fails it. `$(BIN)/mkdocs serve` shows it while you edit.

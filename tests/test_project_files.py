@@ -7,6 +7,7 @@ nothing.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -70,3 +71,21 @@ def test_requirements_txt_is_generated_from_pyproject() -> None:
     for needed in ("peft>=0.13", "trl>=1.16,<2", "fastapi>=0.110", "llama-cpp-python>=0.3", "lm-eval>=0.4.8"):
         assert needed in lines
     assert not any(line.startswith(("pytest", "ruff")) for line in lines)  # test tools are the dev extra's
+
+
+def test_constraints_pin_every_dependency_and_the_makefile_uses_them() -> None:
+    """constraints.txt (written by `make constraints`) pins each pyproject dependency to a version its range
+    accepts; every install in the Makefile passes it; torch's pin is the Makefile's TORCH, the same in the workflow."""
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "sync_constraints.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if not line.startswith("#")]
+    assert lines and all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[^\s=]+", line) for line in lines)
+    assert not any(line.lower().startswith("torch==") for line in lines)
+    makefile = (ROOT / "Makefile").read_text()
+    installs = [line for line in makefile.splitlines() if "pip install" in line and "$(TORCH)" not in line
+                and "--upgrade pip" not in line]
+    assert installs and all("-c constraints.txt" in line for line in installs), installs
+    torch = re.search(r"^TORCH \?= torch==(\S+)$", makefile, re.M).group(1)
+    workflow = (ROOT / ".github" / "workflows" / "ci.yml").read_text()
+    assert f'TORCH="torch=={torch} ' in workflow and f'--torch "torch=={torch} ' in workflow
