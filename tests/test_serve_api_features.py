@@ -124,7 +124,9 @@ def test_logprobs_are_log_softmax_of_the_models_logits(client: TestClient, tiny)
     for position, alternatives in enumerate(lp["top_logprobs"]):
         assert len(alternatives) == 3
         assert sorted(alternatives.values(), reverse=True) == pytest.approx(top.values[position].tolist(), abs=1e-5)
-    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(lp["tokens"]))]
+    # where each token starts in the completion's text: the characters the tokens before it complete
+    assert lp["text_offset"] == [len(tok.decode_bytes(gen.token_ids[:i]).decode("utf-8", "ignore"))
+                                 for i in range(len(gen.token_ids))]
 
     # Chat, sampled at temperature 1.5: the logprobs are still those of the model's raw logits.
     chat = post(client, "chat/completions", messages=MESSAGES, max_tokens=6, temperature=1.5, seed=3,

@@ -17,13 +17,14 @@ The grammar work is xgrammar's (Dong et al. 2024, the library vLLM and SGLang us
 `TokenizerInfo` from our vocabulary as raw byte strings, `GrammarCompiler` (compiled grammars are cached here by
 schema), a `GrammarMatcher` per reply, `fill_next_token_bitmask` and `apply_token_bitmask_inplace`. A mask
 costs a median 0.2 ms per token for SmolLM2's 49k vocabulary (tens of ms for a decode step); the first structured
-request pays ~4 s once (importing xgrammar, which imports transformers, and indexing the vocabulary). Replies are compact JSON (no free whitespace:
-a small model could otherwise spend its budget on blank lines).
+request pays ~4 s once (importing xgrammar, which imports transformers, and indexing the vocabulary). Replies are
+compact JSON (no free whitespace: a small model could otherwise spend its budget on blank lines).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -115,6 +116,7 @@ class Grammars:
                                                         any_whitespace=False, strict_mode=schema is not None)
             except Exception as e:  # xgrammar raises RuntimeError/ValueError subclasses with its parser's message
                 message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                message = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", message)  # its C++ log prefix: time, file, line
                 raise GrammarError(f"the JSON schema cannot be compiled into a grammar ({message[:300]}); "
                                    "simplify it or check that it is valid JSON Schema") from None
             self._cache[key] = compiled

@@ -82,7 +82,7 @@ class Job:
     stream: bool
     include_usage: bool
     key: str
-    reserved: int  # tokens charged to the rate limiter (prompt + max_tokens)
+    reserved: int  # tokens charged to the rate limiter (prompt + n x max_tokens)
     arrived: float
     request_id: str = field(default_factory=lambda: secrets.token_hex(12))
     created: int = field(default_factory=lambda: int(time.time()))
@@ -115,7 +115,7 @@ class Logprobs:
     def __init__(self, job: Job, tokenizer: Tokenizer) -> None:
         self.chat, self.tokenizer = job.kind == "chat", tokenizer
         self.stop_ids = frozenset(job.params.stop_token_ids or ())
-        self.offset = len(job.echo)
+        self.echo_chars, self.reply = len(job.echo), b""  # the reply's bytes so far, for text_offset
         self.pending: list[tuple[int, float, list[tuple[int, float]]]] = []
 
     def token(self, token_id: int) -> tuple[str, list[int]]:
@@ -149,10 +149,11 @@ class Logprobs:
                 TokenLogprob(**top(t, lp).model_dump(), top_logprobs=[top(a, alp) for a, alp in alts])
                 for t, lp, alts in pending])
         tokens, offsets = [], []
-        for t, _, _ in pending:
-            tokens.append(self.token(t)[0])
-            offsets.append(self.offset)
-            self.offset += len(tokens[-1])
+        for t, _, _ in pending:  # a token starts after the characters completed before it
+            text, raw = self.token(t)
+            tokens.append(text)
+            offsets.append(self.echo_chars + len(self.reply.decode("utf-8", errors="ignore")))
+            self.reply += bytes(raw)
         return CompletionLogprobs(tokens=tokens, token_logprobs=[lp for _, lp, _ in pending],
                                   top_logprobs=[{self.token(a)[0]: alp for a, alp in alts} for _, _, alts in pending],
                                   text_offset=offsets)
