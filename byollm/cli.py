@@ -274,6 +274,19 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--name", type=Optional[str], default=None, help="default quickstart-<date>-<time>")  # noqa: UP045
     verbs.add_subcommand("quickstart", p, help="train a small model on Tiny Shakespeare in minutes on a CPU")
 
+    p = _sub("The capstone: data -> tokenizer -> pretrain -> SFT -> DPO -> evaluation -> safety -> export -> RAG index "
+             "-> served, as cached stages (a second run skips what is done; an interrupted one resumes); a report.")
+    p.add_argument("--track", type=Literal["scratch"], default="scratch", help="which track (see section 8)")
+    p.add_argument("--size", type=Literal["tiny", "cpu", "gpu"], default="cpu",
+                   help="the size dial: tiny (seconds, tests), cpu (2 cores, default), gpu (one GPU)")
+    p.add_argument("--out", type=str, default="runs/capstone", help="where the stages' folders and the report go")
+    p.add_argument("--docs", type=str, default="docs", help="the documents the RAG index holds (this guide)")
+    p.add_argument("--from", dest="from_stage", type=Optional[str], default=None,  # noqa: UP045
+                   help="rerun this stage and every later one")
+    p.add_argument("--serve", type=bool, default=False, help="then serve the model with its RAG index (the chat page)")
+    p.add_argument("--port", type=int, default=8000, help="with --serve")
+    verbs.add_subcommand("capstone", p, help="one command from data to a served, evaluated chat assistant")
+
     p = _sub("Evaluate a checkpoint on a dataset split: mean loss over every token, perplexity, bits per byte.")
     p.add_argument("ckpt", type=str, help="checkpoint dir or run dir")
     p.add_argument("--data", type=str, required=True,
@@ -454,6 +467,7 @@ COMMANDS = {
     ("merge",): commands.cmd_merge,
     ("ppo",): commands.cmd_ppo,
     ("quickstart",): commands.cmd_quickstart,
+    ("capstone",): commands.cmd_capstone,
     ("eval",): commands.cmd_eval,
     ("plan",): commands.cmd_plan,
     ("rag", "index"): commands.cmd_rag_index,

@@ -326,6 +326,26 @@ def cmd_quickstart(a: Any) -> None:
           "   # on a GPU")
 
 
+def cmd_capstone(a: Any) -> None:
+    from byollm.capstone.run import capstone
+
+    results, report = capstone(a.track, a.size, a.out, a.docs, from_stage=a.from_stage)
+    ran = [r.name for r in results if r.status == "ran"]
+    print(f"[byollm] capstone {a.track} ({a.size}): {len(ran)} stage(s) ran ({', '.join(ran) or 'none'}), "
+          f"{len(results) - len(ran)} cached; report: {report} (and report.html)")
+    served = next((r.figures for r in results if r.name == "served"), None)
+    if served:
+        print(f"[byollm] served check: {served['question']!r} -> {served['answer'][:200]!r} "
+              f"(sources {served['sources']}, cited {served['citations']})")
+    if a.serve:
+        from byollm.serve.server import serve
+        from byollm.serve.settings import ServeConfig
+
+        track_dir = Path(a.out) / a.track
+        serve(str(track_dir / "dpo" / "run"), ServeConfig(port=a.port, rag_index=str(track_dir / "rag" / "index"),
+                                                          model_name=f"byollm-capstone-{a.track}"))
+
+
 def cmd_eval(a: Any) -> None:
     from byollm.train import evaluate_checkpoint
 
