@@ -14,12 +14,13 @@ export PYTHONHASHSEED ?= 0
 # Spinning OpenMP threads collapse throughput when another process shares the cores (measured 10-30x).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: quickstart test lint setup setup-dev clean help requirements constraints package-check
+.PHONY: quickstart test lint setup setup-dev clean help requirements constraints package-check capstone
 help:
 	@echo "make quickstart  set up .venv and train + sample a small model on Tiny Shakespeare (CPU, minutes)"
 	@echo "make test        set up .venv with dev extras, run ruff and the test suite"
 	@echo "make docs        build the guide as a website into site/ (mkdocs --strict)"
 	@echo "make sections    run every section's project in order (QUICK=1: the small configurations)"
+	@echo "make capstone    data to a served, evaluated chat assistant with RAG over this guide (SIZE=tiny|cpu|gpu)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +61,16 @@ sections: setup-dev
 
 quickstart: setup
 	$(BIN)/byollm quickstart
+
+# The capstone (guide section 8): data -> ... -> a served, evaluated chat assistant with RAG over docs/, cached
+# stages and a report in runs/capstone/scratch/ (SIZE=tiny: seconds; SERVE=1: then serve it with the chat page).
+$(VENV)/.installed-capstone: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[capstone]"
+	touch $(VENV)/.installed $@
+SIZE ?= cpu
+capstone: $(VENV)/.installed-capstone
+	$(BIN)/byollm capstone --size $(SIZE) $(if $(SERVE),--serve true)
 
 lint: setup-dev
 	$(BIN)/ruff check .

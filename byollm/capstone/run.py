@@ -26,23 +26,28 @@ QUESTION = "What does a KV cache store, and why does it make generation faster?"
 
 def stage_served(ctx: StageContext) -> dict[str, Any]:
     """The exported model behind `byollm serve` with the guide's RAG index: one question, answered with sources."""
-    import httpx
+    import urllib.error
+    import urllib.request
 
     from byollm.safety.report import served
 
     ckpt, index = ctx.inputs["dpo"] / "run", ctx.inputs["rag"] / "index"
+    request = {"model": "model", "messages": [{"role": "user", "content": QUESTION}], "temperature": 0,
+               "max_tokens": ctx.config["max_tokens"], "k": ctx.config["k"], "min_score": -1}
     with served(ckpt, ctx.dir / "server.log", guardrails="on", extra_args=["--rag_index", str(index)]) as url:
-        r = httpx.post(f"{url}/rag/chat", timeout=300, json={
-            "model": "model", "messages": [{"role": "user", "content": QUESTION}], "temperature": 0,
-            "max_tokens": ctx.config["max_tokens"], "k": ctx.config["k"], "min_score": -1})
-        if r.status_code != 200:
-            raise ByollmError(f"capstone: the served model refused the check question ({r.status_code}): {r.text}")
-        body = r.json()
+        post = urllib.request.Request(f"{url}/rag/chat", data=json.dumps(request).encode(),
+                                      headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(post, timeout=300) as r:
+                status, body = r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            raise ByollmError(f"capstone: the served model refused the check question ({e.code}): "
+                              f"{e.read().decode(errors='replace')}") from None
     (ctx.dir / "answer.json").write_text(json.dumps(body, indent=2))
     rag = body["rag"]
     return {"question": QUESTION, "answer": body["choices"][0]["message"]["content"],
             "sources": [s.get("title") or s.get("source") for s in rag["sources"]],
-            "citations": [c["n"] for c in rag["citations"]], "status": r.status_code}
+            "citations": [c["n"] for c in rag["citations"]], "status": status}
 
 
 def track_stages(track: str, size: str, docs: Path) -> list[Stage]:
