@@ -276,7 +276,8 @@ def build_parser() -> ArgumentParser:
 
     p = _sub("The capstone: data -> tokenizer -> pretrain -> SFT -> DPO -> evaluation -> safety -> export -> RAG index "
              "-> served, as cached stages (a second run skips what is done; an interrupted one resumes); a report.")
-    p.add_argument("--track", type=Literal["scratch"], default="scratch", help="which track (see section 8)")
+    p.add_argument("--track", type=Literal["scratch", "smollm2"], default="scratch",
+                   help="scratch: a model trained here from nothing; smollm2: the real SmolLM2-135M-Instruct, tuned")
     p.add_argument("--size", type=Literal["tiny", "cpu", "gpu"], default="cpu",
                    help="the size dial: tiny (seconds, tests), cpu (2 cores, default), gpu (one GPU)")
     p.add_argument("--out", type=str, default="runs/capstone", help="where the stages' folders and the report go")

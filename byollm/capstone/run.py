@@ -20,7 +20,7 @@ from byollm.capstone.pipeline import Stage, StageContext, StageResult, run_pipel
 from byollm.capstone.report import write_report
 from byollm.errors import ByollmError
 
-TRACKS = ("scratch",)
+TRACKS = ("scratch", "smollm2")
 QUESTION = "What does a KV cache store, and why does it make generation faster?"
 
 
@@ -53,13 +53,22 @@ def stage_served(ctx: StageContext) -> dict[str, Any]:
 def track_stages(track: str, size: str, docs: Path) -> list[Stage]:
     if track not in TRACKS:
         raise ByollmError(f"capstone: unknown track {track!r}; the tracks are {', '.join(TRACKS)}")
-    from byollm.capstone.scratch import SIZES, scratch_stages
-
+    if track == "scratch":
+        from byollm.capstone.scratch import SIZES
+        from byollm.capstone.scratch import scratch_stages as stages_of
+    else:
+        from byollm.capstone.smollm2 import SIZES
+        from byollm.capstone.smollm2 import smollm2_stages as stages_of
     if size not in SIZES:
         raise ByollmError(f"capstone: unknown size {size!r}; the sizes are {', '.join(SIZES)}")
     if not docs.is_dir():
         raise ByollmError(f"capstone: the documents to index, {docs}, are not a folder; pass --docs DIR")
-    stages = scratch_stages(size, docs)
+    if SIZES[size].device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ByollmError(f"capstone --size {size} needs a CUDA GPU; use --size cpu on this machine")
+    stages = stages_of(size, docs)
     check = {"question": QUESTION, "k": 1, "max_tokens": 8} if size == "tiny" else {"question": QUESTION, "k": 3,
                                                                                       "max_tokens": 96}
     return [*stages, Stage("served", stage_served, reads=["dpo", "rag"], config=check,
