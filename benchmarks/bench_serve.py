@@ -375,7 +375,7 @@ def engine_step_ms(ckpt: Path, batches: list[int], threads: int, steps: int = 8)
             times.append(time.perf_counter() - start)
         out[b] = round(1000 * statistics.median(times), 1)
         engine.cancel_all()
-        while engine.has_work:
+        while engine.has_work():
             engine.step()
         print(f"engine decode step at batch {b}: {out[b]} ms ({b / out[b] * 1000:.1f} tok/s)", flush=True)
     return out
@@ -396,6 +396,20 @@ def prompt_tokens(url: str, model: str, chat: bool, prompt: str, headers: dict[s
     r = httpx.post(url + ("/v1/chat/completions" if chat else "/v1/completions"), json=body, headers=headers,
                    timeout=120)
     return (r.json().get("usage") or {}).get("prompt_tokens") if r.status_code == 200 else None
+
+
+def source_state() -> str:
+    """The commit byollm ran from, and whether byollm/serve had uncommitted changes (they ran too)."""
+    import subprocess
+
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return git("rev-parse", "--short", "HEAD") + (" + uncommitted byollm/serve" if git("status", "--porcelain",
+                                                                                       "byollm/serve") else "")
 
 
 def median_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
@@ -530,7 +544,7 @@ def report(args: argparse.Namespace, chat: bool, contenders: list[Contender], ro
         "max_batch_size": args.max_batch_size, "prompt_tokens": prompt_lens, "cpu": cpu_model(),
         "cpu_flags": sorted(f for f in flags if f.startswith(("avx512f", "avx512_bf16", "amx", "avx2"))),
         "load_avg_1m_before": load_before, "load_avg_1m_after": load_average(), "cpus": os.cpu_count(),
-        "server_5xx_total": server_5xx, "engine_decode_step_ms": engine_ms}
+        "server_5xx_total": server_5xx, "engine_decode_step_ms": engine_ms, "byollm_source": source_state()}
     lines = []
     for (name, conc), r in by.items():
         lines.append({"server": name, "clients": conc, "tok/s": r["out_tok_per_s"], "TTFT p50 ms": r["ttft_ms_median"],
