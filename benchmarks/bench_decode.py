@@ -11,10 +11,19 @@ ids; every contender continues it greedily for exactly --new-tokens tokens (end-
   ours          byollm.generate.generate (KV cache, fp32)
   engine        byollm.serve.engine.Engine(model).generate([prompt], ...), when that module exists
   engine-t      the engine with transpose_weights=True (byollm.serve.layout; what `byollm serve` uses on a CPU)
+  engine-fast   the engine with fast_decode=True (byollm.serve.fast_decode: fused, transposed weights, few ops)
   hf            transformers `generate` (do_sample=False) on the same weights (byollm.interop.hf.to_hf_model), fp32
   llama.cpp f32 llama-cpp-python on our GGUF export (byollm.interop.gguf.export_gguf), f32 weights
   llama.cpp f16 the same with f16 weights (llama.cpp's default f16 KV cache in both)
+  llama.cpp q8_0 the f32 export quantised to Q8_0 by llama.cpp itself (8.5 bits per weight)
   engine-int8   opt-in (--contenders ... engine-int8): the engine with int8 weights (FBGEMM), another precision
+  engine-bf16   opt-in: the engine on the model cast to bfloat16 (PyTorch's own bf16 CPU kernels)
+
+Bandwidth: the run first measures the read bandwidth (the best of 5 sums over a 1 GiB fp32 tensor, --threads
+threads), then gives each contender's achieved bytes/s = weight bytes read per token x tok/s (ours and the
+engine: `decode_weight_bytes` / `Engine.weight_bytes`; llama.cpp: the GGUF file's size) and its fraction of
+the read bandwidth. The engine contenders also report decode-only tok/s (`Engine.decode_steps` /
+`decode_seconds`: prefill and sampling left out).
 
 GGUF export covers Llama-style models only, so gpt2-124m runs ours and hf. The GGUF files carry a small
 byte-level BPE tokenizer padded to the model's vocabulary (unused [PAD] tokens); the model sizes are the
@@ -71,8 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, help="timed calls per contender (default 3; --quick 2)")
     p.add_argument("--threads", type=int, default=2, help="threads for every contender (torch and llama.cpp)")
     p.add_argument("--contenders", nargs="+",
-                   default=["ours", "engine", "engine-t", "hf", "llama.cpp-f32", "llama.cpp-f16", "llama.cpp-orig"],
-                   help="which to run (default: all that apply; also engine-int8, the engine with int8 weights)")
+                   default=["ours", "engine", "engine-t", "engine-fast", "hf", "llama.cpp-f32", "llama.cpp-f16",
+                            "llama.cpp-q8_0", "llama.cpp-orig"],
+                   help="which to run (default: all that apply; also engine-int8 and engine-bf16, other precisions)")
     p.add_argument("--quick", action="store_true", help="llama-tiny only, 16 tokens: a smoke run")
     p.add_argument("--llama-cpp-extra-bufts", action="store_true",
                    help="let llama.cpp repack weights for its AMX/AVX-512 kernels (segfaults on Q4_1 on some CPUs)")
@@ -114,17 +124,44 @@ def ours_fn(model: GPT, prompt: list[int], n: int):
     return lambda: generate(model, prompt, params).completions[0].token_ids
 
 
-def engine_fn(model: GPT, prompt: list[int], n: int, int8: str | bool = False, transpose: bool = False):
+def engine_fn(model: GPT, prompt: list[int], n: int, int8: str | bool = False, transpose: bool = False,
+              fast: bool = False, dtype: torch.dtype | None = None):
     from byollm.serve.engine import Engine  # ImportError: the engine is not there (yet)
 
-    in_place = int8 or transpose  # both change the model's layers in place: work on a copy
-    engine = Engine(copy.deepcopy(model) if in_place else model, int8=int8, transpose_weights=transpose)
+    in_place = int8 or transpose or fast or dtype  # these change the model's layers in place: work on a copy
+    model = copy.deepcopy(model) if in_place else model
+    if dtype is not None:
+        model = model.to(dtype)
+    engine = Engine(model, int8=int8, transpose_weights=transpose, fast_decode=fast)
     params = SamplingParams(max_new_tokens=n, temperature=0, stop_token_ids=())
 
     def run() -> list[int]:
         return list(engine.generate([prompt], params)[0])
 
-    return run
+    return run, engine
+
+
+def read_bandwidth(gib: float = 1.0, tries: int = 5) -> float:
+    """Bytes/s of the best of `tries` sums over a `gib` GiB fp32 tensor: what streaming weights can reach."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(tries):
+        started = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - started)
+    return x.numel() * 4 / best
+
+
+def quantize_gguf(src: Path, dst: Path, kind: str = "q8_0") -> Path:
+    """llama.cpp's own quantiser (through llama-cpp-python) on one of our GGUF exports."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}[kind]
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
+        raise RuntimeError(f"llama.cpp could not quantise {src} to {kind}")
+    return dst
 
 
 def hf_fn(model: GPT, prompt: list[int], n: int):
@@ -178,6 +215,14 @@ def real_model(name: str) -> tuple[GPT, Any, list[int], Path]:
     return loaded.model.eval(), loaded.tokenizer, prompt, packaged_gguf(name)
 
 
+# Every contender in table order, and the llama.cpp file of the same weight precision each is compared with.
+CONTENDERS = ("ours", "engine", "engine-t", "engine-fast", "engine-bf16", "engine-int8", "hf", "llama.cpp-f32",
+              "llama.cpp-f16", "llama.cpp-q8_0", "llama.cpp-orig")
+SAME_PRECISION = {"ours": "llama.cpp-f32", "engine": "llama.cpp-f32", "engine-t": "llama.cpp-f32",
+                  "engine-fast": "llama.cpp-f32", "hf": "llama.cpp-f32", "engine-bf16": "llama.cpp-f16",
+                  "engine-int8": "llama.cpp-q8_0"}
+
+
 def bench_preset(name: str, args: argparse.Namespace, tok: Any, tmp: Path) -> dict[str, Any]:
     from byollm.interop.pretrained import PACKAGED_MODELS
 
@@ -196,47 +241,65 @@ def bench_preset(name: str, args: argparse.Namespace, tok: Any, tmp: Path) -> di
     keep: list[Any] = []  # llama.cpp models stay alive while timed
     if "ours" in args.contenders:
         fns["ours"] = ours_fn(model, prompt, n)
-    if "engine" in args.contenders:
+    from byollm.serve.fast_decode import decode_weight_bytes
+
+    weight_bytes = {"ours": decode_weight_bytes(model), "hf": decode_weight_bytes(model)}  # per token
+    engines: dict[str, Any] = {}
+    llama_style = cfg.pos_embedding == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu"
+    variants = {"engine": {}, "engine-t": dict(transpose=True), "engine-fast": dict(fast=True),
+                "engine-int8": dict(int8="fbgemm"), "engine-bf16": dict(dtype=torch.bfloat16)}
+    for k, kwargs in variants.items():
+        if k not in args.contenders or (k == "engine-fast" and not llama_style):
+            continue
         try:
-            fns["engine"] = engine_fn(model, prompt, n)
+            fns[k], engines[k] = engine_fn(model, prompt, n, **kwargs)
+            weight_bytes[k] = engines[k].weight_bytes
         except ImportError:
-            row["engine"] = "not available"
-    if "engine-t" in args.contenders:
-        with contextlib.suppress(ImportError):
-            fns["engine-t"] = engine_fn(model, prompt, n, transpose=True)
-    if "engine-int8" in args.contenders:  # opt-in: int8 weights (FBGEMM kernel), not the same precision
-        with contextlib.suppress(ImportError):
-            fns["engine-int8"] = engine_fn(model, prompt, n, int8="fbgemm")
+            row[k] = "not available"
     if "hf" in args.contenders:
         fns["hf"], row["hf_class"] = hf_fn(model, prompt, n)
-    llama_style = cfg.pos_embedding == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu"
-    for dtype in ("f32", "f16"):
+    for dtype in ("f32", "f16", "q8_0"):
         if f"llama.cpp-{dtype}" not in args.contenders or not llama_style:
             continue
         from byollm.interop.gguf import export_gguf
 
-        path = export_gguf(model, tmp / f"{name}-{dtype}.gguf", tok, dtype=dtype)
+        if dtype == "q8_0":
+            f32 = export_gguf(model, tmp / f"{name}-f32-for-q8.gguf", tok, dtype="f32")
+            path = quantize_gguf(f32, tmp / f"{name}-q8_0.gguf")
+        else:
+            path = export_gguf(model, tmp / f"{name}-{dtype}.gguf", tok, dtype=dtype)
         row[f"gguf_{dtype}_mb"] = path.stat().st_size / 1e6
+        weight_bytes[f"llama.cpp-{dtype}"] = path.stat().st_size  # its tensors (a tied table once) + metadata
         fns[f"llama.cpp-{dtype}"], llm = llama_cpp_fn(path, prompt, n, args.threads, args.llama_cpp_extra_bufts)
         keep.append(llm)
     if original is not None and "llama.cpp-orig" in args.contenders:
         row["gguf_orig_mb"] = original.stat().st_size / 1e6
+        weight_bytes["llama.cpp-orig"] = original.stat().st_size
         fns["llama.cpp-orig"], llm = llama_cpp_fn(original, prompt, n, args.threads, args.llama_cpp_extra_bufts)
         keep.append(llm)
 
     outputs = {k: fn() for k, fn in fns.items()}  # warm-up, and the tokens to compare
     reference = outputs.get("ours")
+    before = {k: (e.decode_steps, e.decode_seconds) for k, e in engines.items()}
     times = interleaved(fns, reps=args.reps, warmup=0)
-    result: dict[str, Any] = {**row, "seconds": times, "tokens": outputs, "load_average_1min": load_average()}
+    result: dict[str, Any] = {**row, "seconds": times, "tokens": outputs, "load_average_1min": load_average(),
+                              "weight_bytes_per_token": weight_bytes}
     for k, ts in times.items():
         result[f"{k} tok/s"] = n / median(ts)
+        if k in weight_bytes:
+            result[f"{k} GB/s"] = weight_bytes[k] * result[f"{k} tok/s"] / 1e9
+            result[f"{k} of read bw"] = weight_bytes[k] * result[f"{k} tok/s"] / args.read_bandwidth
         if reference is not None and k != "ours":
             same = next((i for i, (a, b) in enumerate(zip(outputs[k], reference, strict=False)) if a != b), n)
             result[f"{k} same tokens"] = f"{same}/{n}"
-    for k in ("engine", "engine-t", "ours", "engine-int8"):
+    for k, e in engines.items():  # decode steps alone: no prefill, no sampling
+        steps, seconds = e.decode_steps - before[k][0], e.decode_seconds - before[k][1]
+        result[f"{k} decode-only tok/s"] = steps / seconds
+        result[f"{k} decode-only of read bw"] = weight_bytes[k] * steps / seconds / args.read_bandwidth
+    for k in ("engine", "engine-t", "engine-fast", "ours", "engine-int8", "engine-bf16"):
         if f"{k} tok/s" not in result:
             continue
-        for peer in ("hf", "llama.cpp-f32", "llama.cpp-f16", "llama.cpp-orig"):
+        for peer in ("hf", "llama.cpp-f32", "llama.cpp-f16", "llama.cpp-q8_0", "llama.cpp-orig"):
             if f"{peer} tok/s" in result:
                 result[f"{k}/{peer}"] = result[f"{k} tok/s"] / result[f"{peer} tok/s"]
     del keep
@@ -256,6 +319,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{m['cpu']}, {m['cores']} cores, {args.threads} threads; torch {m['torch']}, transformers "
           f"{m['transformers']}, llama-cpp-python {m.get('llama_cpp_python', 'absent')}; {m['date']}")
     warn_if_busy(args.threads)
+    args.read_bandwidth = read_bandwidth(0.125 if args.quick else 1.0)
+    results["read_bandwidth_GBps"] = args.read_bandwidth / 1e9
+    print(f"read bandwidth ({'1/8' if args.quick else '1'} GiB sum, {args.threads} threads): "
+          f"{args.read_bandwidth / 1e9:.1f} GB/s")
     tok = small_tokenizer()
     with tempfile.TemporaryDirectory(prefix="bench_decode_") as tmp:
         for name in args.presets:
@@ -266,21 +333,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 traceback.print_exc()
                 results["presets"].append({"preset": name, "error": repr(e)})
     rows = results["presets"]
-    speed_cols = [c for c in ("ours tok/s", "engine tok/s", "engine-t tok/s", "engine-int8 tok/s", "hf tok/s",
-                              "llama.cpp-f32 tok/s", "llama.cpp-f16 tok/s", "llama.cpp-orig tok/s")
-                  if any(c in r for r in rows)]
-    print(f"\n== decode at batch 1, fp32 weights (llama.cpp: f32 / f16 GGUF), {args.threads} threads: tokens/s "
-          f"(median of {args.reps} interleaved calls, prefill included) ==")
-    print(table(rows, ["preset", "params (M)", *speed_cols]))
-    ratio_cols = [c for c in ("ours/hf", "ours/llama.cpp-f32", "ours/llama.cpp-f16", "engine/hf",
-                              "engine/llama.cpp-f32", "engine/llama.cpp-f16", "engine-t/hf",
-                              "engine-t/llama.cpp-f32", "engine-t/llama.cpp-f16", "engine-t/llama.cpp-orig",
-                              "engine-int8/hf", "engine-int8/llama.cpp-f16") if any(c in r for r in rows)]
-    same_cols = [c for c in ("engine same tokens", "engine-t same tokens", "engine-int8 same tokens", "hf same tokens",
-                             "llama.cpp-f32 same tokens", "llama.cpp-f16 same tokens", "llama.cpp-orig same tokens")
-                 if any(c in r for r in rows)]
-    print("\nratios (same run) and greedy agreement with ours (first differing position / new tokens):")
-    print(table(rows, ["preset", *ratio_cols, *same_cols, "load_average_1min"]))
+    print(f"\n== decode at batch 1, {args.threads} threads: tokens/s (median of {args.reps} interleaved calls, prefill "
+          f"included), weight bytes read per token, achieved GB/s and its fraction of the read bandwidth "
+          f"({args.read_bandwidth / 1e9:.1f} GB/s) ==")
+    for r in rows:
+        if "error" in r:
+            continue
+        per = []
+        for k in CONTENDERS:
+            if f"{k} tok/s" not in r:
+                continue
+            peer = SAME_PRECISION.get(k)
+            per.append({"contender": k, "tok/s": r[f"{k} tok/s"],
+                        "decode-only tok/s": r.get(f"{k} decode-only tok/s", "-"),
+                        "MB/token": r["weight_bytes_per_token"].get(k, 0) / 1e6 or "-",
+                        "GB/s": r.get(f"{k} GB/s", "-"), "of read bw": r.get(f"{k} of read bw", "-"),
+                        "decode-only of read bw": r.get(f"{k} decode-only of read bw", "-"),
+                        "vs llama.cpp same precision": r.get(f"{k}/{peer}", "-") if peer else "-",
+                        "same tokens as ours": r.get(f"{k} same tokens", "-")})
+        print(f"\n{r['preset']} ({r['params (M)']:.0f}M params, {r['prompt tokens']}-token prompt, "
+              f"load {r['load_average_1min']}):")
+        print(table(per))
     for r in rows:
         if "error" in r:
             print(f"{r['preset']}: error {r['error']}")

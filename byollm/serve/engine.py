@@ -51,6 +51,7 @@ import asyncio
 import dataclasses
 import itertools
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -132,12 +133,14 @@ class Engine:
         products on a CPU (`byollm.serve.layout`: ~1.4x decode at batch 1 here); the model is then for inference only.
     prefix_caching, prefill_chunk_tokens: reuse cached prompt prefixes (`byollm.serve.prefix_cache`); prefill at most
         this many prompt tokens a step, None: whole prompts (`byollm.serve.scheduler`). Same tokens either way.
+    fast_decode: decode with `byollm.serve.fast_decode` (fused weights, few small ops; same greedy tokens; Llama-style
+        float models only); the model's linear layers are re-pointed at the fused weights (inference only).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer | None = None, *, max_batch_size: int = 8,
                  max_seq_len: int | None = None, max_waiting: int = 64, int8: bool | str = False,
                  transpose_weights: bool = False, prefix_caching: bool = True,
-                 prefill_chunk_tokens: int | None = 256) -> None:
+                 prefill_chunk_tokens: int | None = 256, fast_decode: bool = False) -> None:
         config = model.config
         if max_batch_size < 1 or max_waiting < 1:
             raise GenerationError(f"max_batch_size and max_waiting must be >= 1, got {max_batch_size} "
@@ -154,6 +157,15 @@ class Engine:
             from byollm.serve.layout import transpose_linears
 
             transpose_linears(model)
+        self._fast = None  # the decode step written for decoding (byollm.serve.fast_decode), when asked for
+        if fast_decode:
+            from byollm.serve.fast_decode import fast_decoder
+
+            self._fast = fast_decoder(model)
+        from byollm.serve.fast_decode import decode_weight_bytes
+
+        self._weight_bytes = self._fast.weight_bytes if self._fast is not None else decode_weight_bytes(model)
+        self._decode_steps, self._decode_seconds = 0, 0.0
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size, self.max_seq_len, self.max_waiting = max_batch_size, max_seq_len, max_waiting
@@ -192,6 +204,22 @@ class Engine:
     def kv_cache_bytes(self) -> int:
         """Memory reserved by the KV cache: 2 x layers x max_batch_size x kv heads x max_seq_len x head dim x bytes."""
         return self.cache.nbytes
+
+    @property
+    def decode_steps(self) -> int:
+        """Batched decode forward passes run since the start."""
+        return self._decode_steps
+
+    @property
+    def decode_seconds(self) -> float:
+        """Wall-clock seconds spent in those decode passes."""
+        return self._decode_seconds
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads (every product's weights, norms, one embedding row): times
+        decode_steps / decode_seconds, the achieved weight bandwidth."""
+        return self._weight_bytes
 
     @property
     def prefill_stats(self) -> PrefillStats:
@@ -306,6 +334,7 @@ class Engine:
 
     def _decode(self, batch: list[_EngineRequest]) -> torch.Tensor:
         """Feed each running request its last token (rows 0..n-1 of the cache); return (n, V) logits."""
+        start = time.perf_counter()
         n = len(batch)
         ids = torch.tensor([[r.last_token] for r in batch], device=self.device)
         lengths = self.cache.lengths[:n]
@@ -317,9 +346,14 @@ class Engine:
             # (shorter) row's unused tail: hide them. (B, 1, 1, S): True = may attend.
             keys = torch.arange(max(lengths) + 1, device=self.device)
             mask = (keys[None, :] <= position_ids)[:, None, None, :]
-        logits = self.model(ids, attention_mask=mask, position_ids=position_ids, kv_cache=self.cache,
-                            logits_to_keep=1).logits
-        return logits[:, -1]
+        if self._fast is not None:
+            logits = self._fast(ids[:, 0], position_ids[:, 0], self.cache, mask)
+        else:
+            logits = self.model(ids, attention_mask=mask, position_ids=position_ids, kv_cache=self.cache,
+                                logits_to_keep=1).logits[:, -1]
+        self._decode_steps += 1
+        self._decode_seconds += time.perf_counter() - start
+        return logits
 
     def _sample(self, rows: list[tuple[_EngineRequest, torch.Tensor]]) -> list[StepOutput]:
         """Pick each request's next token with its own parameters and decide whether it is finished."""

@@ -101,6 +101,14 @@ def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
     return y if residual is None else residual + y
 
 
+def supports_fast_decode(model: nn.Module) -> bool:
+    """Whether `fast_decoder(model)` applies: a Llama-style GPT with floating-point linear layers."""
+    c = getattr(model, "config", None)
+    llama = c is not None and (c.pos_embedding, c.norm, c.mlp) == ("rope", "rmsnorm", "swiglu")
+    return llama and all(isinstance(m, nn.Linear) or hasattr(m, "weight_t") for m in model.modules()
+                         if hasattr(m, "out_features"))
+
+
 class FastDecoder(nn.Module):
     """The decode step of a Llama-style GPT: `forward(ids, position_ids, cache, mask)` -> (B, V) logits for one
     new token per row. Build it with `fast_decoder(model)`; the model keeps working (prefill) on shared weights."""
@@ -142,7 +150,7 @@ class FastDecoder(nn.Module):
         h, g, d = self.n_head, self.n_kv_head, self.head_dim
         cos, sin = self.rope(position_ids)
         scale = d ** -0.5
-        bias = None if mask is None else torch.zeros(mask.shape, dtype=cos.dtype).masked_fill_(~mask, float("-inf"))
+        bias = None if mask is None else torch.zeros(mask.shape, dtype=cos.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         x = F.embedding(ids, self.tok_emb)  # (B, C)
         for i, layer in enumerate(self.layers):
             qkv = _linear(F.rms_norm(x, x.shape[-1:], layer.norm_1, self.eps), layer.qkv_t, layer.qkv_bias)
@@ -193,4 +201,4 @@ def fast_decoder(model: GPT) -> FastDecoder:
     return FastDecoder(model)
 
 
-__all__ = ["FastDecodeError", "FastDecoder", "decode_weight_bytes", "fast_decoder"]
+__all__ = ["FastDecodeError", "FastDecoder", "decode_weight_bytes", "fast_decoder", "supports_fast_decode"]

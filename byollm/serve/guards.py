@@ -215,6 +215,11 @@ class Metrics:
         waiting = Gauge("byollm_num_requests_waiting", "requests waiting for a batch slot", registry=r)
         running.set_function(lambda: engine.num_running)
         waiting.set_function(lambda: engine.num_waiting)
+        decode_bw = Gauge("byollm_decode_weight_bytes_per_second", "weight bytes read per second by the decode "
+                          "steps since the start (bytes per step x steps / their seconds)", registry=r)
+        inner = getattr(engine, "engine", engine)  # an AsyncEngine's Engine
+        decode_bw.set_function(lambda: inner.weight_bytes * inner.decode_steps / inner.decode_seconds
+                               if getattr(inner, "decode_seconds", 0) else 0.0)
         r.register(_PrefillCounters(engine))
 
     def render(self) -> bytes:

@@ -61,6 +61,9 @@ class ServeConfig:
     """weight-only int8 quantisation of the linear layers for inference"""
     transpose_weights: bool = True
     """on a CPU, keep linear weights transposed for faster one-row decode products (ignored elsewhere)"""
+    fast_decode: bool = True
+    """decode with fused weights and fewer small ops (byollm.serve.fast_decode; same greedy tokens); Llama-style
+    float models only, others use the model's own forward"""
     prefix_caching: bool = True
     """reuse the KV cache of a prompt's longest cached prefix (a shared system prompt) instead of recomputing it"""
     prefill_chunk_tokens: int | None = 256
