@@ -50,7 +50,7 @@ QUESTIONS = [
 QUICK_QUESTIONS = [("Which environment variable names the data mirror?", ("section_0_introduction.md",))]
 K = 2  # passages per question: with 3, SmolLM2-135M looped on all three questions (the guide says so)
 UNRELATED = "What is the boiling point of tungsten in kelvin?"
-ISSUE_ANCHOR_RRF_RECALL5 = 0.944  # issue 15: off-the-shelf RRF of BM25 and MiniLM on the same protocol
+BASELINE_RRF_RECALL5 = 0.944  # off-the-shelf RRF of plain BM25 and MiniLM on the same protocol (benchmarks.md)
 
 HANDBOOK = """# Employee handbook
 
@@ -280,9 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         "every answer came from the model, with its sources listed": all(
             row["answer"] and row["sources"] and not row["not_found"] for row in a["answers"]),
         "a question the guide does not answer: not found, model not asked": bool(u["not_found"]),
-        "hybrid recall@5 beats bm25 and dense" + (f" and the issue's {ISSUE_ANCHOR_RRF_RECALL5}" if sample else ""):
+        "hybrid recall@5 beats bm25 and dense" + (f" and the baseline's {BASELINE_RRF_RECALL5}" if sample else ""):
             h["recall@5"] > max(b["recall@5"], d["recall@5"])
-            and (not sample or h["recall@5"] >= ISSUE_ANCHOR_RRF_RECALL5),
+            and (not sample or h["recall@5"] >= BASELINE_RRF_RECALL5),
         "the poisoned passage is flagged and its forged delimiter disarmed":
             p["retrieved"] and bool(p["flags"]) and not p["forged_delimiter_left"],
         "a caller without hr never gets the HR chunk (3 retrievers, prompt); one in hr gets it first":
