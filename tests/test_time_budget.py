@@ -185,3 +185,12 @@ def test_a_budget_needs_a_schedule_whose_length_can_change() -> None:
                 device=torch.device("cpu"), progress=False)
     with pytest.raises(ConfigError, match="time_budget_s"):
         LoopConfig(time_budget_s=0.0)
+
+
+def test_the_quickstart_has_a_budget_unless_told_its_steps() -> None:
+    from byollm.train.pretrain import QUICKSTART, quickstart_config
+
+    assert quickstart_config().time_budget_s == QUICKSTART["time_budget_s"] > 0
+    assert quickstart_config().time_budget_probe <= quickstart_config().warmup_steps  # bitwise = max_steps=N
+    assert quickstart_config({"max_steps": 20}).time_budget_s is None  # a length given is the length (canaries)
+    assert quickstart_config({"max_steps": 20, "time_budget_s": 5}).time_budget_s == 5

@@ -323,8 +323,11 @@ def evaluate_checkpoint(ckpt: str | Path, data: str, *, split: str = "val", batc
 def quickstart_config(overrides: dict[str, Any] | None = None) -> TrainConfig:
     """The `byollm quickstart` run (the same as configs/quickstart.yaml, which explains the choices), with
     dotted overrides such as {"max_steps": 20, "model.preset": "gpt-tiny"}. A shorter run (max_steps below
-    the default) is the same run compressed: warmup, evaluations and checkpoints scale with it."""
+    the default) is the same run compressed: warmup, evaluations and checkpoints scale with it. A max_steps
+    given is the run's length: the time budget is off then, unless time_budget_s is given too."""
     values = {**QUICKSTART, **(overrides or {})}
+    if "max_steps" in (overrides or {}) and "time_budget_s" not in (overrides or {}):
+        values["time_budget_s"] = None
     scale = values["max_steps"] / QUICKSTART["max_steps"]
     if scale < 1:
         for key in ("warmup_steps", "eval_interval", "checkpoint_interval"):
