@@ -63,7 +63,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common`, also when imported from the tests
-from common import cpu_flags, cpu_model, free_port, load_average, server_process, write_json  # noqa: E402
+from common import cpu_flags, cpu_model, free_port, interleaved, load_average, server_process, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly mix bread flour water salt "
@@ -345,9 +345,12 @@ def table(rows: list[dict[str, Any]], cols: list[str] | None = None) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def engine_step_ms(ckpt: Path, batches: list[int], threads: int, steps: int = 8) -> dict[int, float]:
-    """Median wall time (ms) of one `Engine.step()` with `b` requests all decoding, for each b in `batches`:
-    the engine `byollm serve` runs on a CPU (transposed weights), no HTTP."""
+def engine_step_ms(ckpt: Path, batches: list[int], threads: int, steps: int = 12,
+                   variants: dict[str, dict[str, Any]] | None = None) -> dict[str, float]:
+    """Median wall time (ms) of one `Engine.step()` with `b` requests all decoding, for each b in `batches` and
+    each engine variant (name: more Engine options; default {"serve": {}}, the engine `byollm serve` runs on a CPU
+    with transposed weights), no HTTP. One engine per (variant, b), their steps interleaved
+    (common.interleaved), so a busy spell of a shared machine hits all of them. Keys: "VARIANT bB"."""
     import torch
 
     from byollm.checkpoint import load_checkpoint
@@ -356,28 +359,25 @@ def engine_step_ms(ckpt: Path, batches: list[int], threads: int, steps: int = 8)
     from byollm.tokenizer import chat_format
 
     torch.set_num_threads(threads)
-    loaded = load_checkpoint(ckpt)
-    engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=max(batches), transpose_weights=True)
-    fmt = chat_format(loaded.tokenizer)
-    prompts = [fmt.encode_prompt([{"role": "user", "content": q}]) for q in QUESTIONS]
-    out = {}
-    for b in batches:
-        params = SamplingParams(max_new_tokens=steps + 64, temperature=0, stop_token_ids=())
-        ids = {engine.add_request(prompts[i % len(prompts)], params) for i in range(b)}
-        started: set[str] = set()
-        while started != ids:  # admission and prefill: every request has its first token
-            started |= {o.request_id for o in engine.step() if o.token_id >= 0}
-        engine.step()
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            engine.step()
-            times.append(time.perf_counter() - start)
-        out[b] = round(1000 * statistics.median(times), 1)
-        engine.cancel_all()
-        while engine.has_work():
-            engine.step()
-        print(f"engine decode step at batch {b}: {out[b]} ms ({b / out[b] * 1000:.1f} tok/s)", flush=True)
+    engines = {}
+    for name, options in (variants or {"serve": {}}).items():
+        for b in batches:
+            loaded = load_checkpoint(ckpt)  # an engine changes its model's weights in place: one model each
+            engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=b, max_seq_len=256,
+                            transpose_weights=True, **options)
+            fmt = chat_format(loaded.tokenizer)
+            params = SamplingParams(max_new_tokens=2 * steps + 32, temperature=0, stop_token_ids=())
+            ids = {engine.add_request(fmt.encode_prompt([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]),
+                                      params) for i in range(b)}
+            started: set[str] = set()
+            while started != ids:  # admission and prefill: every request has its first token
+                started |= {o.request_id for o in engine.step() if o.token_id >= 0}
+            engines[f"{name} b{b}"] = engine
+    times = interleaved({k: e.step for k, e in engines.items()}, reps=steps, warmup=1)
+    out = {k: round(1000 * statistics.median(t), 1) for k, t in times.items()}
+    for k, v in out.items():
+        b = int(k.rsplit(" b", 1)[1])
+        print(f"engine decode step, {k}: {v} ms ({b / v * 1000:.1f} tok/s)", flush=True)
     return out
 
 
@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(args: argparse.Namespace, chat: bool, contenders: list[Contender], rows: list[dict[str, Any]],
            load_before: float | None, prompt_lens: dict[str, int | None], server_5xx: dict[str, float],
-           engine_ms: dict[int, float] | None) -> int:
+           engine_ms: dict[str, float] | None) -> int:
     print(table(rows, ["server", "round", "concurrency", "seconds", "completed", "errors", "5xx", "dropped",
                        "req_per_s", "out_tok_per_s", "ttft_ms_median", "ttft_ms_p99", "tpot_ms_median",
                        "itl_ms_median", "itl_ms_p99", "load_avg_1m"]))
