@@ -71,7 +71,11 @@ def plot_curves(out: Path, track_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {name: _read_events(track_dir / name / "run" / "metrics.jsonl") for name in ("pretrain", "sft", "dpo")}
+    def events(stage: str) -> list[dict[str, Any]]:  # a stage's training run: run/ (full) or train/lora/ (LoRA)
+        found = sorted((track_dir / stage).glob("**/metrics.jsonl")) if (track_dir / stage).is_dir() else []
+        return _read_events(found[0]) if found else []
+
+    runs = {name: events(name) for name in ("pretrain", "sft", "dpo")}
     if not any(runs.values()):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
