@@ -88,6 +88,11 @@ VARIANTS.update({
     "r4-mlr0.03-w20-750-s1": {**_R4, "muon_lr": 0.03, "max_steps": 750, "seed": 1},
     "r4-mlr0.03-w20-800": {**_R4, "muon_lr": 0.03, "max_steps": 800},
     "r4-mlr0.03-w20-adam5e-3-750": {**_R4, "muon_lr": 0.03, "lr": 5e-3, "max_steps": 750},
+    "r4-mlr0.03-w20-untied-750": {**_R4, "muon_lr": 0.03, "model.tie_embeddings": False, "max_steps": 750},
+    "r4-mlr0.03-w20-850": {**_R4, "muon_lr": 0.03, "max_steps": 850},
+    "r4-mlr0.03-w20-untied-800": {**_R4, "muon_lr": 0.03, "model.tie_embeddings": False, "max_steps": 800},
+    "r4-mlr0.03-w20-untied-800-s1": {**_R4, "muon_lr": 0.03, "model.tie_embeddings": False, "max_steps": 800,
+                                     "seed": 1},
 })
 
 

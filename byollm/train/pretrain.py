@@ -339,6 +339,7 @@ def quickstart_config(overrides: dict[str, Any] | None = None) -> TrainConfig:
 # Kept equal to configs/quickstart.yaml by a test (the configs/ folder is not part of the installed package).
 QUICKSTART: dict[str, Any] = {
     "model.preset": "llama-nano",
+    "model.tie_embeddings": False,
     "data.name": "tinyshakespeare",
     "data.tokenizer": "char",
     "data.allow_fallback": True,
@@ -347,11 +348,11 @@ QUICKSTART: dict[str, Any] = {
     "max_steps": 1000,
     "time_budget_s": 270,
     "optimizer": "muon",
-    "muon_lr": 0.02,
+    "muon_lr": 0.03,
     "lr": 3e-3,
     "min_lr": 0.0,
     "schedule": "linear",
-    "warmup_steps": 50,
+    "warmup_steps": 20,
     "betas": [0.9, 0.99],
     "weight_decay": 0.1,
     "eval_interval": 250,
