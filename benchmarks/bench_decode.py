@@ -296,7 +296,7 @@ def bench_preset(name: str, args: argparse.Namespace, tok: Any, tmp: Path) -> di
         steps, seconds = e.decode_steps - before[k][0], e.decode_seconds - before[k][1]
         result[f"{k} decode-only tok/s"] = steps / seconds
         result[f"{k} decode-only of read bw"] = weight_bytes[k] * steps / seconds / args.read_bandwidth
-    for k in ("engine", "engine-t", "engine-fast", "ours", "engine-int8", "engine-bf16"):
+    for k in ("engine", "engine-t", "engine-fast", "ours", "engine-int8", "engine-bf16", "hf"):
         if f"{k} tok/s" not in result:
             continue
         for peer in ("hf", "llama.cpp-f32", "llama.cpp-f16", "llama.cpp-q8_0", "llama.cpp-orig"):
