@@ -101,6 +101,7 @@ def run_variant(name: str, overrides: dict, args: argparse.Namespace) -> dict:
     out = Path(args.out_dir) / name
     over = {"eval_interval": args.eval_interval, "log_interval": args.eval_interval // 2 or 1,
             "eval_batches": args.eval_batches, "sample_tokens": 1, "device": args.device, "name": name,
+            "time_budget_s": None,  # variants are compared at their step counts, whatever the machine's speed
             "out_dir": str(out.parent), **overrides}
     if args.steps:
         over["max_steps"] = args.steps
