@@ -69,8 +69,7 @@ def track_stages(track: str, size: str, docs: Path) -> list[Stage]:
         if not torch.cuda.is_available():
             raise ByollmError(f"capstone --size {size} needs a CUDA GPU; use --size cpu on this machine")
     stages = stages_of(size, docs)
-    check = {"question": QUESTION, "k": 1, "max_tokens": 8} if size == "tiny" else {"question": QUESTION, "k": 3,
-                                                                                      "max_tokens": 96}
+    check = {"question": QUESTION, "k": SIZES[size].check_k, "max_tokens": SIZES[size].check_tokens}
     return [*stages, Stage("served", stage_served, reads=["dpo", "rag"], config=check,
                            describe="byollm serve + RAG: one question answered with sources")]
 

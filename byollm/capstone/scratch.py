@@ -24,9 +24,9 @@ class Sizes:
 
     preset: str = "llama-nano"
     vocab: int = 2048
-    block: int = 256
+    block: int = 512  # the context must hold a retrieved passage, the question and the answer (RAG)
     pretrain_steps: int = 600
-    pretrain_batch: int = 16
+    pretrain_batch: int = 8
     sft_steps: int = 300
     pref_steps: int = 200
     batch: int = 8
@@ -39,6 +39,10 @@ class Sizes:
     max_val: int | None = None
     safety_quick: bool = False
     safety_skip: tuple[str, ...] = ()  # parts of the safety suite left out (tiny: the red team's two servers)
+    # The RAG index and the served check: a 512-token model holds one short passage, not three long ones.
+    rag_chunk_tokens: int | None = 96  # ~450 characters of this guide, ~200 of our BPE tokens
+    check_k: int = 1
+    check_tokens: int = 40
     device: str = "cpu"
     dtype: str = "fp32"
 
@@ -47,11 +51,11 @@ SIZES = {
     "tiny": Sizes(preset="llama-tiny", vocab=320, block=1024, pretrain_steps=4, pretrain_batch=4, sft_steps=2,
                   pref_steps=2, batch=2, max_len=128, answer_tokens=8, win_prompts=4, hh_limit=120, alpaca_limit=60,
                   shakespeare_chars=20_000, max_val=12, safety_quick=True,
-                  safety_skip=("redteam",)),
+                  safety_skip=("redteam",), rag_chunk_tokens=None, check_tokens=8),
     "cpu": Sizes(),
     "gpu": Sizes(preset="d12", vocab=8192, block=1024, pretrain_steps=5000, pretrain_batch=32, sft_steps=1500,
                  pref_steps=800, batch=16, max_len=512, answer_tokens=128, win_prompts=200, device="cuda",
-                 dtype="bf16"),
+                 dtype="bf16", check_k=2, check_tokens=96),
 }
 
 
@@ -164,7 +168,7 @@ def stage_export(ctx: StageContext) -> dict[str, Any]:
 def stage_rag(ctx: StageContext) -> dict[str, Any]:
     from byollm.rag.index import index_paths
 
-    report = index_paths([ctx.config["docs"]], ctx.dir / "index", progress=False)
+    report = index_paths([ctx.config["docs"]], ctx.dir / "index", chunk_size=ctx.config["chunk_size"], progress=False)
     return {"summary": report.summary(), "index": str(ctx.dir / "index")}
 
 
@@ -185,7 +189,8 @@ def scratch_stages(size: str = "cpu", docs: str | Path = "docs") -> list[Stage]:
         Stage("export", stage_export, reads=["dpo", "safety"], describe="HF dir, GGUF, model card",
               # licences of local files the lineage records without one: the mix holds Alpaca (CC BY-NC 4.0)
               config={**cfg, "data_licenses": ["mix.txt=CC-BY-NC-4.0", "hh_policy.jsonl=MIT"]}),
-        Stage("rag", stage_rag, config={"docs": str(docs)}, files=[Path(docs)], describe="RAG index of the guide"),
+        Stage("rag", stage_rag, config={"docs": str(docs), "chunk_size": SIZES[size].rag_chunk_tokens},
+              files=[Path(docs)], describe="RAG index of the guide"),
     ]
 
 

@@ -46,6 +46,9 @@ class Sizes:
     max_val: int | None = 100
     safety_quick: bool = False
     safety_skip: tuple[str, ...] = ()
+    rag_chunk_tokens: int | None = None  # the index's default chunks: SmolLM2's 8,192-token context holds three
+    check_k: int = 3
+    check_tokens: int = 96
     device: str = "cpu"
     dtype: str = "fp32"
 
@@ -53,7 +56,7 @@ class Sizes:
 SIZES = {
     "tiny": Sizes(sft_steps=1, pref_steps=1, judge_steps=1, batch=1, max_len=96, answer_tokens=8, win_prompts=2,
                   hh_limit=60, alpaca_limit=30, shakespeare_chars=1000, max_val=4, safety_quick=True,
-                  safety_skip=("redteam",)),
+                  safety_skip=("redteam",), check_k=1, check_tokens=8),
     "cpu": Sizes(),
     "gpu": Sizes(sft_steps=600, pref_steps=400, judge_steps=400, batch=16, max_len=512, answer_tokens=128,
                  win_prompts=200, max_val=None, device="cuda", dtype="bf16"),
@@ -151,5 +154,6 @@ def smollm2_stages(size: str = "cpu", docs: str | Path = "docs") -> list[Stage]:
         Stage("safety", stage_safety, reads=["dpo"], config=cfg, describe="CrowS-Pairs, toxicity, red team"),
         Stage("export", stage_export, reads=["dpo", "safety"], describe="HF dir, GGUF, model card",
               config={**cfg, "data_licenses": ["hh_policy.jsonl=MIT"]}),
-        Stage("rag", stage_rag, config={"docs": str(docs)}, files=[Path(docs)], describe="RAG index of the guide"),
+        Stage("rag", stage_rag, config={"docs": str(docs), "chunk_size": SIZES[size].rag_chunk_tokens},
+              files=[Path(docs)], describe="RAG index of the guide"),
     ]
