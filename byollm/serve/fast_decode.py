@@ -150,7 +150,9 @@ class FastDecoder(nn.Module):
         h, g, d = self.n_head, self.n_kv_head, self.head_dim
         cos, sin = self.rope(position_ids)
         scale = d ** -0.5
-        bias = None if mask is None else torch.zeros(mask.shape, dtype=cos.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        bias = None  # the mask as 0 / -inf, added to the scores
+        if mask is not None:
+            bias = torch.zeros(mask.shape, dtype=cos.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         x = F.embedding(ids, self.tok_emb)  # (B, C)
         for i, layer in enumerate(self.layers):
             qkv = _linear(F.rms_norm(x, x.shape[-1:], layer.norm_1, self.eps), layer.qkv_t, layer.qkv_bias)
