@@ -91,6 +91,8 @@ VARIANTS.update({
     "r4-mlr0.03-w20-untied-750": {**_R4, "muon_lr": 0.03, "model.tie_embeddings": False, "max_steps": 750},
     "r4-mlr0.03-w20-850": {**_R4, "muon_lr": 0.03, "max_steps": 850},
     "r4-mlr0.03-w20-untied-800": {**_R4, "muon_lr": 0.03, "model.tie_embeddings": False, "max_steps": 800},
+    "r4-mlr0.03-w20-untied-900": {**_R4, "muon_lr": 0.03, "model.tie_embeddings": False, "max_steps": 900},
+    "r4-mlr0.03-w20-untied-1000": {**_R4, "muon_lr": 0.03, "model.tie_embeddings": False, "max_steps": 1000},
     "r4-mlr0.03-w20-untied-800-s1": {**_R4, "muon_lr": 0.03, "model.tie_embeddings": False, "max_steps": 800,
                                      "seed": 1},
 })
