@@ -19,7 +19,7 @@ re-pointed at views of the fused weights, so prefill (which still runs `GPT.forw
 transposed LM head of a tied embedding is the one extra copy. Rows are independent, so a request gives the same
 tokens alone or in a batch as far as the matrix kernels keep rows apart (tested on the real model).
 
-Llama-style models only (RoPE, RMSNorm, SwiGLU; biases allowed): `fast_decoder` raises for others.
+Llama-style fp32 models only (RoPE, RMSNorm, SwiGLU; biases allowed): `fast_decoder` raises for others.
 """
 
 from __future__ import annotations
@@ -105,8 +105,9 @@ def supports_fast_decode(model: nn.Module) -> bool:
     """Whether `fast_decoder(model)` applies: a Llama-style GPT with floating-point linear layers."""
     c = getattr(model, "config", None)
     llama = c is not None and (c.pos_embedding, c.norm, c.mlp) == ("rope", "rmsnorm", "swiglu")
-    return llama and all(isinstance(m, nn.Linear) or hasattr(m, "weight_t") for m in model.modules()
-                         if hasattr(m, "out_features"))
+    fp32 = all(p.dtype == torch.float32 for p in model.parameters())
+    return llama and fp32 and all(isinstance(m, nn.Linear) or hasattr(m, "weight_t") for m in model.modules()
+                                  if hasattr(m, "out_features"))
 
 
 class FastDecoder(nn.Module):
@@ -119,6 +120,9 @@ class FastDecoder(nn.Module):
         if c.pos_embedding != "rope" or c.norm != "rmsnorm" or c.mlp != "swiglu":
             raise FastDecodeError("fast decode supports Llama-style models (RoPE, RMSNorm, SwiGLU); this one has "
                                   f"{c.pos_embedding} positions, {c.norm}, {c.mlp}: use the default decode path")
+        if model.tok_emb.weight.dtype != torch.float32:
+            raise FastDecodeError(f"fast decode is written and tested for fp32 weights, got "
+                                  f"{model.tok_emb.weight.dtype}: use the default decode path for other precisions")
         self.n_head, self.n_kv_head, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
         self.eps = c.norm_eps
         self.tok_emb = model.tok_emb.weight.detach()
