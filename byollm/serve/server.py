@@ -290,11 +290,14 @@ def _engine_parts(model_or_engine: nn.Module | Engine | AsyncEngine, tokenizer: 
         return model_or_engine.engine, model_or_engine
     if isinstance(model_or_engine, Engine):
         return model_or_engine, AsyncEngine(model_or_engine)
+    from byollm.serve.fast_decode import supports_fast_decode
+
     on_cpu = next(model_or_engine.parameters()).device.type == "cpu"
+    fast = settings.fast_decode and not settings.int8 and supports_fast_decode(model_or_engine)
     engine = Engine(model_or_engine, tokenizer, max_batch_size=settings.max_batch_size,
                     max_waiting=settings.max_waiting, int8=settings.int8,
                     transpose_weights=settings.transpose_weights and on_cpu, prefix_caching=settings.prefix_caching,
-                    prefill_chunk_tokens=settings.prefill_chunk_tokens)
+                    prefill_chunk_tokens=settings.prefill_chunk_tokens, fast_decode=fast)
     return engine, AsyncEngine(engine)
 
 
@@ -410,6 +413,11 @@ def create_app(model_or_engine: nn.Module | Engine | AsyncEngine, tokenizer: Tok
         from byollm.serve.rag_route import add_rag_route
 
         add_rag_route(app, service, rag_index if rag_index is not None else settings.rag_index, respond)
+    if settings.chat_page:
+        from byollm.serve.chat_page import add_chat_page
+
+        add_chat_page(app, model_name=service.model_name, rag=rag_index is not None or bool(settings.rag_index),
+                      auth=service.auth.enabled)
     app.openapi = openapi  # type: ignore[method-assign]
     return app
 
