@@ -69,6 +69,8 @@ class ServeConfig:
     prefill_chunk_tokens: int | None = 256
     """prefill at most this many prompt tokens per engine step, so long prompts do not stall running streams
     (null: whole prompts at once)"""
+    chat_page: bool = True
+    """serve the browser chat page at / (static files in the package; it calls the API like any client)"""
     cors_origins: list[str] = field(default_factory=list)
     """origins allowed by CORS (empty: CORS off, the default; ["*"]: any)"""
     log_prompts: bool = False
