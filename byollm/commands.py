@@ -319,7 +319,7 @@ def cmd_quickstart(a: Any) -> None:
     print(f"  byollm export hf {run} out/hf")
     out_dir = "" if run.parent == Path("runs") else f" --out_dir {run.parent}"
     print(f"  byollm pretrain --config configs/quickstart.yaml{out_dir} --name {run.name} --resume true "
-          "--max_steps 2000   # train it longer")
+          "--max_steps 2000 --time_budget_s null   # train it longer (no time budget)")
     print("  byollm pretrain --config configs/quickstart.yaml --model.preset llama-13m --block_size 256"
           "   # a bigger model")
     print("  byollm pretrain --config configs/quickstart.yaml --device cuda --dtype bf16 --compile true"
