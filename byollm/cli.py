@@ -152,7 +152,7 @@ def build_parser() -> ArgumentParser:
     tok_verbs = _group(verbs, "tokenizer", "Tokenizers: train a byte-level BPE (from scratch or with `tokenizers`) "
                        "or a char tokenizer.", "train tokenizers", "action")
     p = _sub("Train a tokenizer on text files and save it (readable vocab/merges plus tokenizer.json).")
-    p.add_argument("files", type=str, nargs="+", help="UTF-8 text files")
+    p.add_argument("files", type=str, nargs="+", help="UTF-8 text files, or dataset names (tinyshakespeare)")
     p.add_argument("--vocab-size", "--vocab_size", type=int, default=1024,
                    help="ids in the vocabulary (bpe: 256 bytes + merges + special tokens)")
     p.add_argument("--out", type=str, required=True, help="output directory")
@@ -394,7 +394,7 @@ def build_parser() -> ArgumentParser:
     p = _sub("Retrieval quality on a SQuAD v1.1/v2.0 file: every paragraph a document (chunked by our chunker), a "
              "question's hit a chunk of its own paragraph, unanswerable questions left out; recall@1, recall@5, "
              "MRR@10 and nDCG@10 per retriever. Without --index the paragraphs are indexed in memory.")
-    p.add_argument("--qa", type=str, required=True, help="the SQuAD JSON file")
+    p.add_argument("--qa", type=str, required=True, help="the SQuAD JSON file, or the dataset name squad")
     p.add_argument("--index", type=Optional[str], default=None,  # noqa: UP045
                    help="search this index instead (it must contain the file's paragraphs; the rest are distractors)")
     p.add_argument("--retriever", type=Literal["bm25", "dense", "hybrid", "all"], default="all",

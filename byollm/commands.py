@@ -153,10 +153,22 @@ def cmd_download(a: Any) -> None:
     print(out)
 
 
+def _file_or_dataset(value: str) -> Path:
+    """A local file, or else a registry dataset's file (mirror -> cache -> download, `byollm.data.resolve`)."""
+    if Path(value).exists():
+        return Path(value)
+    from byollm.data import resolve
+
+    source = resolve(value)
+    if source.path is None:
+        raise ByollmError(f"{value} is neither a file nor a dataset with a local file; see `byollm data list`")
+    return source.path
+
+
 def cmd_tokenizer_train(a: Any) -> None:
     from byollm.tokenizer import train_tokenizer
 
-    tok = train_tokenizer([Path(f) for f in a.files], vocab_size=a.vocab_size, kind=a.kind, impl=a.impl,
+    tok = train_tokenizer([_file_or_dataset(f) for f in a.files], vocab_size=a.vocab_size, kind=a.kind, impl=a.impl,
                           out_dir=Path(a.out), show_progress=sys.stderr.isatty())
     print(f"[byollm] trained a {a.kind} tokenizer ({a.impl}) with {tok.vocab_size} tokens -> {a.out}")
 
@@ -454,7 +466,7 @@ def cmd_rag_eval(a: Any) -> None:
     from byollm.rag.index import RETRIEVERS
 
     retrievers = RETRIEVERS if a.retriever == "all" else (a.retriever,)
-    results = evaluate_squad(a.qa, index=a.index, retrievers=retrievers, chunk_size=a.chunk_size,
+    results = evaluate_squad(_file_or_dataset(a.qa), index=a.index, retrievers=retrievers, chunk_size=a.chunk_size,
                              chunk_overlap=a.chunk_overlap)
     print(json.dumps(results) if a.json else format_table(results))
 
