@@ -179,7 +179,7 @@ def test_data_errors_are_one_clear_line(case: str, tmp_path: Path) -> None:
         (mirror / "tinyshakespeare.txt").write_text("First Citizen:\nBefore we proceed any further, hear me")
         message = "checksum"
     elif case == "missing offline":
-        message = "put tinyshakespeare.txt in the local mirror"
+        message = "set BYOLLM_DATA_MIRROR to a folder holding tinyshakespeare.txt"
     else:
         name = str(tmp_path / "broken.jsonl")
         Path(name).write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c\n')
