@@ -22,6 +22,9 @@ help:
 	@echo "make sections    run every section's project in order (QUICK=1: the small configurations)"
 	@echo "make capstone    data to a served, evaluated chat assistant with RAG over this guide (SIZE=tiny|cpu|gpu)"
 
+# setuptools' editable build warns on every install that a folder named like the package may shadow it (ours is
+# the package itself); the warning is a UserWarning, silenced for those installs only. Errors still show.
+EDITABLE := PYTHONWARNINGS=ignore::UserWarning
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -30,12 +33,12 @@ $(BIN)/python:
 # the version CI tested (`make constraints` rewrites it from a passing .venv; torch is pinned by TORCH instead).
 $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -c constraints.txt -e .
+	$(EDITABLE) $(BIN)/pip install --quiet -c constraints.txt -e .
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	$(EDITABLE) $(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(VENV)/.installed $@
 
 setup: $(VENV)/.installed
@@ -66,7 +69,7 @@ quickstart: setup
 # stages and a report in runs/capstone/scratch/ (SIZE=tiny: seconds; SERVE=1: then serve it with the chat page).
 $(VENV)/.installed-capstone: pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[capstone]"
+	$(EDITABLE) $(BIN)/pip install --quiet -c constraints.txt -e ".[capstone]"
 	touch $(VENV)/.installed $@
 SIZE ?= cpu
 capstone: $(VENV)/.installed-capstone
