@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from byollm.checkpoint import load_checkpoint
-from byollm.data.instruct import preference_examples, to_pairs
+from byollm.data.instruct import PreferencePair, preference_examples, to_pairs
 from byollm.data.readers import read_jsonl_file
 from byollm.train.examples import collate_preference
 from byollm.train.objectives import sequence_logprobs
@@ -40,12 +40,16 @@ def pair_logprobs(model: torch.nn.Module, examples: list[dict], pad_id: int, bat
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def heldout_preferences(policy: Path, reference: Path, heldout: Path, max_len: int, beta: float = 0.1
-                        ) -> dict[str, Any]:
-    """Implicit-reward and ranking accuracy of `policy` (and ranking accuracy of `reference`) on `heldout`."""
-    pol, ref = load_checkpoint(policy), load_checkpoint(reference)
-    tok = pol.tokenizer
+def load_heldout(policy: Path, reference: Path, heldout: Path) -> tuple[Any, Any, list[PreferencePair]]:
+    """The two checkpoints (loaded once for both measurements below) and the held-out pairs."""
     pairs, _ = to_pairs(read_jsonl_file(heldout), source=heldout.name)
+    return load_checkpoint(policy), load_checkpoint(reference), pairs
+
+
+def heldout_preferences(pol: Any, ref: Any, pairs: list[PreferencePair], max_len: int, beta: float = 0.1
+                        ) -> dict[str, Any]:
+    """Implicit-reward and ranking accuracy of the loaded `pol` (and ranking accuracy of `ref`) on `pairs`."""
+    tok = pol.tokenizer
     examples, report = preference_examples(tok, pairs, max_len)
     pad = tok.pad_id or 0
     pc, pr = pair_logprobs(pol.model, examples, pad)
@@ -61,17 +65,15 @@ def heldout_preferences(policy: Path, reference: Path, heldout: Path, max_len: i
             "ranking_accuracy_reference": share(rc - rr)}
 
 
-def win_rate(policy: Path, reference: Path, judge: Path, heldout: Path, *, prompts: int, tokens: int,
+def win_rate(pol: Any, ref: Any, judge: Path, pairs: list[PreferencePair], *, prompts: int, tokens: int,
              max_len: int, seed: int = 0) -> dict[str, Any]:
-    """The judge's verdict on greedy answers of `policy` vs `reference` to the first `prompts` held-out prompts."""
+    """The judge's verdict on greedy answers of the loaded `pol` vs `ref` to the first `prompts` held-out prompts."""
     from byollm.tokenizer.chat_format import chat_format
     from byollm.train.align import answer_prompts
     from byollm.train.rewards import RewardModelScorer, load_reward_model
 
-    pol, ref = load_checkpoint(policy), load_checkpoint(reference)
     tok = pol.tokenizer
     fmt = chat_format(tok)
-    pairs, _ = to_pairs(read_jsonl_file(heldout), source=heldout.name)
     seen: set[str] = set()
     chosen_prompts = []
     for p in pairs:  # one answer per distinct prompt that leaves room for the answer

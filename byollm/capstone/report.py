@@ -64,7 +64,7 @@ def _read_events(metrics: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(out: Path, track_dir: Path) -> Path | None:
+def plot_curves(track_dir: Path) -> Path | None:
     """Training loss of pretraining, SFT and DPO, and DPO's implicit rewards, against steps."""
     import matplotlib
 
@@ -94,7 +94,7 @@ def plot_curves(out: Path, track_dir: Path) -> Path | None:
         axes[1].legend()
     axes[1].set(title="DPO implicit rewards (beta x log-ratio to the start)", xlabel="step")
     fig.tight_layout()
-    path = out / "curves.png"
+    path = track_dir / "curves.png"
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
@@ -200,7 +200,7 @@ def write_report(results: list[StageResult], track_dir: Path, *, track: str, siz
     """report.{json,md,html} and the plots in `track_dir`; returns report.md's path."""
     report = build_report(results, track_dir, track=track, size=size, environment=environment)
     plots = []
-    curves = plot_curves(track_dir, track_dir)
+    curves = plot_curves(track_dir)
     if curves:
         plots.append(curves.name)
     for name in ("bias.png", "toxicity.png"):  # the safety suite's own figures

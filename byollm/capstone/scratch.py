@@ -129,12 +129,13 @@ def stage_judge(ctx: StageContext) -> dict[str, Any]:
 
 def stage_evaluate(ctx: StageContext) -> dict[str, Any]:
     """Held-out preference accuracy on unseen prompts, and the win rate of DPO over its starting model (SFT)."""
-    from byollm.capstone.judging import heldout_preferences, win_rate
+    from byollm.capstone.judging import heldout_preferences, load_heldout, win_rate
 
     s = _sizes(ctx)
-    heldout = ctx.inputs["data"] / "hh_heldout.jsonl"
-    prefs = heldout_preferences(ctx.inputs["dpo"] / "run", ctx.inputs["sft"] / "run", heldout, s.max_len)
-    wins = win_rate(ctx.inputs["dpo"] / "run", ctx.inputs["sft"] / "run", ctx.inputs["judge"] / "run", heldout,
+    pol, ref, pairs = load_heldout(ctx.inputs["dpo"] / "run", ctx.inputs["sft"] / "run",
+                                   ctx.inputs["data"] / "hh_heldout.jsonl")
+    prefs = heldout_preferences(pol, ref, pairs, s.max_len)
+    wins = win_rate(pol, ref, ctx.inputs["judge"] / "run", pairs,
                     prompts=s.win_prompts, tokens=s.answer_tokens, max_len=s.max_len)
     return {"preference": prefs, "win_rate": wins,
             "sft_held_out_loss": {"base": ctx.results["sft"]["before"].get("loss"),
