@@ -51,6 +51,7 @@ import json
 import os
 import random
 import re
+import signal
 import statistics
 import sys
 import tempfile
@@ -63,7 +64,9 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common`, also when imported from the tests
-from common import cpu_flags, cpu_model, free_port, interleaved, load_average, server_process, write_json  # noqa: E402
+from common import cpu_flags, cpu_model, interleaved, load_average, write_json  # noqa: E402
+
+from byollm.child_server import child_server, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly mix bread flour water salt "
@@ -118,7 +121,8 @@ def running_server(ckpt: Path, extra: list[str], log_path: Path, env: dict[str, 
     cmd = [sys.executable, "-m", "byollm.cli", "serve", str(ckpt), "--port", str(port),
            *(["--model_name", model_name] if model_name else []), *extra]
     url = f"http://127.0.0.1:{port}"
-    with server_process(cmd, url + "/health", log_path, env=env, cwd=ROOT):
+    with child_server(cmd, url + "/health", log_path, env={**os.environ, **(env or {})}, cwd=ROOT, stop=signal.SIGINT,
+                      poll_s=0.3):
         yield url
 
 
@@ -148,7 +152,8 @@ def llama_cpp_server(gguf: Path, name: str, threads: int, log_path: Path, extra:
            "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "2048",
            "--interrupt_requests", "false", "--logits_all", "false", "--verbose", "false", *extra]
     url = f"http://127.0.0.1:{port}"
-    with server_process(cmd, url + "/v1/models", log_path, env=thread_env(threads)):
+    with child_server(cmd, url + "/v1/models", log_path, env={**os.environ, **thread_env(threads)},
+                      stop=signal.SIGINT, poll_s=0.3):
         yield url
 
 

@@ -7,19 +7,13 @@ flips the order every round) and the benchmarks report medians and ratios measur
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,51 +139,6 @@ def matmul_peak(dtype: torch.dtype, max_n: int = 2048, tries: int = 5, max_call_
             break
         n *= 2
     return {"n": n, "flops": 2 * n**3 / best, "seconds": best}
-
-
-# --------------------------------------------------------------------------------------------------
-# Servers in child processes
-# --------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def server_process(cmd: list[str], ready_url: str, log_path: Path, *, env: dict[str, str] | None = None,
-                   cwd: Path | None = None, timeout: float = 180.0, stop: int = signal.SIGINT) -> Iterator[None]:
-    """Run `cmd` (an HTTP server) in a child process until `ready_url` answers 200, then yield; stop it with
-    `stop` (SIGINT: uvicorn's graceful shutdown) on the way out, killing it after 30 s. Its output goes to
-    `log_path`; a child that exits or stays silent past `timeout` s raises SystemExit naming the log."""
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env={**os.environ, **(env or {})})
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if proc.poll() is not None:
-                    raise SystemExit(f"{cmd[0]} {' '.join(cmd[1:4])} ... exited with {proc.returncode}; see {log_path}")
-                try:
-                    with urllib.request.urlopen(ready_url, timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"{ready_url} did not answer within {timeout:.0f} s; see {log_path}")
-                time.sleep(0.3)
-            yield
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(stop)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from byollm.errors import ByollmError
+from byollm.token_ids import shared_prefix_length
 
 # Invented first names, one per canary, so each canary has its own prefix (and extraction is a per-canary question).
 NAMES = ("Quinlan", "Marisol", "Thaddeus", "Ingrid", "Oswin", "Pernille", "Rasmus", "Yolanda", "Caspian",
@@ -238,7 +239,7 @@ def log_perplexities(model: torch.nn.Module, tokenizer: Any, prefix: str, secret
     device = next(model.parameters()).device
     start = start_ids(tokenizer, context + prefix)
     full = [start_ids(tokenizer, context + prefix + s) for s in secrets]
-    shared = min(_common_length(start, ids) for ids in full)
+    shared = min(shared_prefix_length(start, ids) for ids in full)
     if shared == 0:
         raise ByollmError("nothing precedes the secret (no bos token, empty context and prefix): give a context")
     # row of a group: the last shared id, then the group's ids but the last; its logits at position j score
@@ -287,15 +288,6 @@ def log_perplexities(model: torch.nn.Module, tokenizer: Any, prefix: str, secret
         rows_t = torch.tensor(rows)
         out[torch.tensor(members)] = -(path[rows_t] + logp[rows_t, lengths[rows_t], torch.tensor(lasts)]) / math.log(2)
     return out
-
-
-def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def rank_of(px: torch.Tensor, index: int) -> int:
@@ -383,7 +375,7 @@ def greedy_secret(model: torch.nn.Module, tokenizer: Any, canary: Canary, *, con
     from byollm.sampling import SamplingParams
 
     full = start_ids(tokenizer, context + canary.text)
-    prompt = full[:_common_length(full, start_ids(tokenizer, context + canary.prefix))]
+    prompt = full[:shared_prefix_length(full, start_ids(tokenizer, context + canary.prefix))]
     params = SamplingParams(max_new_tokens=len(full) - len(prompt) + 2, temperature=0.0, stop_token_ids=())
     generated = generate(model, [prompt], params, tokenizer=tokenizer)[0].token_ids
     text = tokenizer.decode(prompt + generated, skip_special=True)  # context + prefix + what greedy wrote

@@ -31,18 +31,15 @@ import dataclasses
 import importlib
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional  # noqa: UP035 - jsonargparse reads the annotations at run time
 
 from byollm.atomic import atomic_write_text
+from byollm.child_server import child_server, free_port
 from byollm.errors import ByollmError
 
 PARTS = ("bias", "toxicity", "fairness", "redteam")
@@ -165,14 +162,6 @@ def run_fairness(model: Any, tok: Any, o: EvalOptions) -> dict[str, Any]:
     return result.to_dict()
 
 
-def free_port() -> int:
-    """A port nobody listens on now (the OS picks it; the small race until the server binds it is harmless here:
-    the server fails to start and we say so)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def served(ckpt: str | Path, log_file: Path, *, guardrails: str, max_tokens: int | None = None,
            device: str = "cpu", timeout: float = SERVER_START_TIMEOUT_S, extra_args: Sequence[str] = ()
@@ -188,30 +177,8 @@ def served(ckpt: str | Path, log_file: Path, *, guardrails: str, max_tokens: int
     cmd += list(extra_args)
     env = {k: v for k, v in os.environ.items() if k != "BYOLLM_API_KEYS"}  # a local, key-less server
     url = f"http://127.0.0.1:{port}/v1"
-    with open(log_file, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if proc.poll() is not None:
-                    raise ByollmError(f"byollm serve exited with {proc.returncode} before answering; see {log_file}")
-                try:
-                    with urllib.request.urlopen(f"{url}/models", timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                    pass
-                if time.monotonic() > deadline:
-                    raise ByollmError(f"byollm serve did not answer within {timeout:.0f} s; see {log_file}")
-                time.sleep(0.5)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with child_server(cmd, f"{url}/models", log_file, env=env, timeout=timeout, name="byollm serve"):
+        yield url
 
 
 def run_redteam(ckpt: str | Path, out: Path, o: EvalOptions, guardrails: str) -> dict[str, Any]:

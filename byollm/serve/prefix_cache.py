@@ -34,19 +34,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from byollm.serve.slot_cache import SlotKVCache
+from byollm.token_ids import shared_prefix_length
 
 MIN_PREFIX_TOKENS = 16
 """Shorter shared prefixes are not worth a copy (one block in vLLM's terms): they are prefilled again."""
-
-
-def shared_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens `a` and `b` have in common."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def longest_prefix(prompt: Sequence[int], rows: Mapping[int, Sequence[int]]) -> tuple[int, int]:
@@ -81,4 +72,4 @@ def place(prompt: Sequence[int], cache: SlotKVCache, held: Mapping[int, Sequence
     return row, n
 
 
-__all__ = ["MIN_PREFIX_TOKENS", "longest_prefix", "place", "shared_prefix_length"]
+__all__ = ["MIN_PREFIX_TOKENS", "longest_prefix", "place"]
