@@ -9,7 +9,8 @@ duplicate pairs are dropped, and whole groups go to one of three parts:
     judge    the pairs the judge (a reward model) trains on: it never saw the policy's pairs
     heldout  the pairs both are measured on: their prompts occur in neither training part
 
-Group order is a seeded permutation, so the split is the same on every machine.
+Group order is a seeded permutation, so the split is the same on every machine. The stage also writes the SFT
+data: Alpaca and grounded RAG examples (byollm.capstone.grounded), split from their held-out part by paragraph.
 """
 
 from __future__ import annotations
@@ -65,8 +66,12 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def prepare_data(out: Path, *, shakespeare_chars: int | None, alpaca_limit: int | None, hh_limit: int | None,
-                 judge_fraction: float, heldout_fraction: float, seed: int = SPLIT_SEED) -> dict[str, Any]:
-    """Write out/mix.txt (pretraining text) and out/hh_{policy,judge,heldout}.jsonl; return the counts."""
+                 judge_fraction: float, heldout_fraction: float, grounded_k: int, chunk_tokens: int | None,
+                 seed: int = SPLIT_SEED) -> dict[str, Any]:
+    """Write out/mix.txt (pretraining text), out/hh_{policy,judge,heldout}.jsonl, out/sft.jsonl (Alpaca and the
+    grounded examples of byollm.capstone.grounded) and out/grounded_heldout.jsonl; return the counts."""
+    from byollm.capstone.grounded import build_grounded
+
     hh = load_records("hh-rlhf")[:hh_limit]
     parts = split_by_prompt(hh, {"heldout": heldout_fraction, "judge": judge_fraction,
                                  "policy": 1 - heldout_fraction - judge_fraction}, seed)
@@ -74,17 +79,28 @@ def prepare_data(out: Path, *, shakespeare_chars: int | None, alpaca_limit: int 
         write_jsonl(out / f"hh_{name}.jsonl", records)
     prompts = {name: {first_human_turn(r["chosen"]) for r in records} for name, records in parts.items()}
     overlap = len(prompts["heldout"] & (prompts["policy"] | prompts["judge"]))
-    # Pretraining text: Tiny Shakespeare, Alpaca's training records (the SFT recipe's split, so its held-out loss
-    # is honest) and the chosen dialogues of the policy and judge pairs (never a held-out prompt).
+    # SFT data: Alpaca, then the grounded examples of the SQuAD paragraphs not held out (their held-out
+    # paragraphs go to grounded_heldout.jsonl, for the evaluate stage only).
     alpaca = load_records("alpaca")
-    train_idx, _ = split_records(len(alpaca), VAL_FRACTION, SPLIT_SEED)
+    grounded, grounded_heldout = build_grounded(resolve("squad").path, k=grounded_k, chunk_tokens=chunk_tokens,
+                                                heldout_fraction=0.2, seed=seed)
+    sft = [*alpaca, *grounded]
+    write_jsonl(out / "sft.jsonl", sft)
+    write_jsonl(out / "grounded_heldout.jsonl", grounded_heldout)
+    # Pretraining text: Tiny Shakespeare, the Alpaca records of the SFT recipe's training split (the split it
+    # makes of sft.jsonl, so its held-out loss is honest) and the chosen dialogues of the policy and judge pairs
+    # (never a held-out prompt).
+    train_idx, _ = split_records(len(sft), VAL_FRACTION, SPLIT_SEED)
+    alpaca_train = [i for i in train_idx.tolist() if i < len(alpaca)]
     texts = {
         "tinyshakespeare": source_text(resolve("tinyshakespeare"))[:shakespeare_chars],
-        "alpaca": "\n\n".join(record_to_text(alpaca[i]) for i in train_idx.tolist()[:alpaca_limit]),
+        "alpaca": "\n\n".join(record_to_text(alpaca[i]) for i in alpaca_train[:alpaca_limit]),
         "hh-rlhf": "\n\n".join(r["chosen"].strip() for r in parts["policy"] + parts["judge"]),
     }
     (out / "mix.txt").write_text("\n\n".join(texts.values()) + "\n", encoding="utf-8")
     return {"pairs": {name: len(records) for name, records in parts.items()},
             "prompts": {name: len(p) for name, p in prompts.items()},
             "duplicates_dropped": len(hh) - sum(len(r) for r in parts.values()),
-            "heldout_prompts_seen_in_training": overlap, "mix_chars": {k: len(v) for k, v in texts.items()}}
+            "heldout_prompts_seen_in_training": overlap, "mix_chars": {k: len(v) for k, v in texts.items()},
+            "sft_records": {"alpaca": len(alpaca), "grounded": len(grounded)},
+            "grounded_heldout": len(grounded_heldout)}

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 from byollm.atomic import atomic_write_text
@@ -67,6 +67,17 @@ class StageResult:
     status: str  # "ran" or "cached"
     seconds: float  # this run's wall time (cached: the time it took when it ran)
     figures: dict[str, Any]
+
+
+def sized(sizes: Any, *fields: str) -> dict[str, Any]:
+    """A stage's config from a size dial (a dataclass): only the `fields` the stage reads, so a change to one field
+    reruns the stages that read it and those after them, not the whole pipeline."""
+    return {"sizes": {f: getattr(sizes, f) for f in fields}}
+
+
+def sizes_of(ctx: StageContext) -> SimpleNamespace:
+    """The stage's size fields as attributes (reading a field the stage did not list is an AttributeError)."""
+    return SimpleNamespace(**ctx.config["sizes"])
 
 
 def _source_hash(objects: Iterable[ModuleType | Callable[..., Any]]) -> str:

@@ -8,7 +8,6 @@ judge pairs, the transformer frozen (a linear probe: cheap on a CPU, and it neve
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,11 @@ from typing import Any
 from torch import nn
 
 from byollm.capstone import judging
-from byollm.capstone.pipeline import Stage, StageContext
+from byollm.capstone.pipeline import Stage, StageContext, sized, sizes_of
 from byollm.capstone.scratch import (
+    DATA,
+    EVALUATE,
+    SAFETY,
     stage_data,
     stage_evaluate,
     stage_export,
@@ -63,10 +65,6 @@ SIZES = {
 }
 
 
-def _sizes(ctx: StageContext) -> Sizes:
-    return Sizes(**ctx.config["sizes"])
-
-
 def stage_base(ctx: StageContext) -> dict[str, Any]:
     from byollm.interop.pretrained import packaged_checkpoint
 
@@ -84,7 +82,7 @@ def _lora_run(ctx: StageContext, recipe: str, base: Path, dataset: str, steps: i
     from byollm.finetune.recipe import merge
     from byollm.train.align import CONFIGS, ModelHooks, align, load_align_config
 
-    s = _sizes(ctx)
+    s = sizes_of(ctx)
     train_dir = ctx.dir / "train"
     if train_dir.exists():  # adapters are not resumable checkpoints: an interrupted LoRA run starts again
         shutil.rmtree(train_dir)
@@ -109,12 +107,12 @@ def _lora_run(ctx: StageContext, recipe: str, base: Path, dataset: str, steps: i
 
 
 def stage_sft(ctx: StageContext) -> dict[str, Any]:
-    s = _sizes(ctx)
+    s = sizes_of(ctx)
     return _lora_run(ctx, "sft", ctx.inputs["base"] / "run", "alpaca", s.sft_steps, 2e-4)
 
 
 def stage_dpo(ctx: StageContext) -> dict[str, Any]:
-    s = _sizes(ctx)
+    s = sizes_of(ctx)
     return _lora_run(ctx, "dpo", ctx.inputs["sft"] / "run", str(ctx.inputs["data"] / "hh_policy.jsonl"),
                      s.pref_steps, 5e-5, **{"align.beta": 0.1})
 
@@ -123,7 +121,7 @@ def stage_judge(ctx: StageContext) -> dict[str, Any]:
     """A linear-probe reward model on the judge pairs: SmolLM2 (after SFT) frozen, a new scalar head trained."""
     from byollm.train.align import CONFIGS, ModelHooks, align, load_align_config
 
-    s = _sizes(ctx)
+    s = sizes_of(ctx)
 
     def freeze(model: nn.Module) -> nn.Module:
         return model.requires_grad_(False)  # the reward head is added after this, trainable
@@ -142,18 +140,27 @@ def stage_judge(ctx: StageContext) -> dict[str, Any]:
 
 def smollm2_stages(size: str = "cpu", docs: str | Path = "docs") -> list[Stage]:
     """The real-model track's stages at one size of its dial."""
-    cfg = {"sizes": dataclasses.asdict(SIZES[size])}
+    s = SIZES[size]
+    from byollm.capstone import data, grounded
+
+    lora = ("device", "dtype", "max_len", "max_val", "batch", "answer_tokens")
     return [
-        Stage("data", stage_data, config=cfg, describe="HH pairs split by prompt (the mix is unused here)"),
+        Stage("data", stage_data, config=sized(s, *DATA), code=[data, grounded],
+              describe="HH pairs split by prompt; grounded RAG questions (the mix and the SFT file are unused here)"),
         Stage("base", stage_base, config={"model": MODEL}, describe="SmolLM2-135M-Instruct from its package"),
-        Stage("sft", stage_sft, reads=["base"], config=cfg, describe="LoRA SFT on Alpaca, merged"),
-        Stage("dpo", stage_dpo, reads=["data", "sft"], config=cfg, describe="LoRA DPO on the policy pairs, merged"),
-        Stage("judge", stage_judge, reads=["data", "sft"], config=cfg, describe="a linear-probe reward model"),
-        Stage("evaluate", stage_evaluate, reads=["data", "sft", "dpo", "judge"], config=cfg, code=[judging],
-              describe="held-out preference accuracy, win rate"),
-        Stage("safety", stage_safety, reads=["dpo"], config=cfg, describe="CrowS-Pairs, toxicity, red team"),
+        Stage("sft", stage_sft, reads=["base"], config=sized(s, *lora, "sft_steps"),
+              describe="LoRA SFT on Alpaca, merged"),
+        Stage("dpo", stage_dpo, reads=["data", "sft"], config=sized(s, *lora, "pref_steps"),
+              describe="LoRA DPO on the policy pairs, merged"),
+        Stage("judge", stage_judge, reads=["data", "sft"],
+              config=sized(s, "device", "dtype", "max_len", "max_val", "batch", "judge_steps"),
+              describe="a linear-probe reward model"),
+        Stage("evaluate", stage_evaluate, reads=["data", "sft", "dpo", "judge"], config=sized(s, *EVALUATE),
+              code=[judging, grounded], describe="held-out preference accuracy, win rate, grounded answers"),
+        Stage("safety", stage_safety, reads=["dpo"], config=sized(s, *SAFETY),
+              describe="CrowS-Pairs, toxicity, red team"),
         Stage("export", stage_export, reads=["dpo", "safety"], describe="HF dir, GGUF, model card",
-              config={**cfg, "data_licenses": ["hh_policy.jsonl=MIT"]}),
-        Stage("rag", stage_rag, config={"docs": str(docs), "chunk_size": SIZES[size].rag_chunk_tokens},
+              config={"data_licenses": ["hh_policy.jsonl=MIT"]}),
+        Stage("rag", stage_rag, config={"docs": str(docs), "chunk_size": s.rag_chunk_tokens},
               files=[Path(docs)], describe="RAG index of the guide"),
     ]

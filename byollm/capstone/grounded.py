@@ -1,0 +1,138 @@
+"""Grounded SFT examples: teaching a model pretrained here the RAG prompt's contract, and measuring it on unseen text.
+
+The server's RAG prompt (byollm.rag.prompt) gives the model numbered, delimited sources and asks it to answer from
+them, cite them by number like [1], and say so when they do not hold the answer. SmolLM2 was instruction-tuned on
+data like that; a model pretrained from scratch on Shakespeare and Alpaca has never seen such a prompt, and after
+SFT on Alpaca alone it ignores the sources and writes no [n]. So the scratch track adds *grounded* examples to its
+SFT data, built from SQuAD (a question, the paragraph that answers it, the answer span):
+
+    system   the server's rules (SYSTEM_PROMPT), word for word
+    user     the server's user message: the sources, cut by the index's own chunker at the index's chunk size,
+             numbered and delimited by the same code, then the question and the instruction
+    reply    "<answer span> [n]"                      n = the position of the passage that holds the answer
+             "I do not know: the sources do not say."  when no given passage holds it (ABSTAIN_SHARE of examples)
+
+The prompt is built by `rag_messages`, the function the server calls, so what the model learns is exactly what it
+will be asked. Paragraphs are split into train and held-out *by paragraph* (a seeded permutation), and
+`grounded_figures` measures, on held-out paragraphs only, how often the model cites a source, cites the right one,
+writes the answer, and abstains when it should (and when it should not).
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from byollm.data.instruct import SPLIT_SEED
+
+ABSTAIN = "I do not know: the sources do not say."
+ABSTAIN_SHARE = 0.2  # examples whose sources do not hold the answer (the model must learn to say so)
+_ABSTAINS = re.compile(r"\b(do not|don't) know\b|sources do not say", re.I)
+
+
+def _chunks_of(paragraphs: list[Any], source: str, chunk_tokens: int | None) -> list[list[Any]]:
+    """Each paragraph's chunks, cut as `byollm rag index` cuts a document (the embedding model's token counts)."""
+    from byollm.rag.chunk import ChunkerSettings, chunk_text
+    from byollm.rag.dense import DEFAULT_MODEL, Embedder
+
+    embedder = Embedder(DEFAULT_MODEL)
+    defaults = ChunkerSettings()
+    settings = ChunkerSettings(chunk_tokens or defaults.size, defaults.overlap, embedder.name)
+    return [chunk_text(p.context, source, embedder.count_tokens, settings, title=p.title.replace("_", " "))
+            for p in paragraphs]
+
+
+def _holding(chunks: list[Any], start: int, answer: str) -> Any | None:
+    """The first chunk whose span holds the answer (offsets into the paragraph), None when the cut split it."""
+    for c in chunks:
+        if c.start <= start and start + len(answer) <= c.end:
+            return c
+    return None
+
+
+def build_grounded(squad_path: Path, *, k: int, chunk_tokens: int | None, heldout_fraction: float,
+                   seed: int = SPLIT_SEED) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, heldout) grounded records {"messages": [system, user, assistant], "answers": [...], "cited": n}.
+
+    k sources per question: the chunk holding the answer at a random position among k - 1 chunks of other
+    paragraphs, or (ABSTAIN_SHARE of questions) k chunks of other paragraphs and the ABSTAIN reply."""
+    from byollm.rag.index import Hit
+    from byollm.rag.ingest import read_squad
+    from byollm.rag.prompt import number_sources, rag_messages
+
+    paragraphs = read_squad(squad_path)
+    chunks = _chunks_of(paragraphs, squad_path.name, chunk_tokens)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(paragraphs))
+    n_heldout = max(1, round(heldout_fraction * len(paragraphs)))
+    heldout_ids = set(order[:n_heldout].tolist())
+    parts: dict[str, list[dict[str, Any]]] = {"train": [], "heldout": []}
+    for pi, p in enumerate(paragraphs):
+        part = "heldout" if pi in heldout_ids else "train"
+        others = [c for pj, cs in enumerate(chunks) if (pj in heldout_ids) == (part == "heldout") and pj != pi
+                  for c in cs]  # distractors from the same side of the split
+        for q in p.questions:
+            gold = _holding(chunks[pi], q.answer_starts[0], q.answers[0]) if q.answers else None
+            if gold is None:
+                continue
+            abstain = rng.random() < ABSTAIN_SHARE
+            picked = [others[i] for i in rng.choice(len(others), size=k if abstain else k - 1, replace=False)]
+            cited = 0
+            if not abstain:
+                cited = int(rng.integers(0, k)) + 1
+                picked.insert(cited - 1, gold)
+            sources = number_sources([Hit(c, 1.0, r) for r, c in enumerate(picked, start=1)])
+            reply = ABSTAIN if abstain else f"{q.answers[0].strip()} [{cited}]"
+            messages = [*rag_messages(q.question, sources), {"role": "assistant", "content": reply}]
+            parts[part].append({"messages": messages, "answers": sorted(set(q.answers)), "cited": cited})
+    return parts["train"], parts["heldout"]
+
+
+def _normal(text: str) -> str:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def grounded_figures(model: Any, tokenizer: Any, records: list[dict[str, Any]], *, tokens: int,
+                     max_len: int) -> dict[str, Any]:
+    """How a chat model answers held-out grounded prompts (greedy, `tokens` new tokens at most)."""
+    from byollm.rag.safety import parse_citations
+    from byollm.tokenizer.chat_format import chat_format
+    from byollm.train.align import answer_prompts
+
+    fmt = chat_format(tokenizer)
+    prompts = [r["messages"][:-1] for r in records]
+    keep = [i for i, p in enumerate(prompts) if len(fmt.encode_prompt(p)) <= max_len - tokens]
+    replies = answer_prompts(model, tokenizer, [prompts[i] for i in keep], tokens, 0.0, 0)
+    answerable = cites = right = found = abstain_wrongly = 0
+    unanswerable = abstains = 0
+    for i, reply in zip(keep, replies, strict=True):
+        r = records[i]
+        n_sources = sum(1 for line in r["messages"][1]["content"].splitlines() if line.startswith("<<<SOURCE "))
+        cited = parse_citations(reply, n_sources).cited
+        if r["cited"]:
+            answerable += 1
+            cites += bool(cited)
+            right += r["cited"] in cited
+            found += any(_normal(a) and _normal(a) in _normal(reply) for a in r["answers"])
+            abstain_wrongly += bool(_ABSTAINS.search(reply))
+        else:
+            unanswerable += 1
+            abstains += bool(_ABSTAINS.search(reply))
+
+    def share(a: int, b: int) -> float | None:
+        return round(a / b, 4) if b else None
+
+    example = next((records[i] for i in keep if records[i]["cited"]), None)
+    return {"answerable": answerable, "unanswerable": unanswerable, "left_out_too_long": len(records) - len(keep),
+            "cites_a_source": share(cites, answerable), "cites_the_right_source": share(right, answerable),
+            "answer_in_reply": share(found, answerable), "abstains_when_unanswerable": share(abstains, unanswerable),
+            "abstains_when_answerable": share(abstain_wrongly, answerable),
+            "example": None if example is None else {
+                "question": example["messages"][1]["content"].rsplit("Question: ", 1)[-1].split("\n")[0],
+                "expected": example["messages"][-1]["content"], "reply": replies[keep.index(records.index(example))]}}
