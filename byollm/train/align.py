@@ -359,16 +359,20 @@ def align(cfg: RewardTrainConfig, recipe: str, *, progress: bool = True,
         else:
             collate = partial(collate_preference, pad_id=pad_id, max_length=max_len)
             objective = RewardBT() if recipe == "reward" else ORPO(a.orpo_lambda) if recipe == "orpo" else DPO(a.beta)
-        if recipe == "dpo":  # the frozen reference's log-probs, once per example (then it leaves memory)
+        if recipe == "dpo":  # the frozen reference's log-probs, once per example the run reads (then it leaves memory)
             reference = gpt if a.reference is None else prepare_chat_model(
                 load_checkpoint(a.reference, device=device).model, tok, say)
             if resume_from is not None and a.reference is None:
                 reference = prepare_chat_model(load_checkpoint(a.base, device=device).model, tok, lambda m: None)
-            say(f"[byollm] reference log-probs of {len(train) + len(val)} pairs "
-                f"({'the base' if a.reference is None else a.reference})")
+            drawn = drawn_indices(len(train), cfg.batch_size, cfg.max_steps * cfg.grad_accum, cfg.seed,
+                                  dist.rank, dist.world_size)
+            say(f"[byollm] reference log-probs of the {len(drawn)} of {len(train)} train pairs the run reads and "
+                f"{len(val)} held-out ({'the base' if a.reference is None else a.reference})")
             ref = partial(precompute_reference_logprobs, reference, batch_size=a.eval_batch_size, pad_id=pad_id,
                           max_length=max_len, device=device, autocast_dtype=autocast_dtype)
-            train, val = ref(train), ref(val)
+            for i, example in zip(drawn, ref([train[i] for i in drawn]), strict=True):
+                train[i] = example  # the others are never drawn: they stay without (collate_preference never sees them)
+            val = ref(val)
             del reference
 
         def val_batches():
@@ -470,6 +474,20 @@ def prepare_chat_model(model: GPT, tok: Tokenizer | None, say: Any = None) -> GP
     return model
 
 
+def drawn_indices(num_examples: int, batch_size: int, draws: int, seed: int, rank: int = 0,
+                  world_size: int = 1) -> list[int]:
+    """The indices (ascending) of the examples this rank's `ExampleSource(examples, batch_size, ..., seed=seed)`
+    serves in its first `draws` batches: all a run of max_steps x grad_accum batches reads (a time budget only
+    shortens a run), so the examples a DPO run needs reference log-probs for."""
+    source = ExampleSource(range(num_examples), batch_size, list, seed=seed, rank=rank, world_size=world_size)
+    drawn: set[int] = set()
+    for step in range(draws):
+        drawn.update(int(j) for j in source.indices(step))
+        if len(drawn) == num_examples:
+            break
+    return sorted(drawn)
+
+
 def build_examples(recipe: str, tok: Tokenizer, a: AlignConfig, split: str,
                    records: list[dict] | None = None) -> tuple[list[dict], DataReport]:
     """The train or held-out examples of a recipe: SFT examples for sft, preference examples otherwise.
@@ -547,5 +565,5 @@ def _fmt(metrics: dict[str, float]) -> str:
 __all__ = ["CONFIGS", "RECIPES", "SAMPLE_PROMPTS", "AlignConfig", "AlignData", "AlignResult", "AlignTrainConfig",
            "DPOSettings", "DPOTrainConfig", "ModelHooks", "ORPOSettings", "ORPOTrainConfig", "PairData",
            "RewardTrainConfig", "SFTSettings", "SFTTrainConfig", "Samples", "align",
-           "answer_prompts", "build_examples", "dpo", "held_out_metrics", "load_align_config", "orpo",
+           "answer_prompts", "build_examples", "dpo", "drawn_indices", "held_out_metrics", "load_align_config", "orpo",
            "prepare_chat_model", "ranking_accuracy", "reward", "sft"]

@@ -261,7 +261,8 @@ def precompute_reference_logprobs(reference: nn.Module, examples: Sequence[Examp
     """Copies of the preference examples with "ref_chosen_logp" and "ref_rejected_logp" (floats): the frozen
     reference's sequence log-probs, computed once in eval mode. Use the same autocast dtype as training, so
     that at the start (policy == reference) the log-ratios are zero and not rounding noise.
-    Every rank needs all examples' values (the sampler may give it any of them)."""
+    A rank needs the values of every example its sampler may give it; a run that reads fewer examples than it
+    holds passes only those (`byollm.train.align.drawn_indices`)."""
     device = torch.device(device) if device is not None else next(reference.parameters()).device
     was_training = reference.training
     reference.eval()
