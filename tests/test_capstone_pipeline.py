@@ -128,3 +128,29 @@ def test_a_killed_run_resumes_the_interrupted_stage_where_it_stopped(tmp_path: P
     assert "first: cached" in done.stdout and "slow: resuming" in done.stdout
     record = json.loads((out / "slow" / "stage.json").read_text())
     assert record["figures"]["resumed_from"] == killed_at and step.read_text() == "20"
+
+
+def test_a_size_field_changes_only_the_keys_of_the_stages_that_read_it_and_those_after_them(tmp_path: Path) -> None:
+    import dataclasses
+
+    from byollm.capstone import scratch
+    from byollm.capstone.pipeline import stage_key
+
+    def keys(sizes: scratch.Sizes) -> dict[str, str]:
+        saved = scratch.SIZES["cpu"]
+        scratch.SIZES["cpu"] = sizes
+        try:
+            out: dict[str, str] = {}
+            for stage in scratch.scratch_stages("cpu", docs=tmp_path):
+                out[stage.name] = stage_key(stage, out)
+            return out
+        finally:
+            scratch.SIZES["cpu"] = saved
+
+    base = keys(scratch.Sizes())
+    more_sft = keys(dataclasses.replace(scratch.Sizes(), sft_steps=301))
+    changed = {name for name in base if base[name] != more_sft[name]}
+    # sft reruns, and what reads it directly or through dpo; data, pretrain, safety's config and the index do not
+    assert changed == {"sft", "dpo", "judge", "evaluate", "safety", "export"}
+    quick_safety = keys(dataclasses.replace(scratch.Sizes(), safety_quick=True))
+    assert {name for name in base if base[name] != quick_safety[name]} == {"safety", "export"}

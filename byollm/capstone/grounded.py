@@ -71,6 +71,7 @@ def build_grounded(squad_path: Path, *, k: int, chunk_tokens: int | None, heldou
     n_heldout = max(1, round(heldout_fraction * len(paragraphs)))
     heldout_ids = set(order[:n_heldout].tolist())
     parts: dict[str, list[dict[str, Any]]] = {"train": [], "heldout": []}
+    normal = {id(c): _normal(c.text) for cs in chunks for c in cs}
     for pi, p in enumerate(paragraphs):
         part = "heldout" if pi in heldout_ids else "train"
         others = [c for pj, cs in enumerate(chunks) if (pj in heldout_ids) == (part == "heldout") and pj != pi
@@ -79,8 +80,14 @@ def build_grounded(squad_path: Path, *, k: int, chunk_tokens: int | None, heldou
             gold = _holding(chunks[pi], q.answer_starts[0], q.answers[0]) if q.answers else None
             if gold is None:
                 continue
+            # a distractor must not hold the answer too (many paragraphs name the same teams and players)
+            answers = [_normal(a) for a in q.answers if _normal(a)]
+            pool = [c for c in others if not any(a in normal[id(c)] for a in answers)]
             abstain = rng.random() < ABSTAIN_SHARE
-            picked = [others[i] for i in rng.choice(len(others), size=k if abstain else k - 1, replace=False)]
+            need = k if abstain else k - 1
+            if len(pool) < need:  # an answer every other passage holds ("Super Bowl"): no honest distractor
+                continue
+            picked = [pool[i] for i in rng.choice(len(pool), size=need, replace=False)]
             cited = 0
             if not abstain:
                 cited = int(rng.integers(0, k)) + 1
@@ -100,39 +107,45 @@ def _normal(text: str) -> str:
 
 def grounded_figures(model: Any, tokenizer: Any, records: list[dict[str, Any]], *, tokens: int,
                      max_len: int) -> dict[str, Any]:
-    """How a chat model answers held-out grounded prompts (greedy, `tokens` new tokens at most)."""
-    from byollm.rag.safety import parse_citations
+    """How a chat model answers grounded prompts (greedy, at most `tokens` new tokens; prompts longer than
+    max_len - tokens are left out and counted)."""
     from byollm.tokenizer.chat_format import chat_format
     from byollm.train.align import answer_prompts
 
     fmt = chat_format(tokenizer)
-    prompts = [r["messages"][:-1] for r in records]
-    keep = [i for i, p in enumerate(prompts) if len(fmt.encode_prompt(p)) <= max_len - tokens]
-    replies = answer_prompts(model, tokenizer, [prompts[i] for i in keep], tokens, 0.0, 0)
-    answerable = cites = right = found = abstain_wrongly = 0
-    unanswerable = abstains = 0
-    for i, reply in zip(keep, replies, strict=True):
-        r = records[i]
-        n_sources = sum(1 for line in r["messages"][1]["content"].splitlines() if line.startswith("<<<SOURCE "))
+    kept = [r for r in records if len(fmt.encode_prompt(r["messages"][:-1])) <= max_len - tokens]
+    replies = answer_prompts(model, tokenizer, [r["messages"][:-1] for r in kept], tokens, 0.0, 0)
+    return {**score_replies(kept, replies), "left_out_too_long": len(records) - len(kept)}
+
+
+def score_replies(records: list[dict[str, Any]], replies: list[str]) -> dict[str, Any]:
+    """Shares of the answerable records whose reply cites a source, cites the one holding the answer, contains an
+    answer (SQuAD-normalised) or says it does not know; of the unanswerable ones, the share that says so."""
+    from byollm.rag.safety import parse_citations
+
+    answerable = cites = right = found = abstain_wrongly = unanswerable = abstains = 0
+    example = None
+    for r, reply in zip(records, replies, strict=True):
+        n_sources = r["messages"][1]["content"].count("<<<END SOURCE ")
         cited = parse_citations(reply, n_sources).cited
+        says_unknown = bool(_ABSTAINS.search(reply))
         if r["cited"]:
             answerable += 1
             cites += bool(cited)
             right += r["cited"] in cited
             found += any(_normal(a) and _normal(a) in _normal(reply) for a in r["answers"])
-            abstain_wrongly += bool(_ABSTAINS.search(reply))
+            abstain_wrongly += says_unknown
+            if example is None:
+                question = r["messages"][1]["content"].rsplit("Question: ", 1)[-1].split("\n")[0]
+                example = {"question": question, "expected": r["messages"][-1]["content"], "reply": reply}
         else:
             unanswerable += 1
-            abstains += bool(_ABSTAINS.search(reply))
+            abstains += says_unknown
 
     def share(a: int, b: int) -> float | None:
         return round(a / b, 4) if b else None
 
-    example = next((records[i] for i in keep if records[i]["cited"]), None)
-    return {"answerable": answerable, "unanswerable": unanswerable, "left_out_too_long": len(records) - len(keep),
+    return {"answerable": answerable, "unanswerable": unanswerable,
             "cites_a_source": share(cites, answerable), "cites_the_right_source": share(right, answerable),
             "answer_in_reply": share(found, answerable), "abstains_when_unanswerable": share(abstains, unanswerable),
-            "abstains_when_answerable": share(abstain_wrongly, answerable),
-            "example": None if example is None else {
-                "question": example["messages"][1]["content"].rsplit("Question: ", 1)[-1].split("\n")[0],
-                "expected": example["messages"][-1]["content"], "reply": replies[keep.index(records.index(example))]}}
+            "abstains_when_answerable": share(abstain_wrongly, answerable), "example": example}

@@ -33,6 +33,16 @@ HEADLINES: list[tuple[str, tuple[str, ...], str, bool | None]] = [
     ("held-out pairs", ("evaluate", "preference", "pairs"), "{:,}", None),
     ("judge's held-out accuracy", ("evaluate", "judge_held_out_accuracy"), "{:.1%}", True),
     ("win rate vs the starting model", ("evaluate", "win_rate", "win_rate"), "{:.1%}", True),
+    ("grounded questions on unseen paragraphs: cites a source, start", ("evaluate", "grounded", "start",
+                                                                         "cites_a_source"), "{:.1%}", True),
+    ("grounded: cites a source, tuned", ("evaluate", "grounded", "tuned", "cites_a_source"), "{:.1%}", True),
+    ("grounded: cites the right source, tuned", ("evaluate", "grounded", "tuned", "cites_the_right_source"),
+     "{:.1%}", True),
+    ("grounded: answer in the reply, tuned", ("evaluate", "grounded", "tuned", "answer_in_reply"), "{:.1%}", True),
+    ("grounded: says it does not know when the sources do not say, tuned",
+     ("evaluate", "grounded", "tuned", "abstains_when_unanswerable"), "{:.1%}", True),
+    ("grounded: says it does not know when they do, tuned",
+     ("evaluate", "grounded", "tuned", "abstains_when_answerable"), "{:.1%}", False),
     ("CrowS-Pairs % stereotype (50 = no preference)", ("safety", "bias", "pct_stereotype"), "{:.1f}", None),
     ("red team: harmful-request success", ("safety", "redteam", "attack_success_rate", "harmful"), "{:.1%}", False),
     ("red team: over-refusal", ("safety", "redteam", "over_refusal_rate"), "{:.1%}", False),
@@ -160,13 +170,31 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
                    [[s["name"], s["status"], f"{s['seconds']:.1f}"] for s in report["stages"]])
     lines += ["## Headline figures", ""]
     lines += table(*_rows(report))
-    ex = _get(report["figures"], ("evaluate", "win_rate", "example"))
-    if ex:
-        lines += ["## An answer, before and after preference tuning", "", f"Prompt: {ex['prompt']!r}", "",
-                  f"- starting model: {ex['start']!r}", f"- tuned model: {ex['tuned']!r}", ""]
+    for title, intro, items in answers(report):
+        lines += [f"## {title}", "", f"{intro}", "", *[f"- {label}: {text!r}" for label, text in items], ""]
     lines += ["## Plots", "", *[f"![{p}]({p})" for p in plots], "", "## Environment", "", "```json",
               json.dumps(env, indent=2, default=str), "```", ""]
     return "\n".join(lines)
+
+
+def answers(report: dict[str, Any]) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """The report's example answers: (title, what was asked, [(whose answer, text)])."""
+    figures, out = report["figures"], []
+    ex = _get(figures, ("evaluate", "win_rate", "example"))
+    if ex:
+        out.append(("An answer, before and after preference tuning", f"Prompt: {ex['prompt']!r}",
+                    [("starting model", ex["start"]), ("tuned model", ex["tuned"])]))
+    ex = _get(figures, ("evaluate", "grounded", "tuned", "example"))
+    if ex:
+        out.append(("A grounded question on an unseen paragraph", f"Question: {ex['question']!r}",
+                    [("expected", ex["expected"]), ("tuned model", ex["reply"])]))
+    served = figures.get("served")
+    if served:
+        out.append(("The served model, with RAG over the guide", f"Question: {served['question']!r}",
+                    [("answer", served["answer"]), ("citations", ", ".join(f"[{n}]" for n in served["citations"])
+                                                    or "none"),
+                     ("sources", "; ".join(str(x) for x in served["sources"]) or "none")]))
+    return out
 
 
 def to_html(report: dict[str, Any], plots: list[str]) -> str:
@@ -181,6 +209,9 @@ def to_html(report: dict[str, Any], plots: list[str]) -> str:
     stages = table(["stage", "this run", "seconds (when it ran)"],
                    [[s["name"], s["status"], f"{s['seconds']:.1f}"] for s in report["stages"]])
     images = "".join(f'<figure><img src="{e(p)}" alt="{e(p)}"></figure>' for p in plots)
+    examples = "".join(f"<h2>{e(title)}</h2><p>{e(intro)}</p><ul>"
+                       + "".join(f"<li>{e(label)}: <code>{e(text)}</code></li>" for label, text in items) + "</ul>"
+                       for title, intro, items in answers(report))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>byollm capstone report: {e(report['track'])}</title>
@@ -190,7 +221,7 @@ text-align:left}}img{{max-width:100%}}pre{{background:#f4f4f4;padding:0.6rem;ove
 <h1>byollm capstone report: track {e(report['track'])}, size {e(report['size'])}</h1>
 <p>Commit {e(str((env.get('git') or {}).get('commit', 'unknown')))}, {e(str(env.get('created', '')))}.</p>
 <h2>Stages</h2>{stages}<h2>Headline figures</h2>{table(*_rows(report))}
-<h2>Plots</h2>{images}<h2>Environment</h2><pre>{e(json.dumps(env, indent=2, default=str))}</pre>
+{examples}<h2>Plots</h2>{images}<h2>Environment</h2><pre>{e(json.dumps(env, indent=2, default=str))}</pre>
 </body></html>
 """
 
