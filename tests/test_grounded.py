@@ -42,7 +42,7 @@ def test_each_answerable_reply_cites_the_passage_that_holds_the_answer_and_no_ot
         assert all(any(text in c for c in contexts) for text in passages.values())  # cut from the paragraphs
         holds = {n for n, text in passages.items() if any(a.lower() in text.lower() for a in r["answers"])}
         if r["cited"]:
-            assert r["cited"] in holds and reply["content"].endswith(f"[{r['cited']}]")
+            assert r["cited"] in holds and reply["content"].startswith(f"According to [{r['cited']}], ")
         else:
             assert reply["content"] == ABSTAIN and not holds
 

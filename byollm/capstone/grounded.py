@@ -9,8 +9,14 @@ SFT data, built from SQuAD (a question, the paragraph that answers it, the answe
     system   the server's rules (SYSTEM_PROMPT), word for word
     user     the server's user message: the sources, cut by the index's own chunker at the index's chunk size,
              numbered and delimited by the same code, then the question and the instruction
-    reply    "<answer span> [n]"                      n = the position of the passage that holds the answer
+    reply    "According to [n], <answer span>."        n = the position of the passage that holds the answer
              "I do not know: the sources do not say."  when no given passage holds it (ABSTAIN_SHARE of examples)
+
+The citation comes first. With the span first ("Roger Goodell [1]") a 0.8M-parameter model, which cannot yet copy a
+span from a passage, found the one constant reply the cheapest to predict and answered every held-out question
+with "I do not know" (greedy decoding picks the likeliest first token, and 20% of the replies began with "I",
+while the spans began with hundreds of different tokens); with the citation first, the likeliest start of a reply
+is the citation.
 
 The prompt is built by `rag_messages`, the function the server calls, so what the model learns is exactly what it
 will be asked. Paragraphs are split into train and held-out *by paragraph* (a seeded permutation), and
@@ -93,7 +99,7 @@ def build_grounded(squad_path: Path, *, k: int, chunk_tokens: int | None, heldou
                 cited = int(rng.integers(0, k)) + 1
                 picked.insert(cited - 1, gold)
             sources = number_sources([Hit(c, 1.0, r) for r, c in enumerate(picked, start=1)])
-            reply = ABSTAIN if abstain else f"{q.answers[0].strip()} [{cited}]"
+            reply = ABSTAIN if abstain else f"According to [{cited}], {q.answers[0].strip().rstrip('.')}."
             messages = [*rag_messages(q.question, sources), {"role": "assistant", "content": reply}]
             parts[part].append({"messages": messages, "answers": sorted(set(q.answers)), "cited": cited})
     return parts["train"], parts["heldout"]
