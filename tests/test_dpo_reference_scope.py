@@ -67,3 +67,28 @@ def test_dpo_reads_the_same_pairs_and_losses_as_with_a_full_reference_precompute
             (full[i]["ref_chosen_logp"], full[i]["ref_rejected_logp"])
     assert len(losses) == 3 and losses == full_losses  # identical training
     assert before == full_before and after == full_after
+
+
+def test_dpo_held_out_ranking_accuracy_comes_from_the_same_pass() -> None:
+    """held_out_metrics reads the reference-free ranking from DPO's metrics (one pass over the held-out pairs);
+    it equals the separate measurement, which scores every pair against a zero reference."""
+    import random
+    from functools import partial
+
+    import torch
+
+    from byollm.model import GPT, preset
+    from byollm.train.align import held_out_metrics, ranking_accuracy
+    from byollm.train.examples import collate_preference
+    from byollm.train.objectives import DPO, precompute_reference_logprobs
+
+    torch.manual_seed(0)
+    reference, policy = GPT(preset("llama-tiny")), GPT(preset("llama-tiny"))
+    rng = random.Random(0)
+    ids = lambda k: [rng.randrange(policy.config.vocab_size) for _ in range(rng.randint(1, k))]  # noqa: E731
+    pairs = [{"prompt_ids": ids(20), "chosen_ids": ids(12), "rejected_ids": ids(12)} for _ in range(20)]
+    val = precompute_reference_logprobs(reference, pairs, batch_size=8)
+    collate, cpu = partial(collate_preference, pad_id=0), torch.device("cpu")
+    got = held_out_metrics("dpo", policy, DPO(0.1), val, collate, 8, cpu, None)
+    assert got["ranking_accuracy"] == ranking_accuracy(policy, val, collate, 8, cpu)
+    assert 0 < got["ranking_accuracy"] < 1 and got["pairs"] == 20

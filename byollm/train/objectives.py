@@ -185,7 +185,8 @@ class DPO:
     epoch would only repeat the same numbers, and the reference model need not stay in memory), or, when the
     batch has none, from `reference` (a frozen copy of the starting policy), run here without gradients.
     Metrics: rewards/chosen, rewards/rejected (mean implicit rewards beta * (pi - ref)), accuracy (share of
-    pairs whose chosen reward is higher), margin (mean chosen - rejected reward), tokens (real tokens)."""
+    pairs whose chosen reward is higher), margin (mean chosen - rejected reward), ranking_accuracy (share of
+    pairs with pi(chosen) > pi(rejected): the reference-free ranking), tokens (real tokens)."""
 
     def __init__(self, beta: float = 0.1, reference: nn.Module | None = None) -> None:
         if beta <= 0:
@@ -217,7 +218,7 @@ class DPO:
         return losses.mean(), {
             "rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
             "accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item(),
-            "tokens": _real_tokens(batch)}
+            "ranking_accuracy": (policy_chosen > policy_rejected).float().mean().item(), "tokens": _real_tokens(batch)}
 
 
 class ORPO:
