@@ -59,7 +59,11 @@ SIZES = {
     "tiny": Sizes(sft_steps=1, pref_steps=1, judge_steps=1, batch=1, max_len=96, answer_tokens=8, win_prompts=2,
                   hh_limit=60, alpaca_limit=30, shakespeare_chars=1000, max_val=4, safety_quick=True,
                   safety_skip=("redteam",), check_k=1, check_tokens=8),
-    "cpu": Sizes(),
+    # 2 CPU cores: a forward of the 135M model over a 192-token pair took ~1.5 s on a busy machine, so the cpu size
+    # reads fewer, shorter pairs (half of the HH records, 128 tokens) in fewer steps, held-out sets of ~40-100
+    # pairs and the safety suite's quick configuration (its time: docs/benchmarks.md).
+    "cpu": Sizes(sft_steps=30, pref_steps=20, judge_steps=30, max_len=128, answer_tokens=32, win_prompts=16,
+                 hh_limit=1000, max_val=40, safety_quick=True, check_tokens=48),
     "gpu": Sizes(sft_steps=600, pref_steps=400, judge_steps=400, batch=16, max_len=512, answer_tokens=128,
                  win_prompts=200, max_val=None, device="cuda", dtype="bf16"),
 }
