@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from byollm.capstone.grounded import ABSTAIN, build_grounded, score_replies
+from byollm.capstone.grounded import ABSTAIN, build_grounded, grounded_pairs, score_replies
 from byollm.data import resolve
 from byollm.rag.prompt import INSTRUCTION, SYSTEM_PROMPT
 
@@ -53,6 +53,21 @@ def test_held_out_paragraphs_never_appear_in_training(grounded: tuple[list[dict]
     assert heldout and not seen & {text for r in heldout for text in _passages(r).values()}
     abstain = sum(not r["cited"] for r in train) / len(train)
     assert 0.15 < abstain < 0.25  # ABSTAIN_SHARE = 0.2
+
+
+def test_grounded_pairs_prefer_the_cited_answer_or_abstaining_as_the_passages_allow(
+        grounded: tuple[list[dict], list[dict]]) -> None:
+    train, _ = grounded
+    pairs = grounded_pairs(train)
+    assert len(pairs) == len(train)
+    for pair, r in zip(pairs, train, strict=True):
+        assert pair["prompt"] == r["messages"][:2]
+        if r["cited"]:
+            assert (pair["chosen"], pair["rejected"]) == (r["messages"][2]["content"], ABSTAIN)
+        else:  # abstaining beats confidently citing a passage that does not hold the answer
+            assert pair["chosen"] == ABSTAIN and re.fullmatch(r"According to \[[12]\], .+\.", pair["rejected"])
+            span = pair["rejected"].split("], ", 1)[1].lower()
+            assert not any(a.lower() in span for a in r["answers"])
 
 
 def test_score_replies_counts_citations_answers_and_abstentions() -> None:

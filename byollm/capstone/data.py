@@ -69,8 +69,9 @@ def prepare_data(out: Path, *, shakespeare_chars: int | None, alpaca_limit: int 
                  judge_fraction: float, heldout_fraction: float, grounded_k: int, chunk_tokens: int | None,
                  seed: int = SPLIT_SEED) -> dict[str, Any]:
     """Write out/mix.txt (pretraining text), out/hh_{policy,judge,heldout}.jsonl, out/sft.jsonl (Alpaca and the
-    grounded examples of byollm.capstone.grounded) and out/grounded_heldout.jsonl; return the counts."""
-    from byollm.capstone.grounded import build_grounded
+    grounded examples of byollm.capstone.grounded), out/dpo.jsonl (the policy pairs and grounded pairs) and
+    out/grounded_heldout.jsonl; return the counts."""
+    from byollm.capstone.grounded import build_grounded, grounded_pairs
 
     hh = load_records("hh-rlhf")[:hh_limit]
     parts = split_by_prompt(hh, {"heldout": heldout_fraction, "judge": judge_fraction,
@@ -87,6 +88,9 @@ def prepare_data(out: Path, *, shakespeare_chars: int | None, alpaca_limit: int 
     sft = [*alpaca, *grounded]
     write_jsonl(out / "sft.jsonl", sft)
     write_jsonl(out / "grounded_heldout.jsonl", grounded_heldout)
+    # DPO data (scratch track): the policy pairs and grounded pairs that keep the citing through DPO
+    dpo_grounded = grounded_pairs(grounded, seed)
+    write_jsonl(out / "dpo.jsonl", parts["policy"] + dpo_grounded)
     # Pretraining text: Tiny Shakespeare, the Alpaca records of the SFT recipe's training split (the split it
     # makes of sft.jsonl, so its held-out loss is honest) and the chosen dialogues of the policy and judge pairs
     # (never a held-out prompt).
@@ -103,4 +107,5 @@ def prepare_data(out: Path, *, shakespeare_chars: int | None, alpaca_limit: int 
             "duplicates_dropped": len(hh) - sum(len(r) for r in parts.values()),
             "heldout_prompts_seen_in_training": overlap, "mix_chars": {k: len(v) for k, v in texts.items()},
             "sft_records": {"alpaca": len(alpaca), "grounded": len(grounded)},
+            "dpo_pairs": {"hh_policy": len(parts["policy"]), "grounded": len(dpo_grounded)},
             "grounded_heldout": len(grounded_heldout)}

@@ -28,8 +28,8 @@ class Sizes:
     sft_steps: int = 300
     pref_steps: int = 200
     batch: int = 8
-    max_len: int = 256  # preference pairs (DPO, the judge) and the win rate's prompts
-    sft_max_len: int = 512  # SFT examples: a grounded one (system rules + a passage + question) is ~400 tokens
+    max_len: int = 256  # the judge's pairs, the held-out pairs and the win rate's prompts
+    chat_max_len: int = 512  # SFT and DPO examples: a grounded one (system rules + passage + question) ~400 tokens
     answer_tokens: int = 48
     win_prompts: int = 100
     hh_limit: int | None = None
@@ -49,12 +49,12 @@ class Sizes:
 
 SIZES = {
     "tiny": Sizes(preset="llama-tiny", vocab=320, block=1024, pretrain_steps=4, pretrain_batch=4, sft_steps=2,
-                  pref_steps=2, batch=2, max_len=128, sft_max_len=1024, answer_tokens=8, win_prompts=4, hh_limit=120,
+                  pref_steps=2, batch=2, max_len=128, chat_max_len=1024, answer_tokens=8, win_prompts=4, hh_limit=120,
                   alpaca_limit=60, shakespeare_chars=20_000, max_val=12, eval_batches=4, safety_quick=True,
                   safety_skip=("redteam",), rag_chunk_tokens=None, check_tokens=8),
     "cpu": Sizes(),
     "gpu": Sizes(preset="d12", vocab=8192, block=1024, pretrain_steps=5000, pretrain_batch=32, sft_steps=1500,
-                 pref_steps=800, batch=16, max_len=512, sft_max_len=1024, answer_tokens=128, win_prompts=200,
+                 pref_steps=800, batch=16, max_len=512, chat_max_len=1024, answer_tokens=128, win_prompts=200,
                  device="cuda", dtype="bf16", check_k=2, check_tokens=96),
 }
 
@@ -108,13 +108,13 @@ def _figures(result: Any) -> dict[str, Any]:
 def stage_sft(ctx: StageContext) -> dict[str, Any]:
     s = sizes_of(ctx)
     return _figures(_align(ctx, "sft", ctx.inputs["pretrain"] / "run", str(ctx.inputs["data"] / "sft.jsonl"),
-                           s.sft_steps, 1e-3, s.sft_max_len))
+                           s.sft_steps, 1e-3, s.chat_max_len))
 
 
 def stage_dpo(ctx: StageContext) -> dict[str, Any]:
     s = sizes_of(ctx)
-    return _figures(_align(ctx, "dpo", ctx.inputs["sft"] / "run", str(ctx.inputs["data"] / "hh_policy.jsonl"),
-                           s.pref_steps, 3e-4, s.max_len, **{"align.beta": 0.1}))
+    return _figures(_align(ctx, "dpo", ctx.inputs["sft"] / "run", str(ctx.inputs["data"] / "dpo.jsonl"),
+                           s.pref_steps, 3e-4, s.chat_max_len, **{"align.beta": 0.1}))
 
 
 def stage_judge(ctx: StageContext) -> dict[str, Any]:
@@ -194,10 +194,10 @@ def scratch_stages(size: str = "cpu", docs: str | Path = "docs") -> list[Stage]:
         Stage("pretrain", stage_pretrain, reads=["data"], describe="BPE tokenizer + base model",
               config=sized(s, "device", "dtype", "preset", "vocab", "block", "pretrain_batch", "pretrain_steps",
                            "eval_batches")),
-        Stage("sft", stage_sft, reads=["data", "pretrain"], config=sized(s, *ALIGN, "sft_steps", "sft_max_len"),
+        Stage("sft", stage_sft, reads=["data", "pretrain"], config=sized(s, *ALIGN, "sft_steps", "chat_max_len"),
               describe="SFT on Alpaca and grounded RAG examples"),
-        Stage("dpo", stage_dpo, reads=["data", "sft"], config=sized(s, *ALIGN, "pref_steps", "max_len"),
-              describe="DPO on the policy pairs"),
+        Stage("dpo", stage_dpo, reads=["data", "sft"], config=sized(s, *ALIGN, "pref_steps", "chat_max_len"),
+              describe="DPO on the policy pairs and grounded pairs"),
         Stage("judge", stage_judge, reads=["data", "sft"], config=sized(s, *ALIGN, "pref_steps", "max_len"),
               describe="a reward model on the judge pairs"),
         Stage("evaluate", stage_evaluate, reads=["data", "sft", "dpo", "judge"], config=sized(s, *EVALUATE),
@@ -208,7 +208,7 @@ def scratch_stages(size: str = "cpu", docs: str | Path = "docs") -> list[Stage]:
               # licences of local files the lineage records without one: the mix holds Alpaca (CC BY-NC 4.0); the
               # SFT data Alpaca and SQuAD (CC BY-SA 4.0), whose terms together are at least CC BY-NC-SA 4.0
               config={"data_licenses": ["mix.txt=CC-BY-NC-4.0", "sft.jsonl=CC-BY-NC-SA-4.0",
-                                        "hh_policy.jsonl=MIT"]}),
+                                        "dpo.jsonl=CC-BY-SA-4.0"]}),
         Stage("rag", stage_rag, config={"docs": str(docs), "chunk_size": s.rag_chunk_tokens},
               files=[Path(docs)], describe="RAG index of the guide"),
     ]
