@@ -38,7 +38,8 @@ def test_each_answerable_reply_cites_the_passage_that_holds_the_answer_and_no_ot
         assert system == {"role": "system", "content": SYSTEM_PROMPT}
         assert user["content"].endswith(INSTRUCTION) and reply["role"] == "assistant"
         passages = _passages(r)
-        assert sorted(passages) == [1, 2]
+        assert sorted(passages) == [1, 2] and r["sources"] == 2
+        assert f"\n\nQuestion: {r['question'].strip()}\n\n" in user["content"]
         assert all(any(text in c for c in contexts) for text in passages.values())  # cut from the paragraphs
         holds = {n for n, text in passages.items() if any(a.lower() in text.lower() for a in r["answers"])}
         if r["cited"]:
@@ -76,7 +77,7 @@ def test_score_replies_counts_citations_answers_and_abstentions() -> None:
                "<<<END SOURCE 2>>>\n\nQuestion: Who won?\n\n" + INSTRUCTION
         return {"messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user},
                              {"role": "assistant", "content": f"{answer} [{cited}]" if cited else ABSTAIN}],
-                "answers": [answer], "cited": cited}
+                "question": "Who won?", "answers": [answer], "sources": 2, "cited": cited}
 
     records = [record(1, "Denver Broncos"), record(2, "Santa Clara"), record(2, "Levi's Stadium"), record(0, "x")]
     replies = ["The Denver Broncos [1].", "Santa Clara [1]", "I do not know.", "I don't know: the sources do not say."]

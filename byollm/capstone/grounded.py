@@ -38,6 +38,7 @@ from byollm.data.instruct import SPLIT_SEED
 ABSTAIN = "I do not know: the sources do not say."
 ABSTAIN_SHARE = 0.2  # examples whose sources do not hold the answer (the model must learn to say so)
 _ABSTAINS = re.compile(r"\b(do not|don't) know\b|sources do not say", re.I)
+_NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
 def _chunks_of(paragraphs: list[Any], source: str, chunk_tokens: int | None) -> list[list[Any]]:
@@ -62,7 +63,8 @@ def _holding(chunks: list[Any], start: int, answer: str) -> Any | None:
 
 def build_grounded(squad_path: Path, *, k: int, chunk_tokens: int | None, heldout_fraction: float,
                    seed: int = SPLIT_SEED) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train, heldout) grounded records {"messages": [system, user, assistant], "answers": [...], "cited": n}.
+    """(train, heldout) grounded records {"messages": [system, user, assistant], "question", "answers": [...],
+    "sources": k, "cited": n (0: no source holds the answer)}.
 
     k sources per question: the chunk holding the answer at a random position among k - 1 chunks of other
     paragraphs, or (ABSTAIN_SHARE of questions) k chunks of other paragraphs and the ABSTAIN reply."""
@@ -101,7 +103,8 @@ def build_grounded(squad_path: Path, *, k: int, chunk_tokens: int | None, heldou
             sources = number_sources([Hit(c, 1.0, r) for r, c in enumerate(picked, start=1)])
             reply = ABSTAIN if abstain else f"According to [{cited}], {q.answers[0].strip().rstrip('.')}."
             messages = [*rag_messages(q.question, sources), {"role": "assistant", "content": reply}]
-            parts[part].append({"messages": messages, "answers": sorted(set(q.answers)), "cited": cited})
+            parts[part].append({"messages": messages, "question": q.question, "answers": sorted(set(q.answers)),
+                                "sources": k, "cited": cited})
     return parts["train"], parts["heldout"]
 
 
@@ -111,28 +114,27 @@ def grounded_pairs(records: list[dict[str, Any]], seed: int = SPLIT_SEED) -> lis
     question's answer. (DPO on HH-RLHF alone moves a small model toward refusals: without these pairs the tuned
     model answered every grounded question "I do not know", citing nothing.)"""
     rng = np.random.default_rng(seed)
+    normal = [[_normal(a) for a in r["answers"]] for r in records]
     pairs = []
     for i, r in enumerate(records):
         prompt, reply = r["messages"][:-1], r["messages"][-1]["content"]
         if r["cited"]:
             pairs.append({"prompt": prompt, "chosen": reply, "rejected": ABSTAIN})
             continue
-        own = {_normal(a) for a in r["answers"]}
-        others = [o for o in records[i + 1:] + records[:i]
-                  if o["cited"] and not any(_normal(a) in own or any(x in _normal(a) for x in own if x)
-                                            for a in o["answers"])]  # another question's answer, not this one's
+        own = set(normal[i])
+        others = [j for j in [*range(i + 1, len(records)), *range(i)]  # another question's answer, not this one's
+                  if records[j]["cited"] and not any(a in own or any(x in a for x in own if x) for a in normal[j])]
         if not others:
             continue
-        wrong = others[int(rng.integers(0, min(len(others), 50)))]["answers"][0].strip().rstrip(".")
-        n_sources = prompt[-1]["content"].count("<<<END SOURCE ")
+        wrong = records[others[int(rng.integers(0, min(len(others), 50)))]]["answers"][0].strip().rstrip(".")
         pairs.append({"prompt": prompt, "chosen": ABSTAIN,
-                      "rejected": f"According to [{int(rng.integers(1, n_sources + 1))}], {wrong}."})
+                      "rejected": f"According to [{int(rng.integers(1, r['sources'] + 1))}], {wrong}."})
     return pairs
 
 
 def _normal(text: str) -> str:
     """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = text.lower().translate(_NO_PUNCTUATION)
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
@@ -157,8 +159,7 @@ def score_replies(records: list[dict[str, Any]], replies: list[str]) -> dict[str
     answerable = cites = right = found = abstain_wrongly = unanswerable = abstains = 0
     example = None
     for r, reply in zip(records, replies, strict=True):
-        n_sources = r["messages"][1]["content"].count("<<<END SOURCE ")
-        cited = parse_citations(reply, n_sources).cited
+        cited = parse_citations(reply, r["sources"]).cited
         says_unknown = bool(_ABSTAINS.search(reply))
         if r["cited"]:
             answerable += 1
@@ -167,8 +168,7 @@ def score_replies(records: list[dict[str, Any]], replies: list[str]) -> dict[str
             found += any(_normal(a) and _normal(a) in _normal(reply) for a in r["answers"])
             abstain_wrongly += says_unknown
             if example is None:
-                question = r["messages"][1]["content"].rsplit("Question: ", 1)[-1].split("\n")[0]
-                example = {"question": question, "expected": r["messages"][-1]["content"], "reply": reply}
+                example = {"question": r["question"], "expected": r["messages"][-1]["content"], "reply": reply}
         else:
             unanswerable += 1
             abstains += says_unknown
