@@ -78,7 +78,13 @@ def test_dpo_held_out_ranking_accuracy_comes_from_the_same_pass() -> None:
     import torch
 
     from byollm.model import GPT, preset
-    from byollm.train.align import held_out_metrics, ranking_accuracy
+    from byollm.train.align import held_out_metrics
+    from byollm.train.examples import example_batches
+    from byollm.train.objectives import evaluate_pairs
+
+    def ranking_accuracy(model, pairs, collate, batch_size, device):  # noqa: ANN001, ANN202 - the old separate pass
+        zeroed = [{**e, "ref_chosen_logp": 0.0, "ref_rejected_logp": 0.0} for e in pairs]  # a uniform reference
+        return evaluate_pairs(model, DPO(1.0), example_batches(zeroed, batch_size, collate), device=device)["accuracy"]
     from byollm.train.examples import collate_preference
     from byollm.train.objectives import DPO, precompute_reference_logprobs
 

@@ -528,17 +528,6 @@ def held_out_metrics(recipe: str, model: nn.Module, objective: Any, val: list[di
             "ranking_accuracy": r["ranking_accuracy"]}  # measured in the same pass (one of DPO's metrics)
 
 
-def ranking_accuracy(model: nn.Module, pairs: list[dict], collate: Any, batch_size: int, device: torch.device,
-                     autocast_dtype: torch.dtype | None = None, dist: distributed.DistInfo | None = None) -> float:
-    """Share of pairs with log pi(chosen | prompt) > log pi(rejected | prompt): DPO's implicit-reward accuracy
-    with a uniform reference, so it compares any two models (the SFT model and the DPO model) on equal terms."""
-    zeroed = [{**e, "ref_chosen_logp": 0.0, "ref_rejected_logp": 0.0} for e in pairs]
-    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-    r = evaluate_pairs(model, DPO(1.0), example_batches(zeroed, batch_size, collate, rank=rank, world_size=world),
-                       device=device, autocast_dtype=autocast_dtype, dist=dist)
-    return r["accuracy"]
-
-
 @torch.no_grad()
 def answer_prompts(model: nn.Module, tok: Tokenizer, prompts: list[str] | list[list[dict]], max_new_tokens: int = 64,
                    temperature: float = 0.0, seed: int = 0) -> list[str]:
@@ -565,4 +554,4 @@ __all__ = ["CONFIGS", "RECIPES", "SAMPLE_PROMPTS", "AlignConfig", "AlignData", "
            "DPOSettings", "DPOTrainConfig", "ModelHooks", "ORPOSettings", "ORPOTrainConfig", "PairData",
            "RewardTrainConfig", "SFTSettings", "SFTTrainConfig", "Samples", "align",
            "answer_prompts", "build_examples", "dpo", "drawn_indices", "held_out_metrics", "load_align_config", "orpo",
-           "prepare_chat_model", "ranking_accuracy", "reward", "sft"]
+           "prepare_chat_model", "reward", "sft"]
