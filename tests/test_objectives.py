@@ -85,7 +85,8 @@ def tiny_model(name: str = "gpt-tiny", seed: int = 0) -> GPT:
 
 def trainer_config(steps: int) -> SimpleNamespace:
     return SimpleNamespace(max_steps=steps, grad_accum=1, grad_clip=1.0, log_interval=steps, eval_interval=0,
-                           sample_interval=0, checkpoint_interval=0, keep_last=1, compile=False, seed=0)
+                           sample_interval=0, checkpoint_interval=0, keep_last=1, compile=False, seed=0,
+                           time_budget_s=None, time_budget_probe=20)
 
 
 # --------------------------------------------------------------------------------------------------

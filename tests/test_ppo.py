@@ -220,7 +220,7 @@ def run_ppo(kl_coef: float, iterations: int, **rollout) -> tuple[list[dict[str, 
     source.on_rollout = stats.append
     loop_cfg = dict(max_steps=iterations * source.minibatches_per_rollout, grad_accum=1, grad_clip=1.0,
                     log_interval=1000, eval_interval=0, sample_interval=0, checkpoint_interval=0, keep_last=1,
-                    compile=False, seed=0)
+                    compile=False, seed=0, time_budget_s=None, time_budget_probe=20)
     import types
 
     optimizer = build_optimizer(model, 3e-3, 0.0, (0.9, 0.95))

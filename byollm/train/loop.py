@@ -291,8 +291,7 @@ class Trainer:
         self.max_steps = loop.max_steps  # the run's length: loop.max_steps, or what fits into loop.time_budget_s
         self.time_budget: dict[str, Any] | None = None  # how the length was fitted (kept in checkpoints)
         self._eval_seconds: float | None = None  # how long the last evaluation took
-        budget = getattr(loop, "time_budget_s", None)  # a loop config without the field (tests' namespaces): none
-        if budget is not None and scheduler is not None and not hasattr(scheduler, "set_total_steps"):
+        if loop.time_budget_s is not None and scheduler is not None and not hasattr(scheduler, "set_total_steps"):
             raise ConfigError("time_budget_s needs a schedule whose length can be set after the start (the one "
                               "build_training_optimizer returns); leave time_budget_s unset or build it so")
 
@@ -339,7 +338,7 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------------------
     def fit(self) -> None:
         cfg = self.config
-        budget, probe = getattr(cfg, "time_budget_s", None), getattr(cfg, "time_budget_probe", 20)
+        budget, probe = cfg.time_budget_s, cfg.time_budget_probe
         self.model.train()
         if self.step >= self.max_steps:
             self._print(f"already at step {self.step} of max_steps={self.max_steps}: nothing to train")
